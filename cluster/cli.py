@@ -1,0 +1,166 @@
+"""The `chestxpert` console script: one entry point, one subcommand per job.
+
+Each package contributes its subcommands; user errors end as one readable line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cluster.processes import ServiceError
+from cluster.workspace import workspace_path
+
+
+def _stack_options(args: argparse.Namespace):
+    from cluster.stack import StackOptions
+
+    return StackOptions(
+        workspace=workspace_path(args.workspace),
+        ray_port=args.ray_port,
+        dashboard_port=args.dashboard_port,
+        mlflow_port=args.mlflow_port,
+        s3_port=args.s3_port,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        s3=args.s3,
+        storage=args.storage,
+        host=args.host,
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster.stack import up
+
+    up(_stack_options(args))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.endpoints import resolve
+    from cluster.stack import health
+
+    ws = workspace_path(args.workspace)
+    rows = health(ws)
+    if not rows:
+        print(f"no services recorded in {ws}; start them with `chestxpert up`")
+    for row in rows:
+        state = (
+            "healthy"
+            if row["healthy"]
+            else ("running, not answering" if row["alive"] else "stopped")
+        )
+        print(
+            f"{row['service']:7s} {state:22s} {row['url']:28s} pid {row['pid']:<8d} {row['detail']}"
+        )
+    endpoints = resolve(workspace=ws)
+    print(f"storage {endpoints.storage_uri}  (from {endpoints.sources['storage']})")
+    print(
+        f"mlflow  {endpoints.mlflow_tracking_uri}  (from {endpoints.sources['mlflow_tracking_uri']})"
+    )
+    if endpoints.ray_auth_token_path:
+        print(
+            f"ray token: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={endpoints.ray_auth_token_path}"
+        )
+    return 0 if all(row["healthy"] for row in rows) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster.stack import down
+
+    ws = workspace_path(args.workspace)
+    stopped = down(ws)
+    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the local stack, show its status, and stop it again."""
+    from cluster.stack import down, up
+
+    opts = _stack_options(args)
+    try:
+        up(opts)
+        print()
+        status_code = cmd_status(args)
+    finally:
+        print()
+        down(opts.workspace)
+    return status_code
+
+
+def _add_stack_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (default 6379)")
+    parser.add_argument(
+        "--dashboard-port", type=int, default=8265, help="Ray dashboard port (default 8265)"
+    )
+    parser.add_argument(
+        "--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)"
+    )
+    parser.add_argument(
+        "--s3-port", type=int, default=9000, help="S3 endpoint port with --s3 (default 9000)"
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)"
+    )
+    parser.add_argument(
+        "--num-gpus", type=int, default=0, help="GPUs Ray advertises (logical; default 0)"
+    )
+    parser.add_argument(
+        "--s3",
+        action="store_true",
+        help="also start an in-memory S3 endpoint (moto) and store there",
+    )
+    parser.add_argument(
+        "--storage", default=None, help="storage URI (folder or s3://bucket/prefix)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface the services listen on (default 127.0.0.1)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree; `chestxpert COMMAND --help` documents each subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="chestxpert",
+        description="Hyperparameter sweeps for multi-label chest X-ray classification on Ray.",
+    )
+    parser.add_argument(
+        "--workspace",
+        default=os.environ.get("CHESTXPERT_WORKSPACE"),
+        help="runtime state folder (default: $CHESTXPERT_WORKSPACE or ./.chestxpert)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up_parser = sub.add_parser("up", help="start Ray, MLflow (and --s3) on this machine")
+    _add_stack_flags(up_parser)
+    up_parser.set_defaults(func=cmd_up)
+
+    status_parser = sub.add_parser("status", help="show each local service, its URL and health")
+    status_parser.set_defaults(func=cmd_status)
+
+    down_parser = sub.add_parser("down", help="stop exactly the services `up` started")
+    down_parser.set_defaults(func=cmd_down)
+
+    demo_parser = sub.add_parser("demo", help="run the main job end to end on the embedded default")
+    _add_stack_flags(demo_parser)
+    demo_parser.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `chestxpert` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ServiceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

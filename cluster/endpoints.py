@@ -1,0 +1,239 @@
+"""The one place that says where the services are: Ray, MLflow and object storage.
+
+Each endpoint is resolved in the same order everywhere: CLI flag (or spec key),
+environment variable, the workspace state written by `chestxpert up`, default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cluster.workspace import read_state, workspace_path
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
+STORAGE_ENV = "CHESTXPERT_STORAGE"
+S3_ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+# moto's server accepts any key; these stand-ins are not secrets and are only
+# used for the loopback endpoint that `chestxpert up --s3` started itself.
+LOCAL_S3_KEY = "chestxpert-local"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the services are. No credential is held here, so printing it is safe.
+
+    `ray_address` is a GCS address (`host:port`) or None to start Ray in-process;
+    `storage_uri` is `file:///abs/path` or `s3://bucket/prefix`; `sources` says,
+    per field, whether it came from a flag, the environment, the workspace or a default.
+    """
+
+    ray_address: str | None
+    ray_dashboard_url: str | None
+    ray_auth_token_path: str | None
+    mlflow_tracking_uri: str
+    storage_uri: str
+    s3_endpoint_url: str | None
+    workspace: Path
+    local_s3: bool = False
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def storage_is_s3(self) -> bool:
+        return self.storage_uri.startswith("s3://")
+
+
+def _first(candidates: list[tuple[str, str | None]]) -> tuple[str | None, str]:
+    for source, value in candidates:
+        if value:
+            return value, source
+    return None, "unset"
+
+
+def normalize_storage_uri(value: str) -> str:
+    """Return `s3://…` unchanged and turn a local path or `file://` URI into `file:///absolute/path`."""
+    parsed = urlparse(value)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"storage URI {value!r} names no bucket; expected s3://BUCKET/PREFIX")
+        return value.rstrip("/")
+    if parsed.scheme == "file":
+        return Path(parsed.path).resolve().as_uri()
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(
+            f"storage URI {value!r} has scheme {parsed.scheme!r}; expected a local path, file:// or s3://"
+        )
+    return Path(value).expanduser().resolve().as_uri()
+
+
+def resolve(
+    ray_address: str | None = None,
+    mlflow_tracking_uri: str | None = None,
+    storage: str | None = None,
+    s3_endpoint_url: str | None = None,
+    workspace: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Endpoints:
+    """Resolve every endpoint: explicit argument, then environment, then `chestxpert up` state, then default.
+
+    Defaults are local and need no server: Ray started in-process, an MLflow
+    SQLite store in the workspace, and a storage folder in the workspace.
+    """
+    env = os.environ if environ is None else environ
+    ws = workspace_path(workspace)
+    state = read_state(ws)
+    ray_state: dict[str, Any] = state.get("ray", {})
+    mlflow_state: dict[str, Any] = state.get("mlflow", {})
+    s3_state: dict[str, Any] = state.get("s3", {})
+
+    address, address_src = _first(
+        [
+            ("flag", ray_address),
+            ("env", env.get(RAY_ADDRESS_ENV)),
+            ("workspace", ray_state.get("address")),
+        ]
+    )
+    mlflow_uri, mlflow_src = _first(
+        [
+            ("flag", mlflow_tracking_uri),
+            ("env", env.get(MLFLOW_URI_ENV)),
+            ("workspace", mlflow_state.get("url")),
+            ("default", f"sqlite:///{ws / 'mlflow.db'}"),
+        ]
+    )
+    storage_value, storage_src = _first(
+        [
+            ("flag", storage),
+            ("env", env.get(STORAGE_ENV)),
+            ("workspace", state.get("storage_uri")),
+            ("default", str(ws / "storage")),
+        ]
+    )
+    endpoint, endpoint_src = _first(
+        [("flag", s3_endpoint_url)]
+        + [("env", env.get(name)) for name in S3_ENDPOINT_ENVS]
+        + [("workspace", s3_state.get("url"))]
+    )
+    assert mlflow_uri is not None and storage_value is not None
+    storage_uri = normalize_storage_uri(storage_value)
+    if not storage_uri.startswith("s3://"):
+        endpoint, endpoint_src = None, "unset"
+
+    # The workspace's Ray token belongs to the workspace's Ray; a cluster named
+    # elsewhere brings its own token through Ray's own variables.
+    token_path = ray_state.get("auth_token_path") if address_src == "workspace" else None
+    dashboard = (
+        ray_state.get("dashboard_url") if address and address == ray_state.get("address") else None
+    )
+    return Endpoints(
+        ray_address=address,
+        ray_dashboard_url=dashboard,
+        ray_auth_token_path=token_path,
+        mlflow_tracking_uri=mlflow_uri,
+        storage_uri=storage_uri,
+        s3_endpoint_url=endpoint,
+        workspace=ws,
+        local_s3=bool(endpoint and endpoint == s3_state.get("url")),
+        sources={
+            "ray_address": address_src,
+            "mlflow_tracking_uri": mlflow_src,
+            "storage": storage_src,
+            "s3_endpoint_url": endpoint_src,
+        },
+    )
+
+
+def aws_credentials(endpoints: Endpoints) -> tuple[str | None, str | None, str | None]:
+    """Return (access key, secret key, session token) from the standard AWS chain.
+
+    Falls back to the loopback stand-in only for the endpoint `chestxpert up --s3`
+    started. Never log the result.
+    """
+    import boto3
+
+    creds = boto3.Session().get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key, frozen.token
+    if endpoints.local_s3:
+        return LOCAL_S3_KEY, LOCAL_S3_KEY, None
+    return None, None, None
+
+
+def client_environment(endpoints: Endpoints) -> dict[str, str]:
+    """Environment variables a Ray client or worker needs to reach these services.
+
+    Holds the Ray token *path* (not the token) and, for the local S3 endpoint,
+    only its non-secret stand-in keys; real credentials stay in the caller's chain.
+    """
+    env: dict[str, str] = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    if endpoints.ray_auth_token_path:
+        env["RAY_AUTH_TOKEN_PATH"] = endpoints.ray_auth_token_path
+    if endpoints.s3_endpoint_url:
+        env["AWS_ENDPOINT_URL_S3"] = endpoints.s3_endpoint_url
+        env["MLFLOW_S3_ENDPOINT_URL"] = endpoints.s3_endpoint_url
+    if endpoints.local_s3 and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        env["AWS_ACCESS_KEY_ID"] = LOCAL_S3_KEY
+        env["AWS_SECRET_ACCESS_KEY"] = LOCAL_S3_KEY
+        env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    return env
+
+
+def apply_client_environment(endpoints: Endpoints) -> None:
+    """Put `client_environment` into this process's environment.
+
+    Call it before the first `import ray` (Ray reads its auth mode at import)
+    and before boto3 or pyarrow open storage.
+    """
+    for key, value in client_environment(endpoints).items():
+        if key == "RAY_AUTH_TOKEN_PATH" and os.environ.get("RAY_AUTH_TOKEN"):
+            continue
+        os.environ[key] = value
+
+
+def storage_filesystem(endpoints: Endpoints, uri: str | None = None) -> tuple[Any, str]:
+    """Return `(pyarrow filesystem, path)` for a storage URI (default: the storage root).
+
+    For S3 the path is `bucket/prefix` without a scheme, as Ray Tune's
+    `storage_filesystem` expects; S3-compatible endpoints are honoured.
+    """
+    import pyarrow.fs as pafs
+
+    target = normalize_storage_uri(uri or endpoints.storage_uri)
+    parsed = urlparse(target)
+    if parsed.scheme == "s3":
+        access, secret, token = aws_credentials(endpoints)
+        options: dict[str, Any] = {}
+        if endpoints.s3_endpoint_url:
+            endpoint = urlparse(endpoints.s3_endpoint_url)
+            options["endpoint_override"] = endpoint.netloc
+            options["scheme"] = endpoint.scheme or "https"
+        if access:
+            options.update(access_key=access, secret_key=secret, session_token=token)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        fs = pafs.S3FileSystem(region=region, **options)
+        return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.LocalFileSystem(), parsed.path
+
+
+def s3_client(endpoints: Endpoints) -> Any:
+    """Return a boto3 S3 client for the resolved endpoint and the standard credential chain."""
+    import boto3
+
+    access, secret, token = aws_credentials(endpoints)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoints.s3_endpoint_url,
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        aws_session_token=token,
+        region_name=os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+    )

@@ -1,0 +1,179 @@
+"""Start service processes in their own session and stop exactly those, by session.
+
+Every process we start leads a new session (so its session id is its pid); we
+record the pid and its kernel start time, and only ever signal that session.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started or stopped; the message says what to do."""
+
+
+def process_start_time(pid: int) -> int | None:
+    """Return the kernel start time (clock ticks since boot) of `pid`, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may hold spaces; fields after it are space-separated.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def is_ours(pid: int, start_time: int | None) -> bool:
+    """True when `pid` is alive and is the very process we started (not a reused pid)."""
+    current = process_start_time(pid)
+    return current is not None and (start_time is None or current == start_time)
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of live (non-zombie) processes in session `sid`.
+
+    Ray's workers open process groups of their own inside the session, so the
+    session, not the group, is what holds everything a service started.
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry.name))
+    return members
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something already listens on `port` (on loopback or on all interfaces)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        if probe.connect_ex((host, port)) == 0:
+            return True
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+    return False
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on this machine right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def spawn(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start `cmd` as the leader of a new session, its output appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,
+        )
+
+
+def log_tail(log_path: Path, lines: int = 25) -> str:
+    """The last `lines` lines of a log file, for error messages."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {log_path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_until(
+    name: str,
+    check: Callable[[], bool],
+    leader_pid: int,
+    log_path: Path,
+    timeout_s: float,
+) -> None:
+    """Poll `check` until it is true; fail with the log tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(leader_pid)
+        if process_start_time(leader_pid) is None:
+            raise ServiceError(
+                f"{name} exited during start-up. Last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        try:
+            if check():
+                return
+        except Exception:  # a service that is still starting refuses connections
+            pass
+        time.sleep(0.5)
+    raise ServiceError(
+        f"{name} did not become healthy within {timeout_s:.0f} s. Last lines of {log_path}:\n"
+        f"{log_tail(log_path)}"
+    )
+
+
+def _reap(pid: int) -> None:
+    # When the leader is our own child (tests, `up` still running) it must be
+    # waited for, or it lingers as a zombie and looks alive to signal 0.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _signal_session(sid: int, signum: int) -> None:
+    for member in session_members(sid):
+        try:
+            os.kill(member, signum)
+        except ProcessLookupError:
+            pass
+
+
+def stop_group(pid: int, start_time: int | None, timeout_s: float = 30.0) -> bool:
+    """Stop the session that `pid` leads: SIGTERM to all of it, then SIGKILL after `timeout_s`.
+
+    Returns True when something of ours was signalled. If `pid` now belongs to
+    another process (reused pid), nothing is signalled.
+    """
+    _reap(pid)
+    leader_now = process_start_time(pid)
+    if leader_now is not None and start_time is not None and leader_now != start_time:
+        return False
+    if not session_members(pid):
+        return False
+    _signal_session(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not session_members(pid):
+            return True
+        time.sleep(0.2)
+    _signal_session(pid, signal.SIGKILL)
+    for _ in range(50):
+        _reap(pid)
+        if not session_members(pid):
+            break
+        time.sleep(0.1)
+    return True

@@ -1,0 +1,58 @@
+"""The one table every dataset source ends in, and the label sets of each source.
+
+An adapter (NIH, CheXpert, synthetic phantoms in NIH layout) returns a
+`SourceTable`; everything after `datasets.prepare` only sees this shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+# NIH ChestX-ray14 order, as in the label file ("Pleural_Thickening" keeps its underscore).
+NIH_LABELS: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
+
+# CheXpert's 14 observations, in the order of its CSV columns.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+)  # fmt: skip
+
+# Columns of SourceTable.images besides one float column per label (1.0, 0.0, or
+# NaN = unknown/ignored, which the loss masks out).
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "image_id",        # file name, unique within the source (e.g. 00000001_000.png)
+    "path",            # absolute local path of the image file
+    "patient_id",      # str; all images of one patient go to one split
+    "age_years",       # float, NaN when unknown
+    "sex",             # "M", "F", or None
+    "view",            # "PA", "AP", "LL", ... or None
+    "official_split",  # "train_val", "test", or None when the source has no official list
+)  # fmt: skip
+
+BOX_COLUMNS: tuple[str, ...] = ("image_id", "label", "x", "y", "w", "h")  # pixels of the original image
+
+
+@dataclass
+class SourceTable:
+    """A dataset source read into the common shape.
+
+    `images` has IMAGE_COLUMNS plus one column per name in `labels` (in that
+    order); `boxes` has BOX_COLUMNS (empty when the source has none); `source`
+    is "nih" or "chexpert"; `notes` are human-readable remarks for the manifest.
+    """
+
+    source: str
+    labels: tuple[str, ...]
+    images: pd.DataFrame
+    boxes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(BOX_COLUMNS)))
+    notes: list[str] = field(default_factory=list)
+
+
+class DatasetError(ValueError):
+    """Bad input a user can fix: the message names the file, row or key and what was expected."""

@@ -1,0 +1,2 @@
+"""The final job: retrain the best configuration, evaluate, Grad-CAM, report, registry, pull and predict.
+"""

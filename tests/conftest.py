@@ -1,0 +1,192 @@
+"""Session fixtures that start real services on loopback and stop exactly them, by session id.
+
+A three-node Ray cluster (head + two workers with one logical GPU each), an
+MLflow server, and an S3-compatible endpoint (moto) with a bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.processes import free_port, stop_group
+from cluster.stack import (
+    LOCAL_BUCKET,
+    StackOptions,
+    ensure_ray_token,
+    start_mlflow,
+    start_ray_head,
+    start_ray_node,
+    start_s3,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """A short folder under /tmp: Ray's socket paths must stay below 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    dashboard_url: str
+    token_path: Path
+    workspace: Path
+    records: tuple[dict, ...]
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a subprocess that connects to this cluster with its token."""
+        return {
+            **os.environ,
+            "RAY_ADDRESS": self.address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """Head (1 CPU, no GPU) plus two worker nodes (1 CPU, 1 logical GPU each)."""
+    ws = short_tmpdir("cxr")
+    opts = StackOptions(
+        workspace=ws, ray_port=free_port(), dashboard_port=free_port(),
+        num_cpus=1, num_gpus=0, object_store_memory=200 * 1024**2,
+    )  # fmt: skip
+    head = start_ray_head(opts)
+    records = [head]
+    try:
+        token = ensure_ray_token(ws)
+        for index in range(2):
+            worker_tmp = ws / f"w{index}"
+            records.append(
+                start_ray_node(
+                    log_path=ws / "logs" / f"ray-worker-{index}.log",
+                    token_path=token,
+                    temp_dir=worker_tmp,
+                    join_address=head["address"],
+                    num_cpus=1,
+                    num_gpus=1,
+                    object_store_memory=200 * 1024**2,
+                )  # fmt: skip
+            )
+        cluster = RayCluster(head["address"], head["dashboard_url"], token, ws, tuple(records))
+        wait_for_nodes(cluster, expected=3)
+        yield cluster
+    finally:
+        for record in reversed(records):
+            stop_group(record["pid"], record["start_time"])
+
+
+def ray_summary(cluster: RayCluster) -> dict:
+    """Live nodes and resources as a fresh Ray client (another process) sees them."""
+    code = (
+        "import json, ray; ray.init(logging_level='ERROR', log_to_driver=False);"
+        "n=[x for x in ray.nodes() if x['Alive']]; r=ray.cluster_resources();"
+        "print(json.dumps({'nodes': len(n), 'GPU': r.get('GPU', 0), 'CPU': r.get('CPU', 0),"
+        "'gpu_nodes': sum(1 for x in n if x['Resources'].get('GPU'))}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=cluster.client_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_for_nodes(cluster: RayCluster, expected: int, timeout_s: float = 90) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray_summary(cluster)["nodes"] >= expected:
+            return
+        time.sleep(1)
+    raise RuntimeError(
+        f"Ray cluster did not reach {expected} nodes; logs in {cluster.workspace / 'logs'}"
+    )
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    url: str
+    bucket: str
+    record: dict
+
+    def env(self) -> dict[str, str]:
+        """Variables that point boto3, pyarrow and Ray at this endpoint (moto accepts any key)."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """moto's S3 server on loopback with the `chestxpert` bucket."""
+    ws = short_tmpdir("cxs3")
+    record = start_s3(StackOptions(workspace=ws, s3_port=free_port()))
+    try:
+        yield S3Endpoint(record["url"], LOCAL_BUCKET, record)
+    finally:
+        stop_group(record["pid"], record["start_time"])
+
+
+@pytest.fixture
+def s3_client(s3_endpoint: S3Endpoint):
+    """A boto3 client for the test endpoint."""
+    import boto3
+
+    env = s3_endpoint.env()
+    return boto3.client(
+        "s3", endpoint_url=s3_endpoint.url, region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
+
+
+@pytest.fixture
+def s3_filesystem(s3_endpoint: S3Endpoint):
+    """A pyarrow S3 filesystem for the test endpoint; paths are `bucket/key` without a scheme."""
+    import pyarrow.fs as pafs
+
+    env = s3_endpoint.env()
+    host = s3_endpoint.url.split("://", 1)[1]
+    return pafs.S3FileSystem(
+        endpoint_override=host, scheme="http", region=env["AWS_DEFAULT_REGION"],
+        access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str
+    workspace: Path
+    record: dict
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[MlflowServer]:
+    """A real `mlflow server` process with a SQLite store and artifacts in a local folder."""
+    ws = short_tmpdir("cxml")
+    record = start_mlflow(
+        StackOptions(workspace=ws, mlflow_port=free_port()), (ws / "storage").as_uri()
+    )
+    try:
+        yield MlflowServer(record["url"], ws, record)
+    finally:
+        stop_group(record["pid"], record["start_time"])

@@ -1,0 +1,2 @@
+"""The Ray Tune trial: backbone registry, weighted loss, full-validation metrics, checkpoints.
+"""
