@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from cluster.processes import ServiceError
+from cluster.errors import UserError
 from cluster.workspace import workspace_path
 
 
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     _add_stack_flags(demo_parser)
     demo_parser.set_defaults(func=cmd_demo)
+
+    from datasets.cli import register as register_datasets
+
+    register_datasets(sub)
     return parser
 
 
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ServiceError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -121,9 +121,9 @@ def resolve(
         + [("workspace", s3_state.get("url"))]
     )
     assert mlflow_uri is not None and storage_value is not None
+    # The endpoint applies to every s3:// URI (datasets, storage), even when the
+    # storage root itself is a local folder.
     storage_uri = normalize_storage_uri(storage_value)
-    if not storage_uri.startswith("s3://"):
-        endpoint, endpoint_src = None, "unset"
 
     # The workspace's Ray token belongs to the workspace's Ray; a cluster named
     # elsewhere brings its own token through Ray's own variables.

@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from cluster.errors import UserError
 
-class ServiceError(RuntimeError):
+
+class ServiceError(UserError, RuntimeError):
     """A service could not be started or stopped; the message says what to do."""
 
 

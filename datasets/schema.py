@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from cluster.errors import UserError
+
 # NIH ChestX-ray14 order, as in the label file ("Pleural_Thickening" keeps its underscore).
 NIH_LABELS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -44,7 +46,9 @@ class SourceTable:
 
     `images` has IMAGE_COLUMNS plus one column per name in `labels` (in that
     order); `boxes` has BOX_COLUMNS (empty when the source has none); `source`
-    is "nih" or "chexpert"; `notes` are human-readable remarks for the manifest.
+    is "nih" or "chexpert"; `notes` are human-readable remarks for the manifest;
+    `missing` lists image ids the label file names but no file exists for (only
+    when the caller asked to skip them; otherwise they are a DatasetError).
     """
 
     source: str
@@ -52,7 +56,8 @@ class SourceTable:
     images: pd.DataFrame
     boxes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(BOX_COLUMNS)))
     notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad input a user can fix: the message names the file, row or key and what was expected."""

@@ -246,7 +246,8 @@ def test_s3_endpoint_and_ray_token_follow_their_sources(tmp_path: Path) -> None:
         == "http://a"
     )
     local = endpoints.resolve(workspace=ws, environ={}, storage=str(tmp_path / "data"))
-    assert local.s3_endpoint_url is None and local.storage_uri == (tmp_path / "data").as_uri()
+    assert local.storage_uri == (tmp_path / "data").as_uri()
+    assert local.s3_endpoint_url == "http://127.0.0.1:9999", "s3:// datasets still need the endpoint"
 
 
 @pytest.mark.parametrize("bad", ["gs://bucket/x", "s3://", "hdfs://nn/x"])

@@ -1,0 +1,117 @@
+"""`chestxpert data …`: synthesise, download and prepare datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from datasets.synth import generate
+
+    summary = generate(
+        Path(args.out), images=args.images, size=args.size, seed=args.seed,
+        difficulty=args.difficulty, label_noise=args.label_noise, workers=args.workers,
+    )  # fmt: skip
+    print(
+        f"wrote {summary['images']} images of {summary['patients']} patients to {args.out} "
+        f"in NIH layout ({summary['images_per_second']:.0f} images/s)"
+    )
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from datasets import download
+
+    if args.dataset == "nih-sample":
+        root = download.download_nih_sample(
+            Path(args.to), env_file=Path(args.env_file) if args.env_file else None
+        )
+    else:
+        root = download.download_nih_full(Path(args.to), keep_archives=args.keep_archives)
+    print(
+        f"{args.dataset} is ready in {root}; next: chestxpert data prepare --source nih --input {root} --out OUT"
+    )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cluster.endpoints import resolve
+    from datasets.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(
+        source=args.source, image_size=args.image_size, split=args.split,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), uncertain=args.uncertain,
+        on_bad_image=args.on_bad_image, force=args.force, workers=args.workers,
+    )  # fmt: skip
+    endpoints = resolve(s3_endpoint_url=args.s3_endpoint, workspace=args.workspace)
+    manifest = prepare(args.input, args.out, opts, endpoints)
+    counts = {split: info["images"] for split, info in manifest["splits"].items()}
+    print(f"prepared {args.out}: {json.dumps(counts)} images, digest {manifest['digest'][:12]}")
+    if manifest.get("bad_images"):
+        print(
+            f"{manifest['bad_images']} bad image(s) skipped; see {args.out}/{manifest['bad_images_report']}"
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `chestxpert data synth|download|prepare` to the command tree."""
+    data = sub.add_parser("data", help="synthesise, download and prepare datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    synth = data_sub.add_parser("synth", help="draw synthetic chest radiographs in the NIH layout")
+    synth.add_argument(
+        "--out", required=True, help="new folder to write (must not exist or be empty)"
+    )
+    synth.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+    synth.add_argument(
+        "--difficulty", type=float, default=0.5, help="0 = obvious signs, 1 = subtle (default 0.5)"
+    )
+    synth.add_argument(
+        "--label-noise", type=float, default=0.1, help="share of drawn findings left unlabelled"
+    )
+    synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth.set_defaults(func=cmd_synth)
+
+    download = data_sub.add_parser("download", help="fetch NIH ChestX-ray14 (needs internet)")
+    download.add_argument("dataset", choices=["nih-sample", "nih-full"])
+    download.add_argument("--to", required=True, help="folder to download and unpack into")
+    download.add_argument(
+        "--env-file", default=None, help="a .env file with KAGGLE_USERNAME / KAGGLE_KEY"
+    )
+    download.add_argument(
+        "--keep-archives", action="store_true", help="keep the .tar.gz files after unpacking"
+    )
+    download.set_defaults(func=cmd_download)
+
+    prep = data_sub.add_parser(
+        "prepare", help="validate, split by patient, resize and shard into Parquet"
+    )
+    prep.add_argument("--source", required=True, choices=["nih", "chexpert"])
+    prep.add_argument("--input", required=True, help="source folder or s3:// prefix")
+    prep.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    prep.add_argument(
+        "--image-size", type=int, required=True, help="square side in pixels (>= 32; 224 usual)"
+    )
+    prep.add_argument("--split", default="patient", choices=["patient", "official"])
+    prep.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of patients for validation"
+    )
+    prep.add_argument("--test-fraction", type=float, default=0.2, help="share of patients for test")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--views", default="PA,AP", help="views to keep (CheXpert), comma-separated")
+    prep.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"])
+    prep.add_argument("--on-bad-image", default="fail", choices=["skip", "fail"])
+    prep.add_argument("--force", action="store_true", help="replace a different dataset at --out")
+    prep.add_argument(
+        "--workers", type=int, default=None, help="decode processes (default: all cores)"
+    )
+    prep.add_argument(
+        "--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL…)"
+    )
+    prep.set_defaults(func=cmd_prepare)

@@ -1,0 +1,74 @@
+"""Image preprocessing shared by `prepare` and inference: any PNG/JPEG to an 8-bit gray square.
+
+Training and `predict` call the same function, so a model sees the same pixels
+at inference as it saw in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# The smallest input any registered backbone accepts (DenseNet121 and MobileNetV3 need 32×32).
+MIN_IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How an original image maps into the prepared square: `prepared = original * scale + offset`."""
+
+    scale: float
+    offset_x: float
+    offset_y: float
+
+
+def to_gray_uint8(image: Image.Image) -> np.ndarray:
+    """Return an image as a 2-D uint8 array, whatever its mode.
+
+    RGBA/RGB/LA/P are converted with PIL's luminance formula (NIH's RGBA files
+    are gray copies with an opaque alpha); 16-bit and 32-bit modes are scaled
+    from their own minimum-maximum range, because X-ray PNGs use 10-, 12- or
+    16-bit ranges and a fixed divisor would leave some nearly black.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.uint8)
+        return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def square_resize(gray: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
+    """Pad a gray image to a square (centred, black border) and resize it to `size`×`size`.
+
+    Padding rather than stretching keeps the heart-to-thorax proportions that
+    findings like cardiomegaly are judged by. The resize is anti-aliased
+    (Lanczos, after a box reduction for large factors).
+    """
+    height, width = gray.shape
+    side = max(height, width)
+    offset_y, offset_x = (side - height) // 2, (side - width) // 2
+    if height != width:
+        square = np.zeros((side, side), dtype=np.uint8)
+        square[offset_y : offset_y + height, offset_x : offset_x + width] = gray
+    else:
+        square = gray
+    image = Image.fromarray(square, mode="L")
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    scale = size / side
+    return np.asarray(image, dtype=np.uint8), Placement(scale, offset_x * scale, offset_y * scale)
+
+
+def load_gray_square(path: str | Path, size: int) -> tuple[np.ndarray, Placement]:
+    """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) into a `size`×`size` uint8 array."""
+    with Image.open(path) as image:
+        image.load()
+        gray = to_gray_uint8(image)
+    return square_resize(gray, size)

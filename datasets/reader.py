@@ -1,0 +1,165 @@
+"""The one reader of prepared datasets: manifest, Parquet shards, and a tf.data pipeline over them.
+
+Reads local folders and `s3://` prefixes through pyarrow's filesystems (the
+endpoint comes from the `cluster` resolver). Augmentation belongs to `trainable`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cluster.endpoints import Endpoints, resolve, storage_filesystem
+from datasets.prepare import MANIFEST, SCHEMA_VERSION, SPLITS
+from datasets.schema import DatasetError
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset opened for reading: its manifest and where its shards are."""
+
+    uri: str
+    manifest: dict[str, Any]
+    fs: pafs.FileSystem
+    root: str
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    def shard_paths(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise DatasetError(f"split {split!r} is not known; expected one of {', '.join(SPLITS)}")
+        return [f"{self.root}/{relative}" for relative in self.manifest["splits"][split]["shards"]]
+
+    def count(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["images"])
+
+
+def open_dataset(uri: str, endpoints: Endpoints | None = None) -> PreparedDataset:
+    """Open a prepared dataset by URI (folder or `s3://` prefix); fails clearly if it is incomplete."""
+    endpoints = endpoints or resolve()
+    fs, root = storage_filesystem(endpoints, uri)
+    path = f"{root}/{MANIFEST}"
+    try:
+        with fs.open_input_stream(path) as stream:
+            manifest = json.loads(stream.read())
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{uri} has no {MANIFEST}: it is not a prepared dataset, or its preparation did not "
+            "finish; run `chestxpert data prepare` for it"
+        ) from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(
+            f"{uri}/{MANIFEST} has schema version {manifest.get('schema_version')}, this ChestXpert "
+            f"reads version {SCHEMA_VERSION}; prepare the dataset again"
+        )
+    return PreparedDataset(uri=uri, manifest=manifest, fs=fs, root=root)
+
+
+def iter_batches(
+    dataset: PreparedDataset,
+    split: str,
+    batch_rows: int = 256,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    shuffle_seed: int | None = None,
+    columns: tuple[str, ...] = ("image", "labels"),
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield column batches of one split as numpy arrays (image: N×S×S×1 uint8, labels: N×L float32).
+
+    Files are dealt round-robin to `num_shards` workers; `shuffle_seed` shuffles
+    the file order (row order within a file is kept; the tf.data buffer mixes further).
+    """
+    paths = dataset.shard_paths(split)[shard_index::num_shards]
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(paths)
+    size = dataset.image_size
+    for path in paths:
+        with dataset.fs.open_input_file(path) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(
+                batch_size=batch_rows, columns=list(columns)
+            ):
+                out: dict[str, np.ndarray] = {}
+                for name in columns:
+                    column = batch.column(name)
+                    if name == "image":
+                        data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+                        start = column.offset * size * size
+                        out[name] = data[start : start + len(column) * size * size].reshape(
+                            -1, size, size, 1
+                        )
+                    elif name == "labels":
+                        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+                        out[name] = values.reshape(len(column), -1)
+                    else:
+                        out[name] = np.asarray(column.to_pylist(), dtype=object)
+                yield out
+
+
+def read_split(
+    dataset: PreparedDataset, split: str, columns: tuple[str, ...] = ("image", "labels")
+) -> dict[str, np.ndarray]:
+    """Read a whole split into memory, in the manifest's deterministic order (for evaluation)."""
+    parts = list(iter_batches(dataset, split, batch_rows=4096, columns=columns))
+    if not parts:
+        return {name: np.empty((0,)) for name in columns}
+    return {name: np.concatenate([part[name] for part in parts]) for name in columns}
+
+
+def make_tf_dataset(
+    dataset: PreparedDataset,
+    split: str,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    shuffle_buffer: int = 2048,
+    cache: bool = False,
+):
+    """A `tf.data.Dataset` of `(image uint8 [S,S,1], labels float32 [L], mask float32 [L])` batches.
+
+    `mask` is 0 where a label is unknown (NaN in the shard, e.g. CheXpert's
+    ignored uncertain labels) and such labels are set to 0. Without `shuffle`
+    the order is the manifest's, every time. With `shuffle` each pass draws a
+    new file order and buffer order from `seed`. `cache` keeps decoded batches
+    in memory after the first pass (small datasets only).
+    """
+    import tensorflow as tf
+
+    size = dataset.image_size
+    num_labels = len(dataset.labels)
+    epoch = {"n": 0}
+
+    def generate():
+        file_seed = seed + epoch["n"] if shuffle else None
+        epoch["n"] += 1
+        for batch in iter_batches(
+            dataset, split, shard_index=shard_index, num_shards=num_shards, shuffle_seed=file_seed
+        ):
+            labels = batch["labels"]
+            mask = (~np.isnan(labels)).astype(np.float32)
+            yield batch["image"], np.nan_to_num(labels, nan=0.0), mask
+
+    signature = (
+        tf.TensorSpec((None, size, size, 1), tf.uint8),
+        tf.TensorSpec((None, num_labels), tf.float32),
+        tf.TensorSpec((None, num_labels), tf.float32),
+    )
+    data = tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
+    if cache:
+        data = data.cache()
+    if shuffle:
+        data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
