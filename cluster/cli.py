@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from datasets.cli import register as register_datasets
 
     register_datasets(sub)
+    from trainable.cli import register as register_trainable
+
+    register_trainable(sub)
     return parser
 
 

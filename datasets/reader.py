@@ -127,20 +127,22 @@ def make_tf_dataset(
     num_shards: int = 1,
     shuffle_buffer: int = 2048,
     cache: bool = False,
+    start_epoch: int = 0,
 ):
     """A `tf.data.Dataset` of `(image uint8 [S,S,1], labels float32 [L], mask float32 [L])` batches.
 
     `mask` is 0 where a label is unknown (NaN in the shard, e.g. CheXpert's
     ignored uncertain labels) and such labels are set to 0. Without `shuffle`
     the order is the manifest's, every time. With `shuffle` each pass draws a
-    new file order and buffer order from `seed`. `cache` keeps decoded batches
-    in memory after the first pass (small datasets only).
+    new file order and buffer order from `seed` and the epoch number, counted
+    from `start_epoch` (so a resumed trial does not replay epoch 0's order).
+    `cache` keeps decoded batches in memory after the first pass (small datasets only).
     """
     import tensorflow as tf
 
     size = dataset.image_size
     num_labels = len(dataset.labels)
-    epoch = {"n": 0}
+    epoch = {"n": start_epoch}
 
     def generate():
         file_seed = seed + epoch["n"] if shuffle else None
@@ -161,5 +163,5 @@ def make_tf_dataset(
     if cache:
         data = data.cache()
     if shuffle:
-        data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        data = data.shuffle(shuffle_buffer, seed=seed + start_epoch, reshuffle_each_iteration=True)
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)

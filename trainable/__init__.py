@@ -1,2 +1,1 @@
-"""The Ray Tune trial: backbone registry, weighted loss, full-validation metrics, checkpoints.
-"""
+"""The Ray Tune trial: backbone registry, weighted loss, full-validation metrics, checkpoints."""

@@ -1,0 +1,118 @@
+"""The flat trial config: every setting a trial reads, its default, and its allowed values.
+
+The sweep spec validates its search space against these names; the trainable
+never reads the spec itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from cluster.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A trial setting that is unknown or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial's settings, all plain values. Units: learning rates per step, angles in degrees,
+    shift/zoom/brightness/contrast as fractions of the image or range."""
+
+    dataset: str = ""  # prepared-dataset URI (folder or s3://)
+    backbone: str = "densenet121"
+    image_size: int = 0  # 0 = the dataset's size; smaller values resize on the fly
+    batch_size: int = 16
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw | sgd
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    weight_decay: float = 0.0
+    clipnorm: float = 0.0  # 0 = no gradient clipping
+    lr_schedule: str = "constant"  # constant | cosine | plateau
+    warmup_epochs: float = 0.0  # cosine only
+    plateau_factor: float = 0.5  # plateau only
+    plateau_patience: int = 2  # plateau only, in epochs
+    loss: str = "weighted_bce"  # weighted_bce | bce | focal
+    focal_gamma: float = 2.0
+    dropout: float = 0.2
+    augment: bool = True
+    rotation_deg: float = 5.0
+    shift: float = 0.05
+    zoom: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+    hflip: bool = False  # off: a flip puts the heart on the wrong side
+    weights: str = ""  # "" = from scratch; "imagenet"; or a local weights file
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto (on with a GPU) | off | mixed_float16 | bfloat16
+    xla: bool = False
+    cpus: int = 0  # TF threads; 0 = the trial's Ray allocation or all cores
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "trial config") -> TrialConfig:
+        """Build a config from plain values, refusing unknown keys and impossible values."""
+        known = {f.name: f for f in fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = (
+                    f"; did you mean {close[0]!r}?"
+                    if close
+                    else f"; known keys: {', '.join(sorted(known))}"
+                )
+                raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            default = known[key].default
+            clean[key] = _coerce(key, value, type(default), where)
+        config = cls(**clean)
+        config.check(where)
+        return config
+
+    def check(self, where: str = "trial config") -> None:
+        """Refuse values no trial can run with, naming the key and the allowed range."""
+        choices = {
+            "optimizer": ("adam", "adamw", "sgd"),
+            "lr_schedule": ("constant", "cosine", "plateau"),
+            "loss": ("weighted_bce", "bce", "focal"),
+            "mixed_precision": ("auto", "off", "mixed_float16", "bfloat16"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"{where}: {key} {getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = ("batch_size", "epochs", "learning_rate", "checkpoint_every")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be > 0, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        for key in ("weight_decay", "clipnorm", "warmup_epochs", "focal_gamma", "rotation_deg",
+                    "shift", "zoom", "brightness", "contrast", "image_size", "cpus"):  # fmt: skip
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(key: str, value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is str and value is None:
+        return ""
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    return value

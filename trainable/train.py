@@ -1,0 +1,266 @@
+"""The trial: one function of the flat config that trains, evaluates every epoch and checkpoints.
+
+`train(config)` is the Ray Tune function trainable; `train_local` runs the same
+loop outside Tune (for `chestxpert train`), reporting to MLflow and a folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainable.config import TrialConfig
+
+# report(metrics, checkpoint_dir or None): where a trial's per-epoch results go.
+Reporter = Callable[[dict[str, float], Path | None], None]
+
+
+def _process_age_seconds() -> float:
+    """Seconds since this process started (covers interpreter + imports, not only our code)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:
+        return 0.0
+
+
+def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
+    """Threads, GPU memory growth, precision policy and seeds; must run before TF builds anything.
+
+    Ray gives a trial CPUs but does not limit TensorFlow's thread pools, so they
+    are sized from the allocation here. Returns what was chosen, for the log.
+    """
+    import keras
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, cpus))
+    except RuntimeError:
+        pass  # the runtime is already up (a reused process): keep its pools
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+    policy = "float32"
+    if config.mixed_precision in ("mixed_float16", "bfloat16"):
+        policy = config.mixed_precision
+    elif config.mixed_precision == "auto" and gpus:
+        policy = "mixed_float16"
+    keras.mixed_precision.set_global_policy(policy)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    keras.utils.set_random_seed(config.seed)
+    return {"cpus": cpus, "gpus": len(gpus), "precision": policy}
+
+
+def _trial_cpus(config: TrialConfig) -> int:
+    if config.cpus:
+        return config.cpus
+    try:
+        from ray import tune
+
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU")
+        if cpus:
+            return max(1, int(cpus))
+    except Exception:
+        pass
+    return os.cpu_count() or 1
+
+
+class _Data:
+    """The trial's view of a prepared dataset: a shuffled training pipeline and the whole validation split."""
+
+    def __init__(self, config: TrialConfig) -> None:
+        import tensorflow as tf
+
+        from datasets.reader import make_tf_dataset, open_dataset, read_split
+
+        self.dataset = open_dataset(config.dataset)
+        self.labels = self.dataset.labels
+        self.manifest = self.dataset.manifest
+        self.image_size = config.image_size or self.dataset.image_size
+        self.train_count = self.dataset.count("train")
+        if self.train_count == 0 or self.dataset.count("val") == 0:
+            raise ValueError(f"{config.dataset}: the train and val splits must both hold images")
+        self.steps_per_epoch = math.ceil(self.train_count / config.batch_size)
+        val = read_split(self.dataset, "val")
+        self.val_mask = (~np.isnan(val["labels"])).astype(np.float32)
+        self.val_labels = np.nan_to_num(val["labels"], nan=0.0)
+        self.val_images = val["image"]
+        if self.image_size != self.dataset.image_size:
+            self.val_images = tf.image.resize(
+                self.val_images, (self.image_size,) * 2, antialias=True
+            )
+            self.val_images = tf.cast(tf.round(self.val_images), tf.uint8).numpy()
+        self._make = make_tf_dataset
+        self.config = config
+
+    def train_pipeline(self, start_epoch: int):
+        import tensorflow as tf
+
+        size = self.image_size
+        resize = size != self.dataset.image_size
+
+        def pack(images, labels, mask):
+            if resize:
+                images = tf.cast(
+                    tf.round(tf.image.resize(images, (size, size), antialias=True)), tf.uint8
+                )
+            return images, tf.concat([labels, mask], axis=-1)
+
+        pipeline = self._make(self.dataset, "train", self.config.batch_size, shuffle=True,
+                              seed=self.config.seed, start_epoch=start_epoch)  # fmt: skip
+        return pipeline.map(pack, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
+    import keras
+
+    from trainable.backbones import build_model, get_backbone
+    from trainable.checkpoint import load_model, read_state
+    from trainable.losses import make_loss
+    from trainable.optim import make_optimizer
+
+    if restore is not None:
+        return load_model(restore, compile=True), read_state(restore)
+    from trainable.augment import make_augmentation
+
+    model = build_model(
+        config.backbone, data.image_size, len(data.labels), dropout=config.dropout,
+        weights=config.weights or None, augmentation=make_augmentation(config),
+    )  # fmt: skip
+    loss = make_loss(config.loss, len(data.labels), data.manifest.get("pos_weight"),
+                     data.manifest.get("neg_weight"), gamma=config.focal_gamma)  # fmt: skip
+    model.compile(
+        optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla
+    )
+    get_backbone(config.backbone)  # fail early on a name typo, before any data is read twice
+    assert isinstance(model, keras.Model)
+    return model, None
+
+
+def run_trial(
+    config: TrialConfig, report: Reporter, restore: Path | None = None
+) -> dict[str, float]:
+    """Train `config` from scratch or from the checkpoint folder `restore`; report after each epoch.
+
+    Each report carries train/val loss, val AUC (macro, per label), PR AUC,
+    epoch seconds, images per second and the start-up seconds of this process
+    (interpreter, imports, model build and first step). Returns the last metrics.
+    """
+    import keras
+
+    from trainable.checkpoint import write_checkpoint
+    from trainable.metrics import auc_metrics
+
+    runtime = configure_runtime(config, _trial_cpus(config))
+    data = _Data(config)
+    model, state = _build_or_restore(config, data, restore)
+    start_epoch = int(state["epoch"]) if state else 0
+    plateau = dict(state.get("plateau", {})) if state else {}
+    plateau.setdefault("best", math.inf)
+    plateau.setdefault("wait", 0)
+    history: list[dict[str, float]] = list(state.get("history", [])) if state else []
+    loss_fn = model.loss
+    last: dict[str, float] = {}
+
+    class EpochReport(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.first_step_done = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_started = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if not self.first_step_done:
+                self.first_step_done = True
+                self.startup_seconds = _process_age_seconds()
+
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal last
+            epoch_seconds = time.monotonic() - self.epoch_started
+            probabilities = model.predict(
+                data.val_images, batch_size=max(32, config.batch_size), verbose=0
+            )
+            targets = np.concatenate([data.val_labels, data.val_mask], axis=1)
+            metrics = {
+                "epoch": float(epoch + 1),
+                "train_loss": float(logs["loss"]),
+                "val_loss": float(keras.ops.convert_to_numpy(loss_fn(targets, probabilities))),
+                **auc_metrics(data.val_labels, probabilities, data.val_mask, data.labels),
+                "epoch_seconds": epoch_seconds,
+                "images_per_second": data.train_count / max(epoch_seconds, 1e-9),
+                "startup_seconds": float(getattr(self, "startup_seconds", 0.0)),
+                "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+            }
+            if config.lr_schedule == "plateau":
+                _plateau_step(model, plateau, metrics["val_loss"], config)
+            history.append(metrics)
+            last = metrics
+            done = epoch + 1 == config.epochs
+            checkpoint_dir = None
+            if done or (epoch + 1) % config.checkpoint_every == 0:
+                checkpoint_dir = write_checkpoint(model, {
+                    "epoch": epoch + 1, "metrics": metrics, "config": config.to_dict(), "labels": data.labels,
+                    "preprocessing": {"image_size": data.image_size, "channels": 1, "dtype": "uint8",
+                                      "gray": "PIL luminance; 16-bit min-max", "square": "pad centred, Lanczos"},
+                    "plateau": plateau, "history": history, "runtime": runtime,
+                    "dataset_digest": data.manifest.get("digest"),
+                })  # fmt: skip
+            try:
+                report(metrics, checkpoint_dir)
+            finally:
+                if checkpoint_dir is not None:
+                    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    if start_epoch >= config.epochs:
+        return dict(state.get("metrics", {})) if state else {}
+    model.fit(
+        data.train_pipeline(start_epoch), epochs=config.epochs, initial_epoch=start_epoch,
+        callbacks=[EpochReport()], verbose=0,
+    )  # fmt: skip
+    return last
+
+
+def _plateau_step(model, plateau: dict, val_loss: float, config: TrialConfig) -> None:
+    # Kept here rather than in keras.callbacks.ReduceLROnPlateau so its state
+    # lands in the same checkpoint as the epoch it belongs to.
+    if val_loss < plateau["best"] - 1e-4:
+        plateau["best"], plateau["wait"] = val_loss, 0
+        return
+    plateau["wait"] += 1
+    if plateau["wait"] >= config.plateau_patience:
+        current = float(model.optimizer.learning_rate)
+        model.optimizer.learning_rate = max(current * config.plateau_factor, 1e-7)
+        plateau["wait"] = 0
+
+
+def train(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: builds from `config`, resumes from `tune.get_checkpoint()`,
+    and calls `tune.report(metrics, checkpoint=…)` after every epoch."""
+    from ray import tune
+
+    trial_config = TrialConfig.from_dict(config)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run_trial(trial_config, report)
+        return
+    with checkpoint.as_directory() as restore:
+        run_trial(trial_config, report, restore=Path(restore))
