@@ -150,24 +150,37 @@ def start_ray_node(
     return {"pid": proc.pid, "start_time": process_start_time(proc.pid), "log": str(log_path)}
 
 
-def ray_client_check(address: str, token_path: Path) -> dict[str, float]:
-    """Connect a Ray client with the token; return live node count, CPUs and GPUs; disconnect."""
-    # Ray reads its auth settings when it is first imported: set them before.
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
-    import ray
+def ray_client_check(address: str, token_path: Path, timeout_s: float = 60.0) -> dict[str, float]:
+    """Connect a Ray client with the token; return live node count, CPUs and GPUs.
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-    try:
-        resources = ray.cluster_resources()
-        nodes = [node for node in ray.nodes() if node.get("Alive")]
-        return {
-            "nodes": len(nodes),
-            "CPU": resources.get("CPU", 0.0),
-            "GPU": resources.get("GPU", 0.0),
-        }
-    finally:
-        ray.shutdown()
+    Runs in a child process: Ray fixes its auth mode when first imported, so a
+    process that imported Ray earlier could not switch to token mode.
+    """
+    import json
+    import subprocess
+
+    code = (
+        "import json, ray\n"
+        f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False, configure_logging=False)\n"
+        "r = ray.cluster_resources()\n"
+        "n = [x for x in ray.nodes() if x.get('Alive')]\n"
+        "print(json.dumps({'nodes': len(n), 'CPU': r.get('CPU', 0.0), 'GPU': r.get('GPU', 0.0)}))\n"
+    )
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_AUTH_TOKEN", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output"
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _http_ok(url: str, expect: str | None = None) -> bool:

@@ -37,7 +37,14 @@ IMAGE_COLUMNS: tuple[str, ...] = (
     "official_split",  # "train_val", "test", or None when the source has no official list
 )  # fmt: skip
 
-BOX_COLUMNS: tuple[str, ...] = ("image_id", "label", "x", "y", "w", "h")  # pixels of the original image
+BOX_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "label",
+    "x",
+    "y",
+    "w",
+    "h",
+)  # pixels of the original image
 
 
 @dataclass

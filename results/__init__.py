@@ -1,2 +1,1 @@
-"""The final job: retrain the best configuration, evaluate, Grad-CAM, report, registry, pull and predict.
-"""
+"""The final job: retrain the best configuration, evaluate, Grad-CAM, report, registry, pull and predict."""

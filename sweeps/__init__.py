@@ -1,2 +1,1 @@
-"""Sweep specs (YAML) to Ray Tune sweeps with OptunaSearch + ASHA, MLflow streaming and resume.
-"""
+"""Sweep specs (YAML) to Ray Tune sweeps with OptunaSearch + ASHA, MLflow streaming and resume."""

@@ -100,7 +100,11 @@ def bench_parquet_pipeline_vs_png_decode() -> None:
             return tf.cast(tf.image.resize(pixels, (224, 224), antialias=True), tf.uint8)
 
         files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=0)
-        return files.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(16).prefetch(tf.data.AUTOTUNE)
+        return (
+            files.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(16)
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
     def parquet_pipeline():
         return make_tf_dataset(dataset, "train", batch_size=16, shuffle=True, seed=0)
@@ -114,7 +118,9 @@ def bench_parquet_pipeline_vs_png_decode() -> None:
                 count += int(np.asarray(first).shape[0])
             rates[name] = count / (time.monotonic() - started)
         print(f"  {name:8s} pipeline: {rates[name]:8.0f} images/s ({count} images/epoch)")
-    print(f"  ratio parquet/png: {rates['parquet'] / rates['png']:.1f}x (target >= 5x); digest {manifest['digest'][:8]}")
+    print(
+        f"  ratio parquet/png: {rates['parquet'] / rates['png']:.1f}x (target >= 5x); digest {manifest['digest'][:8]}"
+    )
 
 
 def read_split_ids(dataset) -> list[str]:

@@ -190,3 +190,27 @@ def mlflow_server() -> Iterator[MlflowServer]:
         yield MlflowServer(record["url"], ws, record)
     finally:
         stop_group(record["pid"], record["start_time"])
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    raw: Path
+    prepared: Path
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
+    """Synthetic phantoms (NIH layout, 64×64) prepared once per session into Parquet shards."""
+    from cluster.endpoints import resolve
+    from datasets.prepare import PrepareOptions, prepare
+    from datasets.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root / "raw", images=600, size=64, seed=0, difficulty=0.1, progress=False)
+    endpoints = resolve(workspace=root / "ws", environ={})
+    opts = PrepareOptions(
+        source="nih", image_size=64, split="official", val_fraction=0.15, progress=False
+    )
+    manifest = prepare(str(root / "raw"), str(root / "prepared"), opts, endpoints)
+    return SyntheticDataset(root / "raw", root / "prepared", manifest)

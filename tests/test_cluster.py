@@ -247,7 +247,9 @@ def test_s3_endpoint_and_ray_token_follow_their_sources(tmp_path: Path) -> None:
     )
     local = endpoints.resolve(workspace=ws, environ={}, storage=str(tmp_path / "data"))
     assert local.storage_uri == (tmp_path / "data").as_uri()
-    assert local.s3_endpoint_url == "http://127.0.0.1:9999", "s3:// datasets still need the endpoint"
+    assert local.s3_endpoint_url == "http://127.0.0.1:9999", (
+        "s3:// datasets still need the endpoint"
+    )
 
 
 @pytest.mark.parametrize("bad", ["gs://bucket/x", "s3://", "hdfs://nn/x"])

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,15 @@ from trainable.config import TrialConfig
 Reporter = Callable[[dict[str, float], Path | None], None]
 
 
-def _process_age_seconds() -> float:
-    """Seconds since this process started (covers interpreter + imports, not only our code)."""
-    try:
-        import psutil
+_PROCESS_HAS_RUN_A_TRIAL = False
 
-        return time.time() - psutil.Process().create_time()
-    except Exception:
+
+def _process_age_seconds() -> float:
+    """Seconds since this process started, from the kernel's start time (0 if unreadable)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return 0.0
 
 
@@ -68,14 +71,16 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
 def _trial_cpus(config: TrialConfig) -> int:
     if config.cpus:
         return config.cpus
-    try:
-        from ray import tune
+    if "ray" in sys.modules:  # only a Tune trial has an allocation to read
+        try:
+            from ray import tune
 
-        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU")
-        if cpus:
-            return max(1, int(cpus))
-    except Exception:
-        pass
+            resources = tune.get_context().get_trial_resources()
+            cpus = resources.required_resources.get("CPU") if resources else None
+            if cpus:
+                return max(1, int(cpus))
+        except Exception:
+            pass
     return os.cpu_count() or 1
 
 
@@ -122,7 +127,10 @@ class _Data:
 
         pipeline = self._make(self.dataset, "train", self.config.batch_size, shuffle=True,
                               seed=self.config.seed, start_epoch=start_epoch)  # fmt: skip
-        return pipeline.map(pack, num_parallel_calls=tf.data.AUTOTUNE)
+        # The reader streams from a generator; telling Keras the epoch length
+        # keeps it from guessing (and warning) at every epoch end.
+        steps = tf.data.experimental.assert_cardinality(self.steps_per_epoch)
+        return pipeline.map(pack, num_parallel_calls=tf.data.AUTOTUNE).apply(steps)
 
 
 def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
@@ -165,10 +173,21 @@ def run_trial(
     from trainable.checkpoint import write_checkpoint
     from trainable.metrics import auc_metrics
 
+    global _PROCESS_HAS_RUN_A_TRIAL
+    trial_started = time.monotonic()
+    # A fresh process (a new Ray trial) also paid for the interpreter and imports.
+    paid_before = 0.0 if _PROCESS_HAS_RUN_A_TRIAL else _process_age_seconds()
+    _PROCESS_HAS_RUN_A_TRIAL = True
     runtime = configure_runtime(config, _trial_cpus(config))
     data = _Data(config)
     model, state = _build_or_restore(config, data, restore)
     start_epoch = int(state["epoch"]) if state else 0
+    if state:
+        print(
+            f"resumed at epoch {start_epoch} from {restore} (weights sha256 {weights_digest(model)[:16]}, "
+            f"optimizer step {int(model.optimizer.iterations.numpy())})",
+            flush=True,
+        )
     plateau = dict(state.get("plateau", {})) if state else {}
     plateau.setdefault("best", math.inf)
     plateau.setdefault("wait", 0)
@@ -186,7 +205,7 @@ def run_trial(
         def on_train_batch_end(self, batch, logs=None):
             if not self.first_step_done:
                 self.first_step_done = True
-                self.startup_seconds = _process_age_seconds()
+                self.startup_seconds = paid_before + time.monotonic() - trial_started
 
         def on_epoch_end(self, epoch, logs=None):
             nonlocal last
@@ -217,7 +236,7 @@ def run_trial(
                     "preprocessing": {"image_size": data.image_size, "channels": 1, "dtype": "uint8",
                                       "gray": "PIL luminance; 16-bit min-max", "square": "pad centred, Lanczos"},
                     "plateau": plateau, "history": history, "runtime": runtime,
-                    "dataset_digest": data.manifest.get("digest"),
+                    "dataset_digest": data.manifest.get("digest"), "weights_sha256": weights_digest(model),
                 })  # fmt: skip
             try:
                 report(metrics, checkpoint_dir)
@@ -232,6 +251,16 @@ def run_trial(
         callbacks=[EpochReport()], verbose=0,
     )  # fmt: skip
     return last
+
+
+def weights_digest(model) -> str:
+    """SHA-256 over every weight array in order: equal digests mean identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def _plateau_step(model, plateau: dict, val_loss: float, config: TrialConfig) -> None:

@@ -1,0 +1,210 @@
+"""The trial loop for real: DenseNet121 for an epoch, resume in a new process, reload predictions, Tune."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import SyntheticDataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def chestxpert(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def write_config(path: Path, **values) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_densenet121_trains_one_real_epoch(
+    synthetic_dataset: SyntheticDataset, tmp_path: Path
+) -> None:
+    from trainable.checkpoint import load_model, read_state
+    from trainable.config import TrialConfig
+    from trainable.train import run_trial
+
+    config = TrialConfig.from_dict({
+        "dataset": str(synthetic_dataset.prepared), "backbone": "densenet121", "epochs": 1,
+        "batch_size": 16, "augment": True,
+    })  # fmt: skip
+    reports = []
+
+    def report(metrics, checkpoint_dir):
+        reports.append(metrics)
+        assert checkpoint_dir is not None
+        state = read_state(checkpoint_dir)
+        assert state["epoch"] == 1 and state["labels"] == synthetic_dataset.manifest["labels"]
+        assert state["preprocessing"]["image_size"] == 64
+        model = load_model(checkpoint_dir, compile=False)
+        assert model.get_layer("relu").output.shape[1:3] == (
+            2,
+            2,
+        )  # DenseNet121's last conv map at 64 px
+
+    run_trial(config, report)
+    assert len(reports) == 1
+    metrics = reports[0]
+    for key in ("train_loss", "val_loss", "val_auc_macro", "val_pr_auc_macro", "epoch_seconds",
+                "images_per_second", "startup_seconds"):  # fmt: skip
+        assert np.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["val_auc_macro"] <= 1.0
+    # start-up covers building DenseNet121 and its first step (tens of seconds), measured, not a placeholder
+    assert metrics["startup_seconds"] > 5.0
+    per_label = [
+        k
+        for k in metrics
+        if k.startswith("val_auc_") and k not in ("val_auc_macro", "val_auc_labels")
+    ]
+    assert len(per_label) == metrics["val_auc_labels"] > 0
+
+
+@pytest.mark.services
+def test_resume_in_a_new_process_continues_from_identical_weights(
+    synthetic_dataset: SyntheticDataset, tmp_path: Path, mlflow_server
+) -> None:
+    from trainable.checkpoint import load_model, read_state
+    from trainable.train import weights_digest
+
+    config = write_config(tmp_path / "tiny.yaml", dataset=str(synthetic_dataset.prepared),
+                          backbone="densenet_tiny", batch_size=32, learning_rate=0.001)  # fmt: skip
+    out = tmp_path / "run"
+    common = ["--mlflow-uri", mlflow_server.url, "--experiment", "resume-test"]
+    first = chestxpert(
+        "train", str(config), "--out", str(out), "--set", "epochs=2", *common, cwd=tmp_path
+    )
+    assert "epoch 2/2" in first.stdout and (out / "checkpoint_0002").is_dir()
+    saved = load_model(out / "checkpoint_0002")
+    saved_digest = weights_digest(saved)
+    assert read_state(out / "checkpoint_0002")["weights_sha256"] == saved_digest
+    steps_per_epoch = int(saved.optimizer.iterations.numpy()) // 2
+
+    second = chestxpert(
+        "train",
+        str(config),
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        "epochs=4",
+        *common,
+        cwd=tmp_path,
+    )
+    resumed = re.search(r"resumed at epoch (\d+) .*weights sha256 ([0-9a-f]{16})", second.stdout)
+    assert resumed, second.stdout
+    assert resumed.group(1) == "2" and resumed.group(2) == saved_digest[:16]
+    assert (
+        "epoch 1/4" not in second.stdout
+        and "epoch 3/4" in second.stdout
+        and "epoch 4/4" in second.stdout
+    )
+    final = load_model(out / "checkpoint_0004")
+    # the optimiser state came back too: its step counter kept counting from epoch 2
+    assert int(final.optimizer.iterations.numpy()) == 4 * steps_per_epoch
+    history = read_state(out / "checkpoint_0004")["history"]
+    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.get_experiment_by_name("resume-test")
+    runs = client.search_runs([experiment.experiment_id])
+    steps = sorted(
+        m.step for run in runs for m in client.get_metric_history(run.info.run_id, "val_loss")
+    )
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoint_reloaded_in_a_fresh_process_predicts_the_same(
+    synthetic_dataset: SyntheticDataset, tmp_path: Path
+) -> None:
+    from trainable.config import TrialConfig
+    from trainable.local import train_local
+
+    config = TrialConfig.from_dict({"dataset": str(synthetic_dataset.prepared), "backbone": "densenet_tiny",
+                                    "epochs": 1, "batch_size": 32})  # fmt: skip
+    out = tmp_path / "run"
+    train_local(config, out, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = (
+        "import json, sys, numpy as np\n"
+        "from trainable.checkpoint import load_model\n"
+        "from datasets.reader import open_dataset, read_split\n"
+        f"model = load_model({str(out / 'checkpoint_0001')!r}, compile=False)\n"
+        f"images = read_split(open_dataset({str(synthetic_dataset.prepared)!r}), 'test')['image']\n"
+        "print(json.dumps(model.predict(images, verbose=0).tolist()))\n"
+    )
+
+    def predict_in_new_process() -> np.ndarray:
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    first, second = predict_in_new_process(), predict_in_new_process()
+    assert first.shape == (synthetic_dataset.manifest["splits"]["test"]["images"], 14)
+    np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("intruder", ["payload.pkl", "model_code.py"])
+def test_checkpoint_with_unexpected_files_is_refused(tmp_path: Path, intruder: str) -> None:
+    from trainable.checkpoint import CheckpointError, check_checkpoint_files
+
+    (tmp_path / "model.keras").write_bytes(b"PK")
+    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / intruder).write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match=f"unexpected file {intruder}"):
+        check_checkpoint_files(tmp_path)
+
+
+@pytest.mark.services
+def test_trainable_runs_as_a_ray_tune_trial(
+    synthetic_dataset: SyntheticDataset, ray_cluster, tmp_path: Path
+) -> None:
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import json, sys\n"
+        "from ray import tune\n"
+        "from trainable.train import train\n"
+        f"config = {{'dataset': {str(synthetic_dataset.prepared)!r}, 'backbone': 'densenet_tiny', 'epochs': 2,"
+        " 'batch_size': 32}\n"
+        "trainable = tune.with_resources(train, {'cpu': 1})\n"
+        f"tuner = tune.Tuner(trainable, param_space=config, run_config=tune.RunConfig(name='one', "
+        f"storage_path={str(tmp_path / 'storage')!r}, verbose=0))\n"
+        "result = tuner.fit().get_best_result(metric='val_auc_macro', mode='max')\n"
+        "print(json.dumps({'epoch': result.metrics['epoch'], 'iters': result.metrics['training_iteration'],"
+        " 'checkpoint': result.checkpoint.path, 'error': str(result.error)}))\n"
+    )
+    env = {**ray_cluster.client_env(), "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(driver)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["error"] == "None" and summary["epoch"] == 2 and summary["iters"] == 2
+    checkpoint = Path(summary["checkpoint"])
+    assert (checkpoint / "model.keras").exists() and json.loads(
+        (checkpoint / "state.json").read_text()
+    )["epoch"] == 2
