@@ -76,18 +76,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start the local stack, show its status, and stop it again."""
-    from cluster.stack import down, up
+    """Run the main job end to end on the embedded default."""
+    from cluster.demo import run_demo
 
-    opts = _stack_options(args)
-    try:
-        up(opts)
-        print()
-        status_code = cmd_status(args)
-    finally:
-        print()
-        down(opts.workspace)
-    return status_code
+    summary = run_demo(_stack_options(args), args.images, args.samples, args.epochs, args.stop)
+    return 0 if summary.get("best_trial_id") else 1
 
 
 def _add_stack_flags(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     _add_stack_flags(demo_parser)
+    demo_parser.add_argument(
+        "--images", type=int, default=2000, help="synthetic images (default 2000)"
+    )
+    demo_parser.add_argument("--samples", type=int, default=4, help="sweep trials (default 4)")
+    demo_parser.add_argument(
+        "--epochs", type=int, default=3, help="max epochs per trial (default 3)"
+    )
+    demo_parser.add_argument("--stop", action="store_true", help="stop the services at the end")
     demo_parser.set_defaults(func=cmd_demo)
 
     from datasets.cli import register as register_datasets
@@ -153,12 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     from trainable.cli import register as register_trainable
 
     register_trainable(sub)
+    from sweeps.cli import register as register_sweeps
+
+    register_sweeps(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chestxpert` console script."""
     args = build_parser().parse_args(argv)
+    from cluster.endpoints import prepare_ray_environment
+
+    prepare_ray_environment(args.workspace)
+    os.environ.setdefault(
+        "TF_CPP_MIN_LOG_LEVEL", "2"
+    )  # TensorFlow's start-up chatter hides our output
     try:
         return args.func(args)
     except UserError as err:

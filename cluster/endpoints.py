@@ -150,18 +150,13 @@ def resolve(
 
 
 def aws_credentials(endpoints: Endpoints) -> tuple[str | None, str | None, str | None]:
-    """Return (access key, secret key, session token) from the standard AWS chain.
+    """Explicit S3 keys for our own loopback endpoint only; otherwise (None, None, None).
 
-    Falls back to the loopback stand-in only for the endpoint `chestxpert up --s3`
-    started. Never log the result.
+    Everywhere else boto3 and pyarrow walk the standard AWS chain themselves on
+    each node (environment, ~/.aws, instance profile), so no key is copied into
+    pickled filesystems or job configs. Never log the result.
     """
-    import boto3
-
-    creds = boto3.Session().get_credentials()
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        return frozen.access_key, frozen.secret_key, frozen.token
-    if endpoints.local_s3:
+    if endpoints.local_s3 and not os.environ.get("AWS_ACCESS_KEY_ID"):
         return LOCAL_S3_KEY, LOCAL_S3_KEY, None
     return None, None, None
 
@@ -197,6 +192,22 @@ def apply_client_environment(endpoints: Endpoints) -> None:
         os.environ[key] = value
 
 
+def prepare_ray_environment(workspace: str | os.PathLike[str] | None = None) -> None:
+    """Set Ray's client auth variables for this process; call before anything imports Ray.
+
+    Token auth is always on for us. Without a token of the user's own
+    (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), the workspace's token is used: the
+    one `chestxpert up` wrote, or the one an in-process Ray will create.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    ws = workspace_path(workspace)
+    recorded = read_state(ws).get("ray", {}).get("auth_token_path")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = recorded or str(ws / "ray_auth_token")
+
+
 def storage_filesystem(endpoints: Endpoints, uri: str | None = None) -> tuple[Any, str]:
     """Return `(pyarrow filesystem, path)` for a storage URI (default: the storage root).
 
@@ -216,7 +227,10 @@ def storage_filesystem(endpoints: Endpoints, uri: str | None = None) -> tuple[An
             options["scheme"] = endpoint.scheme or "https"
         if access:
             options.update(access_key=access, secret_key=secret, session_token=token)
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region is None:
+            # S3-compatible stores ignore regions; real buckets answer 301 from the wrong one.
+            region = "us-east-1" if endpoints.s3_endpoint_url else pafs.resolve_s3_region(parsed.netloc)
         fs = pafs.S3FileSystem(region=region, **options)
         return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.LocalFileSystem(), parsed.path

@@ -121,12 +121,14 @@ def start_ray_node(
     num_gpus: int = 0,
     host: str = LOOPBACK,
     object_store_memory: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start one Ray node (`ray start --block`) in its own session and return its record.
 
     A head node gets `head_port` (and the dashboard on `dashboard_port`); a worker
     node joins `join_address`. Logical GPUs are advertised with `num_gpus`, so
-    GPU scheduling can be exercised on a CPU machine.
+    GPU scheduling can be exercised on a CPU machine. `extra_env` reaches every
+    process on the node, as a real node's environment (credentials, endpoints) would.
     """
     cmd = [
         _bin("ray"), "start", "--block", "--disable-usage-stats",
@@ -146,7 +148,7 @@ def start_ray_node(
     else:
         assert join_address is not None
         cmd.append(f"--address={join_address}")
-    proc = spawn(cmd, log_path, env=ray_node_env(token_path, temp_dir))
+    proc = spawn(cmd, log_path, env={**ray_node_env(token_path, temp_dir), **(extra_env or {})})
     return {"pid": proc.pid, "start_time": process_start_time(proc.pid), "log": str(log_path)}
 
 
@@ -206,7 +208,7 @@ def _check_ports(opts: StackOptions, wanted: list[str]) -> None:
                 )
 
 
-def start_ray_head(opts: StackOptions) -> dict[str, Any]:
+def start_ray_head(opts: StackOptions, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start the Ray head (GCS, dashboard, token auth) and wait until a client connects."""
     ws = opts.workspace
     token_path = ensure_ray_token(ws)
@@ -216,7 +218,7 @@ def start_ray_head(opts: StackOptions) -> dict[str, Any]:
         log_path=log_path, token_path=token_path, temp_dir=temp_dir,
         head_port=opts.ray_port, dashboard_port=opts.dashboard_port,
         num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, host=opts.host,
-        object_store_memory=opts.object_store_memory,
+        object_store_memory=opts.object_store_memory, extra_env=extra_env,
     )  # fmt: skip
     address = f"{opts.host}:{opts.ray_port}"
     dashboard = f"http://{opts.host}:{opts.dashboard_port}"

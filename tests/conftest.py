@@ -29,6 +29,8 @@ from cluster.stack import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests reach no cloud: without this, the AWS SDK would ask 169.254.169.254 for an instance profile.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -55,15 +57,14 @@ class RayCluster:
         }
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayCluster]:
-    """Head (1 CPU, no GPU) plus two worker nodes (1 CPU, 1 logical GPU each)."""
+def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
+    """Head (1 CPU, no GPU) plus two worker nodes (1 CPU, 1 logical GPU each), nodes with `node_env`."""
     ws = short_tmpdir("cxr")
     opts = StackOptions(
         workspace=ws, ray_port=free_port(), dashboard_port=free_port(),
         num_cpus=1, num_gpus=0, object_store_memory=200 * 1024**2,
     )  # fmt: skip
-    head = start_ray_head(opts)
+    head = start_ray_head(opts, extra_env=node_env)
     records = [head]
     try:
         token = ensure_ray_token(ws)
@@ -78,14 +79,30 @@ def ray_cluster() -> Iterator[RayCluster]:
                     num_cpus=1,
                     num_gpus=1,
                     object_store_memory=200 * 1024**2,
+                    extra_env=node_env,
                 )  # fmt: skip
             )
         cluster = RayCluster(head["address"], head["dashboard_url"], token, ws, tuple(records))
         wait_for_nodes(cluster, expected=3)
+        return cluster, records
+    except BaseException:
+        stop_cluster(records)
+        raise
+
+
+def stop_cluster(records: list[dict] | tuple[dict, ...]) -> None:
+    for record in reversed(records):
+        stop_group(record["pid"], record["start_time"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint) -> Iterator[RayCluster]:
+    """The shared three-node cluster; its nodes carry the S3 test endpoint and keys, as a real cluster's would."""
+    cluster, records = start_cluster(s3_endpoint.env())
+    try:
         yield cluster
     finally:
-        for record in reversed(records):
-            stop_group(record["pid"], record["start_time"])
+        stop_cluster(records)
 
 
 def ray_summary(cluster: RayCluster) -> dict:

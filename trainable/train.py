@@ -248,7 +248,7 @@ def run_trial(
         return dict(state.get("metrics", {})) if state else {}
     model.fit(
         data.train_pipeline(start_epoch), epochs=config.epochs, initial_epoch=start_epoch,
-        callbacks=[EpochReport()], verbose=0,
+        callbacks=[EpochReport()], verbose=0, shuffle=False,  # the reader shuffles
     )  # fmt: skip
     return last
 
@@ -283,9 +283,14 @@ def train(config: dict[str, Any]) -> None:
 
     trial_config = TrialConfig.from_dict(config)
 
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        # node_id says where the epoch ran (trials move when nodes die); MLflow skips text values.
+        tune.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

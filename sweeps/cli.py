@@ -1,0 +1,301 @@
+"""`chestxpert sweep …`: run, resume, watch, sync and submit sweeps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBMIT_EXCLUDES = [".venv/", ".chestxpert/", ".git/", "data/", "*.parquet", "__pycache__/", ".pytest_cache/",
+                   ".env", "mlruns/"]  # fmt: skip
+
+
+def _endpoints(args: argparse.Namespace, spec=None):
+    from cluster.endpoints import resolve
+
+    return resolve(
+        ray_address=getattr(args, "address", None) or (spec.ray_address if spec else None),
+        mlflow_tracking_uri=getattr(args, "mlflow_uri", None)
+        or (spec.mlflow.tracking_uri if spec else None),
+        storage=getattr(args, "storage", None) or (spec.storage if spec else None),
+        s3_endpoint_url=getattr(args, "s3_endpoint", None),
+        workspace=args.workspace,
+    )
+
+
+SPEC_ENV_PREFIX = "env:"
+
+
+def _load(spec_arg: str, overrides: dict | None = None):
+    """A spec from a file, or from an environment variable (`env:NAME`, how `submit` ships it)."""
+    from sweeps.spec import SpecError, load_spec, parse_spec
+
+    if spec_arg.startswith(SPEC_ENV_PREFIX):
+        variable = spec_arg[len(SPEC_ENV_PREFIX):]
+        if variable not in os.environ:
+            raise SpecError(f"{spec_arg}: environment variable {variable} is not set")
+        return parse_spec(os.environ[variable], source=spec_arg, overrides=overrides)
+    return load_spec(Path(spec_arg), overrides=overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sweeps.run import format_summary, run_sweep
+
+    spec = _load(args.spec, overrides={"name": args.name} if args.name else None)
+    endpoints = _endpoints(args, spec)
+    if args.dry_run:
+        print(json.dumps({"spec": spec.to_plain_dict(), "param_space": {k: str(v) for k, v in spec.param_space().items()},
+                          "ray_address": endpoints.ray_address, "storage": f"{endpoints.storage_uri}/{spec.name}",
+                          "mlflow": endpoints.mlflow_tracking_uri}, indent=2, default=str))  # fmt: skip
+        return 0
+    summary = run_sweep(spec, endpoints)
+    print(format_summary(summary), end="")
+    return 0 if summary.get("best_trial_id") else 1
+
+
+def _recorded_spec(args: argparse.Namespace):
+    from sweeps.run import SPEC_FILE, SweepError, locate
+    from sweeps.spec import spec_from_dict
+
+    endpoints = _endpoints(args)
+    location = locate(endpoints, args.name)
+    recorded = location.read_json(SPEC_FILE)
+    if recorded is None:
+        raise SweepError(
+            f"no sweep named {args.name!r} in {endpoints.storage_uri} (pass --storage if it is elsewhere)"
+        )
+    spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
+    return spec, endpoints, location, recorded
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sweeps.run import format_summary, run_sweep
+
+    spec, endpoints, _, _ = _recorded_spec(args)
+    endpoints = _endpoints(args, spec)
+    summary = run_sweep(spec, endpoints, resume=True)
+    print(format_summary(summary), end="")
+    return 0 if summary.get("best_trial_id") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweeps.status import sweep_status
+
+    _, _, location, _ = _recorded_spec(args)
+    status = sweep_status(location)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print(
+        f"sweep {status['name']}  ({status['storage']})  metric {status['metric']} ({status['mode']})"
+    )
+    print(f"{'trial':12s} {'state':11s} {'epochs':>6s} {'best':>8s}  ended")
+    for trial in status["trials"]:
+        best = f"{trial['best']:.4f}" if trial["best"] is not None else "-"
+        print(
+            f"{trial['trial_id']:12s} {trial['state']:11s} {trial['epochs']:6d} {best:>8s}  {trial['ended']}"
+        )
+    print(f"{len(status['trials'])} of {status['num_samples']} trials")
+    if status["best_so_far"]:
+        best = status["best_so_far"]
+        print(f"best so far: {best['trial_id']} {status['metric']} = {best['value']:.4f}")
+    if status["summary"] and status["summary"].get("best_checkpoint"):
+        print(f"best checkpoint: {status['summary']['best_checkpoint']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cluster.endpoints import storage_filesystem
+    from sweeps.status import list_sweeps
+
+    endpoints = _endpoints(args)
+    fs, root = storage_filesystem(endpoints)
+    names = list_sweeps(fs, root)
+    print("\n".join(names) if names else f"no sweeps in {endpoints.storage_uri}")
+    return 0
+
+
+def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from sweeps.status import read_trials
+    from sweeps.tracking import _client, parent_run, sync_trial
+
+    spec, endpoints, location, recorded = _recorded_spec(args)
+    uri = args.mlflow_uri or spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
+    parent_id = parent_run(uri, spec.mlflow.experiment, spec.name, spec.to_plain_dict(), {},
+                           reuse=recorded.get("parent_run_id"))  # fmt: skip
+    client = _client(uri)
+    total = 0
+    for trial in read_trials(
+        location, spec.metric, spec.mode, spec.scheduler.max_t or spec.epochs()
+    ):
+        ended = trial.ended if trial.state not in ("RUNNING", "PENDING", "PAUSED") else None
+        total += sync_trial(client, spec.mlflow.experiment, spec.name, parent_id, trial.trial_id,
+                            trial.config, trial.results, ended)  # fmt: skip
+    print(f"MLflow {uri}: {total} metric value(s) added for sweep {spec.name}")
+    return 0
+
+
+def ray_token(endpoints, address: str) -> str | None:
+    """The Ray auth token to send to `address`: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (the user's
+    choice for any cluster), else the workspace's token, but only for the workspace's own dashboard."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if (
+        path
+        and Path(path).is_file()
+        and (
+            address == endpoints.ray_dashboard_url
+            or path != str(endpoints.workspace / "ray_auth_token")
+        )
+    ):
+        return Path(path).read_text().strip()
+    if endpoints.ray_auth_token_path and address == endpoints.ray_dashboard_url:
+        return Path(endpoints.ray_auth_token_path).read_text().strip()
+    return None
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    from sweeps.run import SweepError, worker_environment
+    from sweeps.spec import load_spec
+
+    spec_path = Path(args.spec).resolve()
+    spec = load_spec(spec_path)
+    endpoints = _endpoints(argparse.Namespace(workspace=args.workspace), spec)
+    address = args.address or endpoints.ray_dashboard_url
+    if not address:
+        raise SweepError(
+            "no Ray dashboard address; pass --address http://HEAD:8265 or run `chestxpert up`"
+        )
+    # Only what the user chose travels: a laptop's default folder or SQLite file
+    # means nothing on a remote cluster.
+    env = {
+        "MLFLOW_TRACKING_URI": endpoints.mlflow_tracking_uri,
+        "CHESTXPERT_STORAGE": endpoints.storage_uri,
+    }
+    sources = {
+        "MLFLOW_TRACKING_URI": endpoints.sources["mlflow_tracking_uri"],
+        "CHESTXPERT_STORAGE": endpoints.sources["storage"],
+    }
+    env = {k: v for k, v in env.items() if sources[k] in ("flag", "env") or _is_loopback(address)}
+    if not _is_loopback(address):
+        local = [f"{k}={v}" for k, v in env.items() if v.startswith(("file:", "sqlite:"))]
+        if local:
+            raise SweepError(f"{', '.join(local)} is local to this machine; give the cluster's storage "
+                             "(s3://…) and MLflow server (http://…) in the spec or the environment")  # fmt: skip
+    env.update(worker_environment(endpoints))
+    token = ray_token(endpoints, address)
+    python = args.python or (sys.executable if _is_loopback(address) else "python")
+    # The spec travels in the job's environment (paths in it already made absolute),
+    # so it need not be inside the uploaded working directory.
+    import yaml
+
+    env["CHESTXPERT_SPEC_YAML"] = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    entrypoint = f"{python} -m cluster.cli sweep run {SPEC_ENV_PREFIX}CHESTXPERT_SPEC_YAML"
+    client = JobSubmissionClient(
+        address, headers={"Authorization": f"Bearer {token}"} if token else None
+    )
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": SUBMIT_EXCLUDES, "env_vars": env},
+    )
+    print(f"submitted {job_id}: {entrypoint}")
+    print(f"dashboard: {address}/#/jobs/{job_id}")
+    if args.follow:
+        import asyncio
+
+        async def follow() -> None:
+            async for lines in client.tail_job_logs(job_id):
+                print(lines, end="", flush=True)
+
+        asyncio.run(follow())
+        status = client.get_job_status(job_id)
+        print(f"job {job_id}: {status}")
+        return 0 if str(status).endswith("SUCCEEDED") else 1
+    return 0
+
+
+def _service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray address (else RAY_ADDRESS, the local stack, in-process)",
+    )
+    parser.add_argument(
+        "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
+    )
+    parser.add_argument(
+        "--mlflow-uri", default=None, help="MLflow tracking URI (else MLFLOW_TRACKING_URI, …)"
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3, …)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `chestxpert sweep run|resume|status|list|mlflow-sync|submit`."""
+    sweep = sub.add_parser("sweep", help="hyperparameter sweeps on Ray Tune")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
+
+    run = sweep_sub.add_parser("run", help="run a sweep spec on Ray (OptunaSearch + ASHA)")
+    run.add_argument("spec", help="sweep spec YAML (see sweeps/examples/), or env:VAR to read it from a variable")
+    run.add_argument("--name", default=None, help="override the spec's name")
+    run.add_argument(
+        "--dry-run", action="store_true", help="validate and show the plan; start nothing"
+    )
+    _service_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    resume = sweep_sub.add_parser("resume", help="continue an interrupted sweep from its storage")
+    resume.add_argument("name")
+    _service_flags(resume)
+    resume.set_defaults(func=cmd_resume)
+
+    status = sweep_sub.add_parser(
+        "status", help="trials, states, epochs and the best so far, from storage"
+    )
+    status.add_argument("name")
+    status.add_argument("--json", action="store_true")
+    _service_flags(status)
+    status.set_defaults(func=cmd_status)
+
+    listing = sweep_sub.add_parser("list", help="sweeps in the storage")
+    _service_flags(listing)
+    listing.set_defaults(func=cmd_list)
+
+    sync = sweep_sub.add_parser(
+        "mlflow-sync", help="re-log every trial's metrics from storage to MLflow"
+    )
+    sync.add_argument("name")
+    _service_flags(sync)
+    sync.set_defaults(func=cmd_mlflow_sync)
+
+    submit = sweep_sub.add_parser(
+        "submit", help="submit `sweep run` to a Ray cluster through the Jobs API"
+    )
+    submit.add_argument("spec")
+    submit.add_argument(
+        "--address",
+        default=None,
+        help="dashboard URL, e.g. http://HEAD:8265 (default: local stack)",
+    )
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument(
+        "--python",
+        default=None,
+        help="interpreter on the cluster (default: ours on loopback, else python)",
+    )
+    submit.set_defaults(func=cmd_submit)

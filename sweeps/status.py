@@ -1,0 +1,123 @@
+"""`chestxpert sweep status|list`: what a sweep did, read from its storage alone (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from sweeps.run import SPEC_FILE, SUMMARY_FILE, SweepLocation
+from sweeps.tracking import ended_reason
+
+
+@dataclass
+class TrialRow:
+    """One trial as storage records it."""
+
+    trial_id: str
+    state: str  # TERMINATED, ERROR, RUNNING, PENDING, PAUSED (Tune's words)
+    epochs: int  # epochs reported
+    best: float | None  # best value of the sweep metric
+    ended: str  # completed / stopped by ASHA at epoch k / errored / running
+    config: dict[str, Any]
+    results: list[dict[str, Any]]
+    folder: str
+
+
+def _read_text(fs, path: str) -> str | None:
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _trial_states(location: SweepLocation) -> dict[str, dict[str, Any]]:
+    """Tune's own record of each trial (status, folder), from the newest experiment_state file."""
+    selector = pafs.FileSelector(location.path, recursive=False)
+    states = sorted(
+        info.path for info in location.fs.get_file_info(selector)
+        if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+    )  # fmt: skip
+    if not states:
+        return {}
+    data = json.loads(_read_text(location.fs, states[-1]) or "{}")
+    out = {}
+    for entry in data.get("trial_data", []):
+        raw = entry[0] if isinstance(entry, list) else entry
+        state = json.loads(raw) if isinstance(raw, str) else raw
+        out[state.get("trial_id")] = state
+    return out
+
+
+def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int) -> list[TrialRow]:
+    """Every trial folder of the sweep with its results, state and how it ended."""
+    fs = location.fs
+    states = _trial_states(location)
+    rows = []
+    selector = pafs.FileSelector(location.path, recursive=False)
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.Directory:
+            continue
+        params = _read_text(fs, f"{info.path}/params.json")
+        if params is None:
+            continue
+        results_text = _read_text(fs, f"{info.path}/result.json") or ""
+        results = [json.loads(line) for line in results_text.splitlines() if line.strip()]
+        trial_id = results[-1]["trial_id"] if results else info.base_name.split("_", 1)[1]
+        state = states.get(trial_id, {}).get("status", "UNKNOWN")
+        errored = (
+            state == "ERROR"
+            or _read_text(fs, f"{info.path}/error.txt") is not None
+            and state != "TERMINATED"
+        )
+        epochs = int(
+            max((r.get("epoch", r.get("training_iteration", 0)) for r in results), default=0)
+        )
+        values = [r[metric] for r in results if isinstance(r.get(metric), int | float)]
+        best = (max(values) if mode == "max" else min(values)) if values else None
+        if state in ("RUNNING", "PENDING", "PAUSED"):
+            ended = state.lower()
+        else:
+            ended = ended_reason(epochs, max_epochs, errored)
+        rows.append(
+            TrialRow(trial_id, state, epochs, best, ended, json.loads(params), results, info.path)
+        )
+    return sorted(rows, key=lambda row: row.trial_id)
+
+
+def sweep_status(location: SweepLocation) -> dict[str, Any]:
+    """The sweep's spec, summary (if finished) and trials, as plain values for printing or `--json`."""
+    recorded = location.read_json(SPEC_FILE)
+    if recorded is None:
+        return {}
+    raw = recorded["raw"]
+    metric, mode = raw.get("metric", "val_auc_macro"), raw.get("mode", "max")
+    max_epochs = int(
+        raw.get("scheduler", {}).get("max_t") or raw.get("trial", {}).get("epochs") or 10
+    )
+    trials = read_trials(location, metric, mode, max_epochs)
+    scored = [t for t in trials if t.best is not None]
+    best = (max if mode == "max" else min)(scored, key=lambda t: t.best) if scored else None
+    return {
+        "name": location.name, "storage": location.uri, "metric": metric, "mode": mode,
+        "num_samples": raw.get("search", {}).get("num_samples"),
+        "summary": location.read_json(SUMMARY_FILE),
+        "best_so_far": {"trial_id": best.trial_id, "value": best.best, "config": best.config} if best else None,
+        "trials": [{k: v for k, v in asdict(t).items() if k != "results"} for t in trials],
+    }  # fmt: skip
+
+
+def list_sweeps(fs, root: str) -> list[str]:
+    """Names of the sweeps under a storage root (folders holding a ChestXpert spec record)."""
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    names = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if (
+            info.type == pafs.FileType.Directory
+            and fs.get_file_info(f"{info.path}/{SPEC_FILE}").type == pafs.FileType.File
+        ):
+            names.append(info.base_name)
+    return sorted(names)

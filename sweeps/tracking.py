@@ -1,0 +1,260 @@
+"""MLflow for sweeps: one parent run per sweep, one nested run per trial, nothing lost on outages.
+
+Ray's stock MLflowLoggerCallback does not nest runs; this callback does, and
+queues what the server refused so it is sent once the server answers again.
+`sync_from_storage` re-logs every trial from the results in storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from ray.tune import Callback
+
+SWEEP_TAG = "chestxpert.sweep"
+TRIAL_TAG = "chestxpert.trial_id"
+ENDED_TAG = "chestxpert.ended"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _client(tracking_uri: str):
+    import os
+
+    import mlflow
+
+    # A server that is down must cost seconds, not MLflow's default ~4 minutes of
+    # retries per call: the driver's event loop (and every trial's report) waits on it.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def find_run(client, experiment: str, tags: dict[str, str]):
+    """The newest run in `experiment` carrying all `tags`, or None."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs(
+        [experiment], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return runs[0] if runs else None
+
+
+def plain_params(values: dict[str, Any]) -> dict[str, str]:
+    """Config values as MLflow params (strings, at most 6000 characters each)."""
+    return {key: str(value)[:6000] for key, value in values.items()}
+
+
+def parent_run(tracking_uri: str, experiment: str, sweep: str, params: dict[str, Any], tags: dict[str, str],
+               reuse: str | None = None) -> str:  # fmt: skip
+    """Create the sweep's parent run and return its id; `reuse` (a recorded run id) is returned if it exists."""
+    client = _client(tracking_uri)
+    exp = experiment_id(client, experiment)
+    if reuse:
+        try:
+            return client.get_run(reuse).info.run_id
+        except Exception:
+            pass  # a different MLflow server than the sweep started with: make a parent there
+    run = client.create_run(
+        exp, run_name=sweep, tags={SWEEP_TAG: sweep, "chestxpert.role": "sweep", **tags}
+    )
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, value) for key, value in plain_params(params).items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def ended_reason(last_epoch: int, max_epochs: int, errored: bool) -> str:
+    """How a trial ended, as users read it in MLflow and `sweep status`."""
+    if errored:
+        return "errored"
+    if last_epoch >= max_epochs:
+        return "completed"
+    return f"stopped by ASHA at epoch {last_epoch}"
+
+
+class NestedMlflowCallback(Callback):
+    """Tune callback: a nested MLflow run per trial, its config as params, metrics per epoch (step = epoch).
+
+    Calls the server refuses are queued and retried (at most every RETRY_SECONDS)
+    on later events and at the end; while the server is away the sweep goes on.
+    """
+
+    RETRY_SECONDS = 30.0
+
+    def __init__(
+        self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, max_epochs: int
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.sweep = sweep
+        self.parent_run_id = parent_run_id
+        self.max_epochs = max_epochs
+        self.pending: deque[tuple[str, tuple]] = deque()
+        self.run_ids: dict[str, str] = {}
+        self.ended: set[str] = set()
+        self.warned = False
+        self.retry_at = 0.0
+        self._exp: str | None = None
+        self._mlflow = None
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        if self._mlflow is None:
+            self._mlflow = _client(self.tracking_uri)
+        return self._mlflow
+
+    def _run_for(self, trial) -> str:
+        trial_id = trial.trial_id
+        if trial_id not in self.run_ids:
+            if self._exp is None:
+                self._exp = experiment_id(self.client, self.experiment)
+            existing = find_run(
+                self.client, self._exp, {SWEEP_TAG: self.sweep, TRIAL_TAG: trial_id}
+            )
+            if existing is not None:
+                self.run_ids[trial_id] = existing.info.run_id
+            else:
+                run = self.client.create_run(
+                    self._exp, run_name=f"{self.sweep}-{trial_id}",
+                    tags={PARENT_TAG: self.parent_run_id, SWEEP_TAG: self.sweep, TRIAL_TAG: trial_id,
+                          "chestxpert.role": "trial"},
+                )  # fmt: skip
+                self.run_ids[trial_id] = run.info.run_id
+                _log_params(self.client, run.info.run_id, trial.config)
+        return self.run_ids[trial_id]
+
+    def _do(self, action: str, args: tuple) -> None:
+        if action == "metrics":
+            trial, metrics, step, stamp = args
+            from mlflow.entities import Metric
+
+            batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+            self.client.log_batch(self._run_for(trial), metrics=batch)
+        elif action == "end":
+            trial, reason, status = args
+            run_id = self._run_for(trial)
+            self.client.set_tag(run_id, ENDED_TAG, reason)
+            self.client.set_terminated(run_id, status=status)
+
+    def _submit(self, action: str, args: tuple) -> None:
+        self.pending.append((action, args))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is queued, oldest first; stop at the first refusal. True when the queue is empty.
+
+        After a refusal the next attempt waits RETRY_SECONDS, so an absent server
+        costs one short timeout per interval rather than one per result.
+        """
+        if self.pending and not force and time.monotonic() < self.retry_at:
+            return False
+        while self.pending:
+            action, args = self.pending[0]
+            try:
+                self._do(action, args)
+            except Exception as err:
+                self.retry_at = time.monotonic() + self.RETRY_SECONDS
+                if not self.warned:
+                    print(f"MLflow at {self.tracking_uri} did not answer ({type(err).__name__}); "
+                          "queueing metrics and retrying (or run `chestxpert sweep mlflow-sync`)", flush=True)  # fmt: skip
+                    self.warned = True
+                return False
+            self.pending.popleft()
+        if self.warned:
+            print(f"MLflow at {self.tracking_uri} answers again; queued metrics sent", flush=True)
+            self.warned = False
+        return True
+
+    # --- Tune events ----------------------------------------------------------------------
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in result.items() if _is_metric(k, v)}
+        stamp = int(float(result.get("timestamp", time.time())) * 1000)
+        self._submit("metrics", (trial, metrics, epoch, stamp))
+
+    def _end(self, trial, errored: bool) -> None:
+        # last_result survives a driver restart (this callback's own memory does not)
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        reason = ended_reason(epoch, self.max_epochs, errored=errored)
+        status = "FAILED" if errored else ("FINISHED" if reason == "completed" else "KILLED")
+        self.ended.add(trial.trial_id)
+        self._submit("end", (trial, reason, status))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._end(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._end(trial, errored=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        # trials stopped by the time budget end without on_trial_complete
+        for trial in trials:
+            if trial.trial_id not in self.ended and trial.last_result:
+                self._end(trial, errored=trial.status == "ERROR")
+        for _ in range(5):
+            if self.flush(force=True):
+                return
+            time.sleep(2)
+        print(
+            f"{len(self.pending)} MLflow call(s) could not be sent; run `chestxpert sweep mlflow-sync {self.sweep}`"
+        )
+
+
+_NOT_METRICS = {"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
+                "iterations_since_restore", "pid", "done", "timesteps_total", "episodes_total"}  # fmt: skip
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    return (
+        key not in _NOT_METRICS and isinstance(value, int | float) and not isinstance(value, bool)
+    )
+
+
+def sync_trial(client, experiment: str, sweep: str, parent_run_id: str, trial_id: str,
+               config: dict, results: list[dict], reason: str | None) -> int:  # fmt: skip
+    """Make one trial's MLflow run hold every result from storage; return how many metric values were added."""
+    from mlflow.entities import Metric
+
+    exp = experiment_id(client, experiment)
+    existing = find_run(client, exp, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    if existing is None:
+        run = client.create_run(exp, run_name=f"{sweep}-{trial_id}", tags={
+            PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, "chestxpert.role": "trial"})  # fmt: skip
+        run_id = run.info.run_id
+        _log_params(client, run_id, config)
+    else:
+        run_id = existing.info.run_id
+    have: dict[str, set[int]] = {}
+    added = []
+    for result in results:
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        stamp = int(float(result.get("timestamp", time.time())) * 1000)
+        for key, value in result.items():
+            if not _is_metric(key, value):
+                continue
+            if key not in have:
+                have[key] = {m.step for m in client.get_metric_history(run_id, key)}
+            if step not in have[key]:
+                added.append(Metric(key, float(value), stamp, step))
+                have[key].add(step)
+    for start in range(0, len(added), 500):
+        client.log_batch(run_id, metrics=added[start : start + 500])
+    if reason:
+        client.set_tag(run_id, ENDED_TAG, reason)
+    return len(added)

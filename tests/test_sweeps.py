@@ -1,0 +1,290 @@
+"""Sweeps against real services: a multi-node Ray cluster, the S3 test endpoint and an MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.processes import free_port, stop_group
+from cluster.stack import StackOptions, start_mlflow
+from tests.conftest import REPO, RayCluster, SyntheticDataset, short_tmpdir
+
+pytestmark = pytest.mark.services
+
+
+def write_spec(path: Path, name: str, dataset: Path, **changes) -> Path:
+    spec = {
+        "name": name,
+        "dataset": str(dataset),
+        "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
+        "resources": {"cpus": 1, "gpus": 0},
+        "search": {"algorithm": "optuna", "seed": 0, "num_samples": 3, "max_concurrent": 2},
+        "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3}},
+        "scheduler": {"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            spec[section][field] = value
+        else:
+            spec[section] = value
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_env(
+    cluster: RayCluster, s3_env: dict[str, str], mlflow_url: str, storage: str
+) -> dict[str, str]:
+    return {**cluster.client_env(), **s3_env, "MLFLOW_TRACKING_URI": mlflow_url, "CHESTXPERT_STORAGE": storage,
+            "PYTHONPATH": str(REPO)}  # fmt: skip
+
+
+def chestxpert(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def status_json(name: str, env: dict[str, str], cwd: Path) -> dict:
+    result = chestxpert("sweep", "status", name, "--json", env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
+    synthetic_dataset: SyntheticDataset,
+    ray_cluster: RayCluster,
+    s3_endpoint,
+    s3_client,
+    mlflow_server,
+    tmp_path: Path,
+) -> None:
+    name = "gpu-sweep"
+    spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared,
+                      resources={"cpus": 1, "gpus": 1}, search__max_concurrent=3)  # fmt: skip
+    env = sweep_env(
+        ray_cluster, s3_endpoint.env(), mlflow_server.url, f"s3://{s3_endpoint.bucket}/sweeps"
+    )
+    result = chestxpert("sweep", "run", str(spec), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        "best trial" in result.stdout
+        and f"s3://{s3_endpoint.bucket}/sweeps/{name}/" in result.stdout
+    )
+
+    # one GPU per trial and two GPUs: never more than two trials at once, on different nodes
+    keys = [o["Key"] for page in s3_client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3_endpoint.bucket, Prefix=f"sweeps/{name}/") for o in page.get("Contents", [])]  # fmt: skip
+    assert any(k.endswith("/model.keras") and "/checkpoint_" in k for k in keys), keys[:20]
+    results_by_trial: dict[str, list[dict]] = {}
+    for key in keys:
+        if key.endswith("/result.json"):
+            body = s3_client.get_object(Bucket=s3_endpoint.bucket, Key=key)["Body"].read().decode()
+            rows = [json.loads(line) for line in body.splitlines() if line.strip()]
+            results_by_trial[rows[0]["trial_id"]] = rows
+    assert len(results_by_trial) == 3
+    spans = sorted((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"], rows[0]["node_id"])
+                   for rows in results_by_trial.values())  # fmt: skip
+    gpu_nodes = {rows[0]["node_id"] for rows in results_by_trial.values()}
+    assert len(gpu_nodes) == 2, "trials must land on both GPU workers (the head has no GPU)"
+    for start, _, _ in spans:
+        overlapping = [s for s in spans if s[0] <= start < s[1]]
+        assert len(overlapping) <= 2
+        assert len({s[2] for s in overlapping}) == len(overlapping), (
+            "two trials shared one GPU node"
+        )
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("chestxpert.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("chestxpert.role") == "trial"]
+    assert len(parent) == 1 and len(trials) == 3
+    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in trials)
+    assert parent[0].data.params["trial.backbone"] == "densenet_tiny"
+    assert "best_val_auc_macro" in parent[0].data.metrics
+    for run in trials:
+        epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc_macro"))
+        ended = run.data.tags["chestxpert.ended"]
+        assert ended in ("completed", "stopped by ASHA at epoch 1")
+        assert epochs == ([1, 2] if ended == "completed" else [1])
+        assert "learning_rate" in run.data.params
+
+    status = status_json(name, env, tmp_path)
+    assert len(status["trials"]) == 3 and status["best_so_far"]["value"] > 0
+    assert status["summary"]["best_checkpoint"].startswith(
+        f"s3://{s3_endpoint.bucket}/sweeps/{name}/"
+    )
+
+
+def test_driver_killed_mid_sweep_then_resumed(
+    synthetic_dataset: SyntheticDataset,
+    ray_cluster: RayCluster,
+    s3_endpoint,
+    mlflow_server,
+    tmp_path: Path,
+) -> None:
+    name = "resume-me"
+    storage = tmp_path / "storage"
+    spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared,
+                      search__num_samples=4, search__max_concurrent=1, scheduler={"type": "none"})  # fmt: skip
+    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+    driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "sweep", "run", str(spec)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = [p for p in (storage / name).glob("train_*/result.json")
+                    if len(p.read_text().splitlines()) >= 2]  # fmt: skip
+            if done:
+                break
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            time.sleep(1)
+        assert done, "no trial finished before the deadline"
+        finished_lines = {p.parent.name: len(p.read_text().splitlines()) for p in done}
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    time.sleep(3)
+    result = chestxpert("sweep", "resume", name, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = status_json(name, env, tmp_path)
+    assert len(status["trials"]) == 4 and len({t["trial_id"] for t in status["trials"]}) == 4
+    assert all(t["ended"] == "completed" for t in status["trials"]), status["trials"]
+    for folder, lines in finished_lines.items():  # finished trials were not run again
+        assert len((storage / name / folder / "result.json").read_text().splitlines()) == lines
+
+
+def test_mlflow_outage_loses_no_metric(
+    synthetic_dataset: SyntheticDataset, ray_cluster: RayCluster, s3_endpoint, tmp_path: Path
+) -> None:
+    ws = short_tmpdir("cxmo")
+    port = free_port()
+    opts = StackOptions(workspace=ws, mlflow_port=port)
+    server = start_mlflow(opts, (ws / "artifacts").as_uri())
+    name = "outage"
+    storage = tmp_path / "storage"
+    spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared, search__num_samples=2,
+                      scheduler={"type": "none"}, trial__epochs=3)  # fmt: skip
+    env = sweep_env(ray_cluster, s3_endpoint.env(), server["url"], str(storage))
+    try:
+        driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "sweep", "run", str(spec)], env=env,
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(
+            (storage / name).glob("train_*/result.json")
+        ):
+            time.sleep(0.5)
+        stop_group(server["pid"], server["start_time"])  # the server goes away mid-sweep
+        output, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, output[-3000:]
+        assert "queueing metrics" in output
+        server = start_mlflow(opts, (ws / "artifacts").as_uri())  # back, same store
+        synced = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)
+        assert synced.returncode == 0, synced.stderr[-3000:]
+
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=server["url"])
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                  filter_string="tags.`chestxpert.role` = 'trial'")  # fmt: skip
+        assert len(runs) == 2
+        for run in runs:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+            assert steps == [1, 2, 3], f"{run.info.run_name}: {steps}"
+        again = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)
+        assert "0 metric value(s) added" in again.stdout, (
+            "sync must not duplicate what MLflow already has"
+        )
+    finally:
+        stop_group(server["pid"], server["start_time"])
+
+
+def test_sweep_submitted_through_the_jobs_api(
+    synthetic_dataset: SyntheticDataset,
+    ray_cluster: RayCluster,
+    s3_endpoint,
+    mlflow_server,
+    tmp_path: Path,
+) -> None:
+    spec = write_spec(tmp_path / "submit.yaml", "submitted", synthetic_dataset.prepared,
+                      search__num_samples=1, trial__epochs=1, scheduler={"type": "none"})  # fmt: skip
+    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(tmp_path / "storage"))
+    result = chestxpert("sweep", "submit", str(spec), "--address", ray_cluster.dashboard_url, "--follow",
+                        env=env, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "submitted raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout
+    assert "best trial" in result.stdout
+    assert (tmp_path / "storage" / "submitted" / "chestxpert_summary.json").exists()
+    # without the token the Jobs API refuses
+    import requests
+
+    assert requests.get(f"{ray_cluster.dashboard_url}/api/jobs/", timeout=10).status_code == 401
+
+
+def _node_of_temp_dir(cluster: RayCluster) -> dict[str, str]:
+    """Ray node id -> the temp folder it was started with (which tells our node records apart)."""
+    code = ("import json, ray; ray.init(logging_level='ERROR', log_to_driver=False);"
+            "print(json.dumps({n['NodeID']: n['ObjectStoreSocketName'] for n in ray.nodes() if n['Alive']}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.client_env(), capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
+    synthetic_dataset: SyntheticDataset, s3_endpoint, mlflow_server, tmp_path: Path
+) -> None:
+    from tests.conftest import start_cluster, stop_cluster
+
+    cluster, records = start_cluster(s3_endpoint.env())
+    try:
+        name = "node-loss"
+        storage = tmp_path / "storage"
+        spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared, resources={"cpus": 1, "gpus": 1},
+                          search__num_samples=1, trial__epochs=6, scheduler={"type": "none"})  # fmt: skip
+        env = sweep_env(cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+        driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "sweep", "run", str(spec)], env=env,
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        rows: list[dict] = []
+        while time.monotonic() < deadline and len(rows) < 2:
+            files = list((storage / name).glob("train_*/result.json"))
+            rows = [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            time.sleep(0.5)
+        assert len(rows) >= 2, "the trial did not reach epoch 2"
+        doomed_node = rows[-1]["node_id"]
+        temp_dir = _node_of_temp_dir(cluster)[doomed_node]
+        victim = next(r for r in records[1:] if f"/w{records.index(r) - 1}/" in temp_dir)
+        stop_group(
+            victim["pid"], victim["start_time"], timeout_s=0.1
+        )  # the node dies (SIGKILL after 0.1 s)
+
+        output, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, output[-4000:]
+        rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+        epochs = [int(r["epoch"]) for r in rows]
+        assert epochs[-1] == 6 and epochs.count(1) == 1, (
+            f"the trial restarted from scratch: {epochs}"
+        )
+        moved = [r for r in rows if r["node_id"] != doomed_node]
+        assert moved and int(moved[0]["epoch"]) >= 2, (
+            f"no epoch ran on the surviving node: {epochs}"
+        )
+        assert epochs == sorted(epochs), f"epochs went backwards beyond the checkpoint: {epochs}"
+    finally:
+        stop_cluster(records)
