@@ -42,8 +42,11 @@ def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: b
                 endpoints,
             )
         name = time.strftime("demo-%Y%m%d-%H%M%S")
-        overrides = {"name": name, "dataset": str(prepared), "search.num_samples": samples, "mlflow.experiment": "chestxpert-demo",
-                     "trial.epochs": epochs, "scheduler.max_t": epochs}  # fmt: skip
+        overrides = {"name": name, "dataset": str(prepared), "search.num_samples": samples,
+                     "mlflow.experiment": "chestxpert-demo", "trial.epochs": epochs,
+                     "scheduler.max_t": epochs}  # fmt: skip
+        if epochs < 2:  # one epoch leaves ASHA nothing to stop
+            overrides.update({"scheduler.type": "none", "scheduler.max_t": None})
         spec = load_spec(DEMO_SPEC, overrides=overrides)
         print(
             f"\n[3/3] sweep {name}: {samples} DenseNet121 trials, up to {epochs} epochs, OptunaSearch + ASHA",

@@ -190,47 +190,54 @@ def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> di
             f"`chestxpert sweep resume {spec.name}` or choose another name (--name)"
         )
     found = connect(endpoints)
-    mlflow_uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
-    print(f"Ray dashboard: {found['dashboard']}   resources: {found['resources']}")
-    print(f"MLflow: {mlflow_uri}  experiment {spec.mlflow.experiment!r}")
-    print(f"storage: {location.uri}", flush=True)
-    tags = {
-        "chestxpert.git_commit": _git_commit(),
-        "chestxpert.ray_job_id": os.environ.get("RAY_JOB_ID", found["job_id"]),
-    }
     try:
-        from datasets.reader import open_dataset
+        mlflow_uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
+        print(f"Ray dashboard: {found['dashboard']}   resources: {found['resources']}")
+        print(f"MLflow: {mlflow_uri}  experiment {spec.mlflow.experiment!r}")
+        print(f"storage: {location.uri}", flush=True)
+        tags = {
+            "chestxpert.git_commit": _git_commit(),
+            "chestxpert.ray_job_id": os.environ.get("RAY_JOB_ID", found["job_id"]),
+        }
+        try:
+            from datasets.reader import open_dataset
 
-        tags["chestxpert.dataset_digest"] = open_dataset(spec.dataset, endpoints).manifest.get(
-            "digest", ""
-        )
-    except UserError as err:
-        raise SweepError(f"dataset {spec.dataset}: {err}") from None
-    parent_id = parent_run(mlflow_uri, spec.mlflow.experiment, spec.name, spec.to_plain_dict(), tags,
-                           reuse=recorded.get("parent_run_id") if recorded else None)  # fmt: skip
-    if not resume:
-        location.write_json(SPEC_FILE, {"spec": spec.to_plain_dict(), "raw": spec.model_dump(mode="json"),
-                                         "parent_run_id": parent_id})  # fmt: skip
-    trainable, tune_config, run_config = _tuner_parts(spec, endpoints, location, parent_id)
-    from ray import tune
-
-    if resume:
-        if not tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
-            raise SweepError(
-                f"{location.uri} has the sweep's spec but no Tune state: the driver stopped before the "
-                f"first trial started. Start it again with `chestxpert sweep run` under a new --name"
+            tags["chestxpert.dataset_digest"] = open_dataset(spec.dataset, endpoints).manifest.get(
+                "digest", ""
             )
-        tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=location.fs)  # fmt: skip
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=spec.param_space(),
-            tune_config=tune_config,
-            run_config=run_config,
-        )
-    results = tuner.fit()
-    return _summarise(spec, results, location, mlflow_uri, parent_id)
+        except UserError as err:
+            raise SweepError(f"dataset {spec.dataset}: {err}") from None
+        parent_id = parent_run(mlflow_uri, spec.mlflow.experiment, spec.name, spec.to_plain_dict(), tags,
+                               reuse=recorded.get("parent_run_id") if recorded else None)  # fmt: skip
+        if not resume:
+            location.write_json(SPEC_FILE, {"spec": spec.to_plain_dict(), "raw": spec.model_dump(mode="json"),
+                                             "parent_run_id": parent_id})  # fmt: skip
+        trainable, tune_config, run_config = _tuner_parts(spec, endpoints, location, parent_id)
+        from ray import tune
+
+        if resume:
+            if not tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
+                raise SweepError(
+                    f"{location.uri} has the sweep's spec but no Tune state: the driver stopped before the "
+                    f"first trial started. Start it again with `chestxpert sweep run` under a new --name"
+                )
+            tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=location.fs)  # fmt: skip
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=spec.param_space(),
+                tune_config=tune_config,
+                run_config=run_config,
+            )
+        results = tuner.fit()
+        return _summarise(spec, results, location, mlflow_uri, parent_id)
+    finally:
+        # Leave Ray before anyone stops it: a driver still attached to a stopped
+        # GCS waits 60 s and then kills its own process.
+        import ray
+
+        ray.shutdown()
 
 
 def _summarise(

@@ -1,0 +1,39 @@
+"""`chestxpert demo` (what `make demo` runs), scaled down: the whole path on the local stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.processes import free_port, session_members
+from tests.conftest import REPO, short_tmpdir
+
+
+@pytest.mark.services
+def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
+    ws = short_tmpdir("cxd")
+    ports = ["--ray-port", str(free_port()), "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port())]
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "300", "--samples", "2",
+         "--epochs", "2", "--stop", *ports],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = result.stdout
+    for step in ("[1/3] drawing 300 synthetic", "[2/3] preparing", "[3/3] sweep demo-", "best trial", "demo finished"):
+        assert step in out, step
+    assert (ws / "data" / "synth-300-64" / "manifest.json").exists()
+    summaries = list((ws / "storage").glob("demo-*/chestxpert_summary.json"))
+    assert len(summaries) == 1
+    summary = json.loads(summaries[0].read_text())
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    assert (ws / "storage").joinpath(summary["best_checkpoint"].split("/storage/", 1)[1], "model.keras").exists()
+    assert not (ws / "services.json").exists(), "--stop must stop the stack"
+    assert "stopping ray" in out and "stopping mlflow" in out
+    for line in out.splitlines():
+        if line.startswith("stopping "):
+            session = int(line.split("session ")[1].rstrip(") ."))
+            assert session_members(session) == []
