@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sweeps.cli import register as register_sweeps
 
     register_sweeps(sub)
+    from results.cli import register as register_results
+
+    register_results(sub)
     return parser
 
 

@@ -38,12 +38,16 @@ class PreparedDataset:
         return int(self.manifest["image_size"])
 
     def shard_paths(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise DatasetError(f"split {split!r} is not known; expected one of {', '.join(SPLITS)}")
-        return [f"{self.root}/{relative}" for relative in self.manifest["splits"][split]["shards"]]
+        """Shard paths of a split, or of several joined by `+` (e.g. `train+val`)."""
+        paths = []
+        for part in split.split("+"):
+            if part not in SPLITS:
+                raise DatasetError(f"split {part!r} is not known; expected one of {', '.join(SPLITS)}")
+            paths += [f"{self.root}/{relative}" for relative in self.manifest["splits"][part]["shards"]]
+        return paths
 
     def count(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["images"])
+        return sum(int(self.manifest["splits"][part]["images"]) for part in split.split("+"))
 
 
 def open_dataset(uri: str, endpoints: Endpoints | None = None) -> PreparedDataset:

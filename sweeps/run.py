@@ -131,7 +131,8 @@ def _tuner_parts(
     from trainable.train import train
 
     trainable = tune.with_resources(train, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
-    if spec.search.algorithm == "optuna":
+    # Optuna needs something to search; a spec without a space just repeats one config.
+    if spec.search.algorithm == "optuna" and spec.space:
         searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search.seed,
                                 points_to_evaluate=spec.search.points_to_evaluate or None)  # fmt: skip
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)

@@ -30,10 +30,23 @@ def write_checkpoint(model, state: dict[str, Any], directory: Path | None = None
     directory = Path(directory or tempfile.mkdtemp(prefix="cx-ckpt-"))
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / MODEL_FILE)
+    # A checksum beside the model lets pull-best prove a download is whole.
+    (directory / f"{MODEL_FILE}.sha256").write_text(file_sha256(directory / MODEL_FILE) + "\n")
     partial = directory / f".{STATE_FILE}.partial"
     partial.write_text(json.dumps(state, indent=2, sort_keys=True, default=float))
     os.replace(partial, directory / STATE_FILE)
     return directory
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_state(directory: Path) -> dict[str, Any]:

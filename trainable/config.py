@@ -53,6 +53,7 @@ class TrialConfig:
     xla: bool = False
     cpus: int = 0  # TF threads; 0 = the trial's Ray allocation or all cores
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
+    train_splits: str = "train"  # train | train+val (the final retrain may add validation)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "trial config") -> TrialConfig:
@@ -81,6 +82,7 @@ class TrialConfig:
             "lr_schedule": ("constant", "cosine", "plateau"),
             "loss": ("weighted_bce", "bce", "focal"),
             "mixed_precision": ("auto", "off", "mixed_float16", "bfloat16"),
+            "train_splits": ("train", "train+val"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

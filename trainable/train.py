@@ -96,7 +96,7 @@ class _Data:
         self.labels = self.dataset.labels
         self.manifest = self.dataset.manifest
         self.image_size = config.image_size or self.dataset.image_size
-        self.train_count = self.dataset.count("train")
+        self.train_count = self.dataset.count(config.train_splits)
         if self.train_count == 0 or self.dataset.count("val") == 0:
             raise ValueError(f"{config.dataset}: the train and val splits must both hold images")
         self.steps_per_epoch = math.ceil(self.train_count / config.batch_size)
@@ -125,7 +125,7 @@ class _Data:
                 )
             return images, tf.concat([labels, mask], axis=-1)
 
-        pipeline = self._make(self.dataset, "train", self.config.batch_size, shuffle=True,
+        pipeline = self._make(self.dataset, self.config.train_splits, self.config.batch_size, shuffle=True,
                               seed=self.config.seed, start_epoch=start_epoch)  # fmt: skip
         # The reader streams from a generator; telling Keras the epoch length
         # keeps it from guessing (and warning) at every epoch end.

@@ -1,0 +1,116 @@
+"""`chestxpert final | pull-best | predict`: the final model, its report, and using it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _endpoints(args: argparse.Namespace):
+    from cluster.endpoints import apply_client_environment, resolve
+
+    endpoints = resolve(ray_address=getattr(args, "address", None), storage=getattr(args, "storage", None),
+                        mlflow_tracking_uri=getattr(args, "mlflow_uri", None), workspace=args.workspace)  # fmt: skip
+    apply_client_environment(endpoints)
+    return endpoints
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    from results.final import FinalOptions, run_final
+
+    opts = FinalOptions(
+        epochs=args.epochs, train_on=args.train_on, threshold_method="sensitivity" if args.target_sensitivity else "youden",
+        target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, gradcam_layer=args.gradcam_layer,
+        on_cluster=False if args.local else None,
+    )  # fmt: skip
+    metrics = run_final(args.name, opts, _endpoints(args))
+    ev = metrics["evaluation"]
+    print(
+        f"test macro AUC {ev['auc_macro']:.4f} (micro {ev['auc_micro']:.4f}) on {ev['counts']['images']} images"
+    )
+    print(f"report: {metrics['report_dir']}/report.html   storage: {metrics['storage_dir']}")
+    print(f"registered: {metrics['mlflow']['uri']} (version {metrics['mlflow']['version']})")
+    return 0
+
+
+def cmd_pull_best(args: argparse.Namespace) -> int:
+    from results.pull import load_lines, pull_best
+
+    path = pull_best(args.name, Path(args.to), final=args.final, endpoints=_endpoints(args))
+    print(f"pulled to {path}\n{load_lines(path)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from results.predict import format_predictions, predict, resolve_model
+
+    model_dir = resolve_model(args.model, _endpoints(args))
+    results = predict(
+        model_dir, [Path(p) for p in args.images], Path(args.gradcam) if args.gradcam else None
+    )
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
+    )
+    parser.add_argument(
+        "--mlflow-uri", default=None, help="MLflow tracking URI (else MLFLOW_TRACKING_URI, …)"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `chestxpert final`, `pull-best` and `predict`."""
+    final = sub.add_parser(
+        "final", help="retrain the sweep's best config, evaluate on test, report, register"
+    )
+    final.add_argument("name", help="sweep name")
+    final.add_argument(
+        "--epochs", type=int, default=None, help="epochs (default: the best trial's)"
+    )
+    final.add_argument("--train-on", default="train", choices=["train", "train+val"])
+    final.add_argument("--target-sensitivity", type=float, default=None,
+                       help="choose thresholds reaching this sensitivity on validation (default: Youden's J)")  # fmt: skip
+    final.add_argument(
+        "--bootstrap", type=int, default=1000, help="patient bootstrap resamples for the CIs"
+    )
+    final.add_argument("--gradcam-layer", default=None, help="layer to explain (default: last conv layer, or "
+                       "the deepest one with a map of at least 4×4)")  # fmt: skip
+    final.add_argument(
+        "--address", default=None, help="Ray address to retrain on (default: local stack if up)"
+    )
+    final.add_argument(
+        "--local", action="store_true", help="retrain in this process even if a cluster is up"
+    )
+    _flags(final)
+    final.set_defaults(func=cmd_final)
+
+    pull = sub.add_parser(
+        "pull-best", help="download the best trial checkpoint (or --final model), checksum-verified"
+    )
+    pull.add_argument("name")
+    pull.add_argument("--to", required=True)
+    pull.add_argument(
+        "--final",
+        action="store_true",
+        help="the final model instead of the best trial's checkpoint",
+    )
+    _flags(pull)
+    pull.set_defaults(func=cmd_pull_best)
+
+    pred = sub.add_parser(
+        "predict", help="probabilities and calls per label, optional Grad-CAM overlays"
+    )
+    pred.add_argument("model", help="model folder, storage URI, or models:/NAME@champion")
+    pred.add_argument(
+        "images", nargs="+", help="PNG/JPEG (8/16-bit, gray/RGB/RGBA); DICOM with pydicom"
+    )
+    pred.add_argument(
+        "--gradcam", default=None, metavar="OUT", help="write overlays for the top findings here"
+    )
+    pred.add_argument("--json", action="store_true")
+    _flags(pred)
+    pred.set_defaults(func=cmd_predict)

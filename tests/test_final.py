@@ -1,0 +1,94 @@
+"""`chestxpert final`: retrain the best configuration, evaluate on test, report, register, store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO, SyntheticDataset
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_factory) -> dict:
+    """A one-trial sweep run to the end with an in-process Ray; its storage and workspace."""
+    root = tmp_path_factory.mktemp("final")
+    spec = {
+        "name": "tiny-final", "dataset": str(synthetic_dataset.prepared), "model_name": "tiny-final-model",
+        "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
+        "search": {"num_samples": 1, "max_concurrent": 1}, "scheduler": {"type": "none"},
+    }  # fmt: skip
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**dict(__import__("os").environ), "MLFLOW_TRACKING_URI": mlflow_server.url,
+           "CHESTXPERT_STORAGE": str(root / "storage"), "CHESTXPERT_WORKSPACE": str(root / "ws")}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "cluster.cli", "sweep", "run", str(root / "spec.yaml")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    final = subprocess.run([sys.executable, "-m", "cluster.cli", "final", "tiny-final", "--local", "--bootstrap", "200"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    return {"root": root, "env": env, "stdout": final.stdout, "mlflow": mlflow_server.url}
+
+
+def test_final_report_has_the_clinical_table_and_is_self_contained(finished_sweep: dict) -> None:
+    report = finished_sweep["root"] / "ws" / "reports" / "tiny-final"
+    metrics = json.loads((report / "metrics.json").read_text())
+    per_label = metrics["evaluation"]["per_label"]
+    assert len(per_label) == 14
+    for label, item in per_label.items():
+        if item["auc"] is not None:
+            assert item["auc_low"] <= item["auc"] <= item["auc_high"], label
+        op = item["operating_point"]
+        assert op["tp"] + op["fn"] == metrics["evaluation"]["counts"]["positives"][label]
+    md = (report / "report.md").read_text()
+    assert "| Pathology | AUC (95% CI) | Sensitivity | Specificity |" in md
+    assert "CheXNet" in md and "own split" in md  # the reference column is labelled as another split
+    page = (report / "report.html").read_text()
+    assert "src='data:image/png;base64," in page and "src='http" not in page and "src='figures" not in page
+    assert list((report / "gradcam").glob("*_true_positives_1.png")), "no Grad-CAM overlays"
+    assert metrics["gradcam_layer"] != "relu", "at 64 px the 2×2 last map cannot localise; a deeper map is used"
+    assert metrics["localization"], "synthetic phantoms carry boxes: localisation must be scored"
+    for item in metrics["localization"].values():
+        assert {"pointing_hit_rate", "baseline_pointing_hit_rate", "mean_iou", "baseline_mean_iou"} <= set(item)
+
+
+def test_thresholds_come_from_validation_and_travel_with_the_model(finished_sweep: dict) -> None:
+    from datasets.reader import open_dataset, read_split
+    from results.evaluate import choose_thresholds
+    from trainable.checkpoint import file_sha256, load_model, read_state
+
+    model_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "model"
+    state = read_state(model_dir)
+    assert (model_dir / "model.keras.sha256").read_text().strip() == file_sha256(model_dir / "model.keras")
+    model = load_model(model_dir, compile=False)
+    val = read_split(open_dataset(state["config"]["dataset"]), "val")
+    expected = choose_thresholds(val["labels"], model.predict(val["image"], verbose=0), state["labels"]).thresholds
+    assert state["thresholds"] == pytest.approx(expected)
+    report_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "report"
+    assert (report_dir / "report.html").exists() and (report_dir / "metrics.json").exists()
+
+
+def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=finished_sweep["mlflow"])
+    version = client.get_model_version_by_alias("tiny-final-model", "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["chestxpert.role"] == "final"
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["chestxpert.role"] == "sweep" and parent.data.tags["chestxpert.sweep"] == "tiny-final"
+    assert "test_auc_macro" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report", "checkpoint"} <= artifacts
+    mlflow.set_tracking_uri(finished_sweep["mlflow"])
+    loaded = mlflow.pyfunc.load_model("models:/tiny-final-model@champion")
+    assert loaded.metadata.get_input_schema() is not None, "the model is logged with its input signature"
+    probabilities = loaded.predict(np.zeros((2, 64, 64, 1), dtype=np.uint8))
+    assert np.asarray(probabilities).shape == (2, 14)
