@@ -1,4 +1,5 @@
-"""`chestxpert demo`: the whole path on this machine — stack, synthetic data, prepare, a DenseNet121 sweep.
+"""`chestxpert demo`: the whole path on this machine — stack, synthetic data, prepare, a DenseNet121
+sweep, then the final retrain and report.
 
 Sized for 2 CPU cores (about 10 minutes with the defaults); it prints where to
 look afterwards and leaves the services up for looking, unless `--stop`.
@@ -30,11 +31,11 @@ def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: b
         endpoints = resolve(workspace=ws)
         if not (raw / "Data_Entry_2017.csv").exists():
             print(
-                f"\n[1/3] drawing {images} synthetic chest radiographs into {raw} ...", flush=True
+                f"\n[1/4] drawing {images} synthetic chest radiographs into {raw} ...", flush=True
             )
             generate(raw, images=images, size=256, seed=0, difficulty=0.2)
         if not (prepared / "manifest.json").exists():
-            print(f"\n[2/3] preparing {prepared} (64×64, split by patient) ...", flush=True)
+            print(f"\n[2/4] preparing {prepared} (64×64, split by patient) ...", flush=True)
             prepare(
                 str(raw),
                 str(prepared),
@@ -49,12 +50,20 @@ def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: b
             overrides.update({"scheduler.type": "none", "scheduler.max_t": None})
         spec = load_spec(DEMO_SPEC, overrides=overrides)
         print(
-            f"\n[3/3] sweep {name}: {samples} DenseNet121 trials, up to {epochs} epochs, OptunaSearch + ASHA",
+            f"\n[3/4] sweep {name}: {samples} DenseNet121 trials, up to {epochs} epochs, OptunaSearch + ASHA",
             flush=True,
         )
         summary = run_sweep(spec, endpoints)
         print()
         print(format_summary(summary), end="")
+        print(
+            "\n[4/4] final: retrain the best configuration as a Ray task, evaluate on test, report ...",
+            flush=True,
+        )
+        from results.final import FinalOptions, run_final
+
+        final = run_final(name, FinalOptions(bootstrap=500), endpoints)
+        summary["final"] = {k: final[k] for k in ("report_dir", "storage_dir", "mlflow")}
         minutes = (time.monotonic() - started) / 60
         print(f"\ndemo finished in {minutes:.1f} min. Where to look:")
         print(
@@ -63,6 +72,10 @@ def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: b
         print(f"  MLflow          {state['mlflow']['url']}  experiment {spec.mlflow.experiment!r}")
         print(f"  storage         {endpoints.storage_uri}/{name}")
         print(f"  sweep status    .venv/bin/chestxpert sweep status {name}")
+        print(f"  report          {final['report_dir']}/report.html")
+        print(
+            f"  model           {final['mlflow']['uri']}  (or .venv/bin/chestxpert pull-best {name} --final --to DIR)"
+        )
         if not stop:
             print("  stop services   .venv/bin/chestxpert down")
         return summary

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from cluster.workspace import read_state, workspace_path
 
@@ -64,7 +64,7 @@ def normalize_storage_uri(value: str) -> str:
             raise ValueError(f"storage URI {value!r} names no bucket; expected s3://BUCKET/PREFIX")
         return value.rstrip("/")
     if parsed.scheme == "file":
-        return Path(parsed.path).resolve().as_uri()
+        return Path(unquote(parsed.path)).resolve().as_uri()
     if parsed.scheme and len(parsed.scheme) > 1:
         raise ValueError(
             f"storage URI {value!r} has scheme {parsed.scheme!r}; expected a local path, file:// or s3://"
@@ -233,7 +233,7 @@ def storage_filesystem(endpoints: Endpoints, uri: str | None = None) -> tuple[An
             region = "us-east-1" if endpoints.s3_endpoint_url else pafs.resolve_s3_region(parsed.netloc)
         fs = pafs.S3FileSystem(region=region, **options)
         return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
-    return pafs.LocalFileSystem(), parsed.path
+    return pafs.LocalFileSystem(), unquote(parsed.path)
 
 
 def s3_client(endpoints: Endpoints) -> Any:

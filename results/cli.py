@@ -43,7 +43,8 @@ def cmd_pull_best(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from results.predict import format_predictions, predict, resolve_model
+    from results.predict import format_predictions, predict
+    from results.pull import resolve_model
 
     model_dir = resolve_model(args.model, _endpoints(args))
     results = predict(

@@ -319,3 +319,11 @@ def test_mlflow_fixture_answers(mlflow_server) -> None:
     run = client.create_run(experiment_id)
     client.log_metric(run.info.run_id, "val_auc_macro", 0.5, step=1)
     assert client.get_metric_history(run.info.run_id, "val_auc_macro")[0].value == 0.5
+
+
+def test_local_storage_paths_with_spaces_round_trip(tmp_path: Path) -> None:
+    folder = tmp_path / "my storage 100%"
+    result = endpoints.resolve(workspace=tmp_path, storage=str(folder), environ={})
+    fs, path = endpoints.storage_filesystem(result)
+    assert path == str(folder)
+    assert endpoints.normalize_storage_uri(result.storage_uri) == result.storage_uri

@@ -15,7 +15,14 @@ from tests.conftest import REPO, short_tmpdir
 @pytest.mark.services
 def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
     ws = short_tmpdir("cxd")
-    ports = ["--ray-port", str(free_port()), "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port())]
+    ports = [
+        "--ray-port",
+        str(free_port()),
+        "--dashboard-port",
+        str(free_port()),
+        "--mlflow-port",
+        str(free_port()),
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "300", "--samples", "2",
          "--epochs", "2", "--stop", *ports],
@@ -23,14 +30,23 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
-    for step in ("[1/3] drawing 300 synthetic", "[2/3] preparing", "[3/3] sweep demo-", "best trial", "demo finished"):
+    for step in ("[1/4] drawing 300 synthetic", "[2/4] preparing", "[3/4] sweep demo-", "best trial", "[4/4] final",
+                 "demo finished", "report.html", "models:/"):  # fmt: skip
         assert step in out, step
     assert (ws / "data" / "synth-300-64" / "manifest.json").exists()
     summaries = list((ws / "storage").glob("demo-*/chestxpert_summary.json"))
     assert len(summaries) == 1
     summary = json.loads(summaries[0].read_text())
     assert summary["trials"] == 2 and summary["errors"] == 0
-    assert (ws / "storage").joinpath(summary["best_checkpoint"].split("/storage/", 1)[1], "model.keras").exists()
+    assert (
+        (ws / "storage")
+        .joinpath(summary["best_checkpoint"].split("/storage/", 1)[1], "model.keras")
+        .exists()
+    )
+    assert list((ws / "reports").glob("demo-*/report.html")), "no report"
+    assert list((ws / "storage").glob("demo-*/final/model/model.keras.sha256")), (
+        "final model not stored"
+    )
     assert not (ws / "services.json").exists(), "--stop must stop the stack"
     assert "stopping ray" in out and "stopping mlflow" in out
     for line in out.splitlines():

@@ -1,0 +1,272 @@
+"""`chestxpert predict`: findings for a few radiographs from a checkpoint folder, with optional Grad-CAM.
+
+Images go through `datasets.images` exactly as in training; the model loads in Keras safe
+mode; each finding is called positive at the operating threshold the final job chose.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cluster.errors import UserError
+from datasets.images import load_gray_square, square_resize, to_gray_uint8
+from results.evaluate import DEFAULT_THRESHOLD
+from trainable.checkpoint import STATE_FILE, CheckpointError, read_state
+
+DEFAULT_THRESHOLD_SOURCE = "default 0.5 (trial checkpoint has no thresholds; run chestxpert final)"
+FINAL_THRESHOLD_SOURCE = "chosen on the validation split (final model)"
+DICOM_SUFFIXES = (".dcm", ".dicom")
+PREDICT_BATCH = 32  # images per forward pass: bounds activation memory, not the number of images
+
+
+class PredictError(UserError, ValueError):
+    """An image or model folder `predict` cannot use; the message names it and says what to do."""
+
+
+def predict(
+    model_dir: Path,
+    images: Sequence[Path],
+    gradcam_dir: Path | None = None,
+    top_k: int = 3,
+) -> list[dict[str, Any]]:
+    """Predict every label for each image with the checkpoint in `model_dir`.
+
+    Returns one dict per image, in order: `image` (its path), `findings` (every label in the
+    model's order, each `{"label", "probability" in [0, 1], "threshold", "positive":
+    probability >= threshold}`) and `threshold_source` (the final model's validation thresholds,
+    or 0.5 for a trial checkpoint, said so). With `gradcam_dir`, the Grad-CAM overlays of the
+    image's `top_k` most probable labels are written there as `<image stem>_<label>.png` (image
+    size, RGB) and listed under `gradcam`. Raises PredictError naming a missing or unreadable
+    image or an unusable model folder.
+    """
+    model_dir = Path(model_dir)
+    images = [Path(path) for path in images]
+    if gradcam_dir is not None and top_k < 1:
+        raise PredictError(f"top_k must be at least 1 for Grad-CAM overlays, got {top_k}")
+    state = _read_model_state(model_dir)
+    labels: list[str] = list(state["labels"])
+    size = int(state["preprocessing"]["image_size"])
+    thresholds, threshold_source = operating_thresholds(state)
+    if not images:
+        return []
+    # Images first: a typo in a path fails in milliseconds, before the model loads.
+    pixels = np.stack([read_image(path, size) for path in images])[..., np.newaxis]
+    model = _load_model(model_dir, size, len(labels))
+    probabilities = np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0))
+
+    results = []
+    for path, row in zip(images, probabilities, strict=True):
+        findings = [
+            {
+                "label": label,
+                "probability": float(row[column]),
+                "threshold": thresholds[label],
+                "positive": bool(float(row[column]) >= thresholds[label]),
+            }
+            for column, label in enumerate(labels)
+        ]
+        results.append(
+            {"image": str(path), "findings": findings, "threshold_source": threshold_source}
+        )
+    if gradcam_dir is not None:
+        overlays = _gradcam_overlays(
+            model, state, pixels, probabilities, images, labels, Path(gradcam_dir), top_k
+        )
+        for result, paths in zip(results, overlays, strict=True):
+            result["gradcam"] = paths
+    return results
+
+
+def operating_thresholds(state: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """Per-label thresholds from a checkpoint state and a note on where they came from.
+
+    A final model's state has `thresholds` chosen on the validation split; a trial checkpoint
+    has none, and every label gets DEFAULT_THRESHOLD (0.5).
+    """
+    labels = list(state["labels"])
+    chosen = state.get("thresholds")
+    if not chosen:
+        return {label: DEFAULT_THRESHOLD for label in labels}, DEFAULT_THRESHOLD_SOURCE
+    missing = [label for label in labels if label not in chosen]
+    thresholds = {label: float(chosen.get(label, DEFAULT_THRESHOLD)) for label in labels}
+    if missing:
+        return thresholds, f"{FINAL_THRESHOLD_SOURCE}; default 0.5 for {', '.join(missing)}"
+    return thresholds, FINAL_THRESHOLD_SOURCE
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """An image file as the model's (size, size) uint8 gray square, preprocessed as in training.
+
+    PNG and JPEG (8/16-bit, gray/RGB/RGBA) go through `datasets.images.load_gray_square`;
+    DICOM (by suffix or by its `DICM` preamble) needs pydicom: pixel data, rescale slope and
+    intercept, MONOCHROME1 inverted, then the same min-max gray and square path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"image {path} does not exist")
+    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+        return _read_dicom(path, size)
+    try:
+        gray, _ = load_gray_square(path, size)
+    except (OSError, ValueError) as err:
+        raise PredictError(
+            f"cannot read image {path}: {err}. Expected PNG or JPEG (8/16-bit, gray/RGB/RGBA) "
+            f"or DICOM (.dcm)"
+        ) from None
+    return gray
+
+
+def format_predictions(results: Sequence[dict[str, Any]]) -> str:
+    """Per image: its path, where the thresholds came from, and a Label | Probability |
+    Threshold | Call table (every label, in the model's order), then its Grad-CAM files."""
+    out = io.StringIO()
+    for index, result in enumerate(results):
+        if index:
+            out.write("\n")
+        out.write(f"{result['image']}\n  thresholds: {result['threshold_source']}\n")
+        width = max(len("Label"), *(len(f["label"]) for f in result["findings"]))
+        out.write(f"  {'Label':<{width}}  Probability  Threshold  Call\n")
+        for finding in result["findings"]:
+            call = "POSITIVE" if finding["positive"] else "negative"
+            out.write(
+                f"  {finding['label']:<{width}}  {finding['probability']:>11.3f}  "
+                f"{finding['threshold']:>9.3f}  {call}\n"
+            )
+        for overlay_path in result.get("gradcam", []):
+            out.write(f"  Grad-CAM: {overlay_path}\n")
+    return out.getvalue()
+
+
+def _read_model_state(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.is_dir():
+        raise PredictError(f"model folder {model_dir} does not exist")
+    try:
+        state = read_state(model_dir)
+    except CheckpointError as err:
+        raise PredictError(str(err)) from None
+    for key in ("labels", "preprocessing"):
+        if key not in state:
+            raise PredictError(
+                f"{model_dir / STATE_FILE} has no {key!r}; it was not written by ChestXpert training"
+            )
+    if "image_size" not in state["preprocessing"]:
+        raise PredictError(f"{model_dir / STATE_FILE} has no preprocessing.image_size")
+    return state
+
+
+def _load_model(model_dir: Path, size: int, num_labels: int):
+    from trainable.checkpoint import load_model
+
+    try:
+        model = load_model(model_dir, compile=False)
+    except CheckpointError as err:
+        raise PredictError(str(err)) from None
+    expected_input, expected_output = (size, size, 1), num_labels
+    got_input = tuple(int(d) for d in model.inputs[0].shape[1:])
+    got_output = int(model.outputs[0].shape[-1])
+    if got_input != expected_input or got_output != expected_output:
+        raise PredictError(
+            f"{model_dir}: the model takes {got_input} and predicts {got_output} labels, but "
+            f"{STATE_FILE} says {expected_input} and {expected_output} labels; the folder is mixed up"
+        )
+    return model
+
+
+def _gradcam_overlays(
+    model,
+    state: dict[str, Any],
+    pixels: np.ndarray,
+    probabilities: np.ndarray,
+    images: list[Path],
+    labels: list[str],
+    gradcam_dir: Path,
+    top_k: int,
+) -> list[list[str]]:
+    from results.gradcam import GradCam, overlay
+
+    layer = state.get("last_conv_layer") or _backbone_layer(state)
+    try:
+        gradcam = GradCam(model, layer)
+    except ValueError as err:
+        raise PredictError(f"Grad-CAM: {err}") from None
+    top = [list(np.argsort(-row, kind="stable")[:top_k]) for row in probabilities]
+    pairs = [(image, int(column)) for image, columns in enumerate(top) for column in columns]
+    heatmaps = gradcam.heatmaps(
+        pixels[[image for image, _ in pairs]], [column for _, column in pairs]
+    )
+    gradcam_dir.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(images)
+    written: list[list[str]] = [[] for _ in images]
+    for (image, column), heatmap in zip(pairs, heatmaps, strict=True):
+        label = labels[column]
+        target = gradcam_dir / f"{stems[image]}_{label}.png"
+        title = f"{label} {probabilities[image, column]:.2f}"
+        overlay(pixels[image, ..., 0], heatmap, title=title).save(target)
+        written[image].append(str(target))
+    return written
+
+
+def _backbone_layer(state: dict[str, Any]) -> str:
+    from trainable.backbones import get_backbone
+
+    backbone = state.get("config", {}).get("backbone")
+    if not backbone:
+        raise PredictError(
+            f"{STATE_FILE} names no backbone (config.backbone) nor last_conv_layer; "
+            f"Grad-CAM cannot tell which layer to explain"
+        )
+    try:
+        return get_backbone(backbone).last_conv_layer
+    except ValueError as err:
+        raise PredictError(f"Grad-CAM: {err}") from None
+
+
+def _unique_stems(images: list[Path]) -> list[str]:
+    """File stems, numbered from the second on when two images share one (a/x.png, b/x.png)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in images:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        stems.append(path.stem if count == 0 else f"{path.stem}-{count + 1}")
+    return stems
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def _read_dicom(path: Path, size: int) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError:
+        raise PredictError(
+            f"{path} is a DICOM file; reading DICOM needs pydicom: pip install pydicom"
+        ) from None
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = np.asarray(dataset.pixel_array, dtype=np.float32)
+    except Exception as err:  # pydicom raises many types (invalid file, no pixel data handler…)
+        raise PredictError(f"cannot read DICOM image {path}: {err}") from None
+    if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:
+        # Colour DICOM: the luminance formula PIL's convert("L") uses for RGB PNGs.
+        pixels = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if pixels.ndim != 2:
+        raise PredictError(
+            f"{path} holds {pixels.shape[0]} frames; predict takes single-frame radiographs"
+        )
+    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    pixels = pixels * slope + intercept
+    if str(getattr(dataset, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        # MONOCHROME1 shows low values white; training images show them black.
+        pixels = pixels.max() + pixels.min() - pixels
+    gray = to_gray_uint8(Image.fromarray(pixels.astype(np.float32)))
+    return square_resize(gray, size)[0]

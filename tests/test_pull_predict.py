@@ -1,0 +1,421 @@
+"""pull-best and predict: a checkpoint laid out as a finished sweep (local folder and S3 endpoint)
+comes back whole and checksum-verified, and predicts on real NIH fixture images (gray, RGBA,
+16-bit, JPEG) with the training preprocessing, the right thresholds and Grad-CAM overlays;
+`models:/NAME@champion` resolves through a real MLflow server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.endpoints import resolve
+from datasets.images import load_gray_square
+from datasets.schema import NIH_LABELS
+from results.predict import (
+    DEFAULT_THRESHOLD_SOURCE,
+    FINAL_THRESHOLD_SOURCE,
+    PredictError,
+    format_predictions,
+    predict,
+    read_image,
+)
+from results.pull import (
+    ChecksumError,
+    PullError,
+    load_lines,
+    pull_best,
+    resolve_model,
+)
+from sweeps.run import SPEC_FILE, SUMMARY_FILE
+from trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
+
+REPO = Path(__file__).resolve().parent.parent
+NIH_IMAGES = REPO / "tests" / "fixtures" / "nih_full" / "images_001" / "images"
+SIZE = 64
+SWEEP = "pneumo"
+TRIAL = "train_ab12c_00001"
+CHECKPOINT = "checkpoint_000002"
+# Even labels always positive, odd never: a final model's thresholds are visibly the ones used.
+FINAL_THRESHOLDS = {label: 0.0 if i % 2 == 0 else 1.0 for i, label in enumerate(NIH_LABELS)}
+
+
+@pytest.fixture(scope="module")
+def trial_checkpoint(tmp_path_factory) -> Path:
+    """A densenet_tiny trial checkpoint as training writes it (model, state, checksum)."""
+    import keras
+
+    from trainable.backbones import build_model
+    from trainable.checkpoint import write_checkpoint
+
+    keras.utils.set_random_seed(0)
+    model = build_model("densenet_tiny", SIZE, len(NIH_LABELS))
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    state = {
+        "epoch": 2, "labels": list(NIH_LABELS), "metrics": {"val_auc_macro": 0.61},
+        "preprocessing": {"image_size": SIZE, "channels": 1, "dtype": "uint8"},
+        "config": {"backbone": "densenet_tiny", "image_size": SIZE},
+    }  # fmt: skip
+    folder = write_checkpoint(model, state, tmp_path_factory.mktemp("trial") / CHECKPOINT)
+    assert (folder / f"{MODEL_FILE}.sha256").read_text().strip() == file_sha256(folder / MODEL_FILE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def final_model(trial_checkpoint: Path, tmp_path_factory) -> Path:
+    """The same weights as a final model: state.json with validation thresholds."""
+    folder = tmp_path_factory.mktemp("final") / "model"
+    shutil.copytree(trial_checkpoint, folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    state["thresholds"] = FINAL_THRESHOLDS
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sample_images(tmp_path_factory) -> list[Path]:
+    """Real NIH images: 8-bit gray and RGBA PNGs, a 16-bit PNG and an RGB JPEG made from them."""
+    gray_png, rgba_png = NIH_IMAGES / "00000129_000.png", NIH_IMAGES / "00001369_000.png"
+    assert Image.open(rgba_png).mode == "RGBA"
+    folder = tmp_path_factory.mktemp("images")
+    pixels = np.asarray(Image.open(gray_png), dtype=np.uint16)
+    sixteen = folder / "sixteen_bit.png"
+    Image.fromarray(pixels * 64 + 100).save(sixteen)  # 14-bit range inside 16 bits
+    assert Image.open(sixteen).mode == "I;16"
+    jpeg = folder / "colour.jpg"
+    Image.open(gray_png).convert("RGB").save(jpeg, quality=95)
+    return [gray_png, rgba_png, sixteen, jpeg]
+
+
+def lay_out_sweep(
+    storage: Path, checkpoint: Path, final: Path | None, best: str | None = None
+) -> Path:
+    """`<storage>/pneumo/` as a finished sweep: spec, summary, the best trial's checkpoint, final model."""
+    sweep = storage / SWEEP
+    best_folder = sweep / TRIAL / CHECKPOINT
+    shutil.copytree(checkpoint, best_folder)
+    (sweep / SPEC_FILE).write_text(json.dumps({"spec": {}, "raw": {"name": SWEEP}}))
+    summary = {"name": SWEEP, "metric": "val_auc_macro", "mode": "max", "trials": 2, "errors": 0,
+               "best_trial_id": TRIAL, "best_checkpoint": best or str(best_folder)}  # fmt: skip
+    (sweep / SUMMARY_FILE).write_text(json.dumps(summary))
+    if final is not None:
+        shutil.copytree(final, sweep / "final" / "model")
+    return sweep
+
+
+def local_endpoints(tmp_path: Path):
+    return resolve(workspace=tmp_path / "ws", storage=str(tmp_path / "storage"), environ={})
+
+
+def assert_same_files(pulled: Path, source: Path) -> None:
+    names = sorted(p.name for p in source.iterdir())
+    assert sorted(p.name for p in pulled.iterdir()) == names
+    assert names == [MODEL_FILE, f"{MODEL_FILE}.sha256", STATE_FILE]
+    for name in names:
+        assert (pulled / name).read_bytes() == (source / name).read_bytes(), name
+
+
+def test_pull_best_from_a_local_storage_and_load_it(
+    trial_checkpoint, final_model, tmp_path
+) -> None:
+    lay_out_sweep(tmp_path / "storage", trial_checkpoint, final_model)
+    endpoints = local_endpoints(tmp_path)
+
+    pulled = pull_best(SWEEP, tmp_path / "out", endpoints=endpoints, progress=False)
+    assert pulled == tmp_path / "out" / CHECKPOINT
+    assert_same_files(pulled, trial_checkpoint)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [CHECKPOINT], "no partial folder left"
+
+    final = pull_best(SWEEP, tmp_path / "out", final=True, endpoints=endpoints, progress=False)
+    assert final == tmp_path / "out" / "model"
+    assert json.loads((final / STATE_FILE).read_text())["thresholds"] == FINAL_THRESHOLDS
+    # Pulling again replaces the folder whole.
+    (final / "stale.txt").write_text("from an older pull")
+    assert (
+        pull_best(SWEEP, tmp_path / "out", final=True, endpoints=endpoints, progress=False) == final
+    )
+    assert_same_files(final, final_model)
+
+    lines = load_lines(pulled)
+    assert lines.splitlines() == [
+        "from trainable.checkpoint import load_model",
+        f'model = load_model("{pulled}", compile=False)',
+    ]
+    namespace: dict = {}
+    exec(lines, namespace)
+    assert tuple(namespace["model"].outputs[0].shape) == (None, len(NIH_LABELS))
+
+
+def test_pull_best_follows_a_storage_that_was_moved(trial_checkpoint, tmp_path) -> None:
+    # The summary was written on another machine whose storage lived at /mnt/storage.
+    lay_out_sweep(tmp_path / "storage", trial_checkpoint, None,
+                  best=f"/mnt/storage/{SWEEP}/{TRIAL}/{CHECKPOINT}")  # fmt: skip
+    pulled = pull_best(SWEEP, tmp_path / "out", endpoints=local_endpoints(tmp_path), progress=False)
+    assert_same_files(pulled, trial_checkpoint)
+
+
+@pytest.mark.parametrize("to_exists", [False, True])
+def test_corrupted_model_is_refused_and_nothing_is_left(
+    trial_checkpoint, tmp_path, to_exists
+) -> None:
+    sweep = lay_out_sweep(tmp_path / "storage", trial_checkpoint, None)
+    stored = sweep / TRIAL / CHECKPOINT / MODEL_FILE
+    with stored.open("ab") as handle:
+        handle.write(b"flipped on the way")
+    expected, actual = file_sha256(trial_checkpoint / MODEL_FILE), file_sha256(stored)
+    to = tmp_path / "out"
+    if to_exists:
+        to.mkdir()
+    with pytest.raises(ChecksumError) as caught:
+        pull_best(SWEEP, to, endpoints=local_endpoints(tmp_path), progress=False)
+    message = str(caught.value)
+    assert expected in message and actual in message and str(stored.parent) in message
+    assert (list(to.iterdir()) == []) if to_exists else not to.exists()
+
+
+def test_checkpoint_without_checksum_file_is_pulled(trial_checkpoint, tmp_path) -> None:
+    sweep = lay_out_sweep(tmp_path / "storage", trial_checkpoint, None)
+    (sweep / TRIAL / CHECKPOINT / f"{MODEL_FILE}.sha256").unlink()
+    pulled = pull_best(SWEEP, tmp_path / "out", endpoints=local_endpoints(tmp_path), progress=False)
+    assert sorted(p.name for p in pulled.iterdir()) == [MODEL_FILE, STATE_FILE]
+
+
+def _unknown_sweep(sweep: Path) -> str:
+    return "nope"
+
+
+def _unfinished(sweep: Path) -> str:
+    (sweep / SUMMARY_FILE).unlink()
+    return SWEEP
+
+
+def _missing_state(sweep: Path) -> str:
+    (sweep / TRIAL / CHECKPOINT / STATE_FILE).unlink()
+    return SWEEP
+
+
+def _deleted_checkpoint(sweep: Path) -> str:
+    shutil.rmtree(sweep / TRIAL)
+    return SWEEP
+
+
+@pytest.mark.parametrize(
+    "breakage, final, expected",
+    [
+        (_unknown_sweep, False, r"no sweep named 'nope': looked for file://.*/storage/nope \(sweeps there: pneumo\)"),
+        (_unfinished, False, r"sweep 'pneumo' has not finished: .* no chestxpert_summary.json.*sweep resume pneumo"),
+        (_missing_state, False, r"not a complete checkpoint: missing state.json \(found model.keras, model.keras.sha256\)"),
+        (_deleted_checkpoint, False, r"best checkpoint of sweep 'pneumo', .*checkpoint_000002 .* is missing"),
+        (lambda sweep: SWEEP, True, r"no final model yet \(looked in .*/pneumo/final/model\); run `chestxpert final pneumo` first"),
+    ],
+    ids=["unknown-sweep", "unfinished", "missing-file", "deleted-checkpoint", "no-final"],
+)  # fmt: skip
+def test_pull_best_errors_say_what_to_do(
+    trial_checkpoint, tmp_path, breakage, final, expected
+) -> None:
+    name = breakage(lay_out_sweep(tmp_path / "storage", trial_checkpoint, None))
+    with pytest.raises(PullError, match=expected):
+        pull_best(
+            name, tmp_path / "out", final=final, endpoints=local_endpoints(tmp_path), progress=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.services
+def test_pull_best_and_resolve_model_from_the_s3_endpoint(
+    trial_checkpoint, final_model, tmp_path, s3_endpoint, s3_client, monkeypatch
+) -> None:
+    for key, value in s3_endpoint.env().items():
+        monkeypatch.setenv(key, value)
+    prefix = f"pull-{uuid.uuid4().hex[:8]}"
+    endpoints = resolve(workspace=tmp_path / "ws", storage=f"s3://{s3_endpoint.bucket}/{prefix}")
+    best_key = f"{prefix}/{SWEEP}/{TRIAL}/{CHECKPOINT}"
+    sweep = lay_out_sweep(tmp_path / "layout", trial_checkpoint, final_model,
+                          best=f"s3://{s3_endpoint.bucket}/{best_key}")  # fmt: skip
+    for path in sweep.rglob("*"):
+        if path.is_file():
+            key = f"{prefix}/{SWEEP}/{path.relative_to(sweep).as_posix()}"
+            s3_client.upload_file(str(path), s3_endpoint.bucket, key)
+    # A "folder" marker as the S3 console writes it: not a file to download.
+    s3_client.put_object(Bucket=s3_endpoint.bucket, Key=f"{best_key}/", Body=b"")
+
+    pulled = pull_best(SWEEP, tmp_path / "out", endpoints=endpoints, progress=False)
+    assert_same_files(pulled, trial_checkpoint)
+    final = pull_best(SWEEP, tmp_path / "out", final=True, endpoints=endpoints, progress=False)
+    assert_same_files(final, final_model)
+
+    uri = f"s3://{s3_endpoint.bucket}/{prefix}/{SWEEP}/final/model"
+    cached = resolve_model(uri, endpoints, progress=False)
+    assert cached == tmp_path / "ws" / "cache" / "models" / hashlib.sha1(uri.encode()).hexdigest()
+    assert_same_files(cached, final_model)
+    # The cached copy still matches the remote checksum: reused, not fetched again.
+    modified = (cached / MODEL_FILE).stat().st_mtime_ns
+    assert resolve_model(uri, endpoints, progress=False) == cached
+    assert (cached / MODEL_FILE).stat().st_mtime_ns == modified
+
+
+def test_resolve_model_local_folder_and_file_uri(final_model, tmp_path) -> None:
+    endpoints = local_endpoints(tmp_path)
+    assert resolve_model(str(final_model), endpoints) == final_model
+    cached = resolve_model(final_model.as_uri(), endpoints, progress=False)
+    assert cached.parent == tmp_path / "ws" / "cache" / "models"
+    assert_same_files(cached, final_model)
+    with pytest.raises(PullError, match="is a file; give the checkpoint folder"):
+        resolve_model(str(final_model / MODEL_FILE), endpoints)
+    with pytest.raises(PullError, match=r"not a folder here; expected .*models:/NAME@ALIAS"):
+        resolve_model(str(tmp_path / "nothing"), endpoints)
+
+
+def reference_probabilities(checkpoint: Path, images: list[Path]) -> np.ndarray:
+    """What the saved model predicts on the training preprocessing, computed without predict()."""
+    import keras
+
+    model = keras.models.load_model(checkpoint / MODEL_FILE, compile=False, safe_mode=True)
+    pixels = np.stack([load_gray_square(path, SIZE)[0] for path in images])[..., np.newaxis]
+    return np.asarray(model(pixels, training=False))
+
+
+def test_predict_with_a_trial_checkpoint(trial_checkpoint, sample_images) -> None:
+    results = predict(trial_checkpoint, sample_images)
+    assert [r["image"] for r in results] == [str(p) for p in sample_images]
+    expected = reference_probabilities(trial_checkpoint, sample_images)
+    for result, reference in zip(results, expected, strict=True):
+        assert [f["label"] for f in result["findings"]] == list(NIH_LABELS)
+        assert result["threshold_source"] == DEFAULT_THRESHOLD_SOURCE
+        probabilities = np.array([f["probability"] for f in result["findings"]])
+        np.testing.assert_allclose(probabilities, reference, atol=1e-5)
+        assert ((0 <= probabilities) & (probabilities <= 1)).all()
+        for finding in result["findings"]:
+            assert finding["threshold"] == 0.5
+            assert finding["positive"] == (finding["probability"] >= finding["threshold"])
+        assert "gradcam" not in result
+
+
+def test_predict_with_a_final_model_uses_its_thresholds(final_model, sample_images) -> None:
+    results = predict(final_model, sample_images[:2])
+    for result in results:
+        assert result["threshold_source"] == FINAL_THRESHOLD_SOURCE
+        assert {f["label"]: f["threshold"] for f in result["findings"]} == FINAL_THRESHOLDS
+        calls = [f["positive"] for f in result["findings"]]
+        assert calls == [i % 2 == 0 for i in range(len(NIH_LABELS))]
+    table = format_predictions(results)
+    assert table.count("Label") == 2 and table.count("Probability  Threshold  Call") == 2
+    assert table.count("POSITIVE") == 2 * 7 and table.count("negative") == 2 * 7
+    first = results[0]["findings"][0]
+    assert f"{first['label']}" in table and f"{first['probability']:.3f}" in table
+
+
+def test_predict_writes_gradcam_overlays_for_the_top_labels(
+    trial_checkpoint, sample_images, tmp_path
+) -> None:
+    results = predict(trial_checkpoint, sample_images[:3], gradcam_dir=tmp_path / "cams", top_k=2)
+    for image, result in zip(sample_images[:3], results, strict=True):
+        ranked = sorted(result["findings"], key=lambda f: -f["probability"])[:2]
+        expected = [str(tmp_path / "cams" / f"{image.stem}_{f['label']}.png") for f in ranked]
+        assert result["gradcam"] == expected
+        for path in expected:
+            with Image.open(path) as picture:
+                assert picture.format == "PNG" and picture.mode == "RGB"
+                assert picture.size == (SIZE, SIZE)
+                rgb = np.asarray(picture, dtype=np.int16)
+            assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 0, "the heatmap is blended in colour"
+    assert len(list((tmp_path / "cams").iterdir())) == 3 * 2
+    assert "Grad-CAM: " + expected[0] in format_predictions(results)
+
+
+def _missing(tmp_path: Path) -> Path:
+    return tmp_path / "no_such_image.png"
+
+
+def _not_an_image(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.png"
+    path.write_text("not a picture")
+    return path
+
+
+def _dicom_without_pydicom(tmp_path: Path) -> Path:
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_image, expected",
+    [
+        (_missing, r"image .*no_such_image.png does not exist"),
+        (_not_an_image, r"cannot read image .*notes.png: .*Expected PNG or JPEG"),
+        (_dicom_without_pydicom, r"scan.dcm is a DICOM file; reading DICOM needs pydicom: pip install pydicom"),
+    ],
+    ids=["missing", "unreadable", "dicom-without-pydicom"],
+)  # fmt: skip
+def test_bad_images_are_named(
+    trial_checkpoint, sample_images, tmp_path, monkeypatch, make_image, expected
+) -> None:
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if pydicom were not installed
+    with pytest.raises(PredictError, match=expected):
+        predict(trial_checkpoint, [sample_images[0], make_image(tmp_path)])
+
+
+def test_dicom_is_rescaled_inverted_and_preprocessed_like_a_png(tmp_path, monkeypatch) -> None:
+    rows, cols = np.mgrid[0:96, 0:80]  # smooth 12-bit "anatomy", taller than wide
+    stored = (2000 + 1500 * np.sin(rows / 15.0) * np.cos(cols / 11.0)).astype(np.uint16)
+    dataset = SimpleNamespace(pixel_array=stored, RescaleSlope="2", RescaleIntercept="-1024",
+                              PhotometricInterpretation="MONOCHROME1", SamplesPerPixel=1)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pydicom", SimpleNamespace(dcmread=lambda path: dataset))
+    no_suffix = tmp_path / "IM0001"  # DICOM found by its preamble, as PACS exports name them
+    no_suffix.write_bytes(b"\0" * 128 + b"DICM")
+    png = tmp_path / "same_pixels.png"
+    Image.fromarray(stored).save(png)
+
+    from_dicom = read_image(no_suffix, SIZE).astype(np.int16)
+    from_png = read_image(png, SIZE).astype(np.int16)
+    assert from_dicom.shape == (SIZE, SIZE)
+    # MONOCHROME1: bright stored values are dark; the rescale is linear, so min-max removes it.
+    image = (slice(None), slice(8, -8))  # the black side padding is not inverted
+    assert np.abs(from_dicom[image] - (255 - from_png[image])).max() <= 2
+    assert (from_dicom[:, :3] == 0).all() and from_dicom[image].max() >= 250
+
+
+@pytest.mark.services
+def test_registered_champion_resolves_and_predicts(
+    final_model, sample_images, tmp_path, mlflow_server
+) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.create_experiment(f"pull-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(experiment, run_name="final")
+    run_id = run.info.run_id
+    client.log_artifacts(run_id, str(final_model), "checkpoint")
+    client.set_terminated(run_id)
+    name = f"chestxpert-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"runs:/{run_id}/checkpoint", run_id=run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+    endpoints = resolve(
+        workspace=tmp_path / "ws", mlflow_tracking_uri=mlflow_server.url, environ={}
+    )
+
+    folder = resolve_model(f"models:/{name}@champion", endpoints)
+    assert folder.parent == tmp_path / "ws" / "cache" / "models"
+    assert_same_files(folder, final_model)
+    assert resolve_model(f"models:/{name}@champion", endpoints) == folder
+    results = predict(folder, sample_images[:1])
+    assert results[0]["threshold_source"] == FINAL_THRESHOLD_SOURCE
+
+    with pytest.raises(PullError, match=rf"model '{name}' in the MLflow registry at {mlflow_server.url} "
+                                        rf"has no alias 'staging' \(aliases: @champion → version 1\)"):  # fmt: skip
+        resolve_model(f"models:/{name}@staging", endpoints)
+    with pytest.raises(PullError, match=rf"registry at {mlflow_server.url} has no model 'nobody' "
+                                        rf"\(registered models: .*{name}"):  # fmt: skip
+        resolve_model("models:/nobody@champion", endpoints)
+    with pytest.raises(PullError, match="expected models:/NAME@ALIAS"):
+        resolve_model(f"models:/{name}/1", endpoints)
