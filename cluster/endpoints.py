@@ -196,8 +196,9 @@ def prepare_ray_environment(workspace: str | os.PathLike[str] | None = None) -> 
     """Set Ray's client auth variables for this process; call before anything imports Ray.
 
     Token auth is always on for us. Without a token of the user's own
-    (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), the workspace's token is used: the
-    one `chestxpert up` wrote, or the one an in-process Ray will create.
+    (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), the token `chestxpert up` wrote is
+    used; else Ray's default ~/.ray/auth_token if present; else the workspace
+    path where an in-process Ray will create one.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -205,7 +206,12 @@ def prepare_ray_environment(workspace: str | os.PathLike[str] | None = None) -> 
         return
     ws = workspace_path(workspace)
     recorded = read_state(ws).get("ray", {}).get("auth_token_path")
-    os.environ["RAY_AUTH_TOKEN_PATH"] = recorded or str(ws / "ray_auth_token")
+    if recorded:
+        os.environ["RAY_AUTH_TOKEN_PATH"] = recorded
+    elif not (Path.home() / ".ray" / "auth_token").exists():
+        # Ray treats a missing token file as fatal, so point at the workspace's only
+        # when Ray's own default (~/.ray/auth_token, how cluster nodes get it) is absent.
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(ws / "ray_auth_token")
 
 
 def storage_filesystem(endpoints: Endpoints, uri: str | None = None) -> tuple[Any, str]:

@@ -188,7 +188,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "MLFLOW_TRACKING_URI": endpoints.sources["mlflow_tracking_uri"],
         "CHESTXPERT_STORAGE": endpoints.sources["storage"],
     }
-    env = {k: v for k, v in env.items() if sources[k] in ("flag", "env") or _is_loopback(address)}
+    own_stack = address == endpoints.ray_dashboard_url
+    env = {k: v for k, v in env.items() if sources[k] in ("flag", "env") or own_stack}
     if not _is_loopback(address):
         local = [f"{k}={v}" for k, v in env.items() if v.startswith(("file:", "sqlite:"))]
         if local:

@@ -24,6 +24,7 @@ from cluster.errors import UserError
 from sweeps.spec import SweepSpec
 
 SPEC_FILE = "chestxpert_spec.json"
+AWS_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 SUMMARY_FILE = "chestxpert_summary.json"
 
 
@@ -98,6 +99,12 @@ def connect(endpoints: Endpoints) -> dict[str, str]:
         # prepare_ray_environment already pointed RAY_AUTH_TOKEN_PATH.
         ensure_ray_token(endpoints.workspace)
     import ray
+    from ray.tune.execution import class_cache
+
+    # Ray Tune copies the driver's AWS keys into every trial's runtime env, and
+    # Ray's runtime-env agent writes that env to its log in plain text. Trials
+    # take credentials from their node's own AWS chain instead.
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(AWS_CREDENTIAL_VARIABLES)
 
     # Inside a Ray job the job's runtime env already carries these variables, and
     # Ray refuses to merge a driver runtime env that names the same keys again.
