@@ -36,6 +36,17 @@ def run_cli(*args: str, workspace: Path, timeout: float = 180) -> subprocess.Com
     )  # fmt: skip
 
 
+def listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on `port`, read from /proc/net/tcp (no traffic sent)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
 @pytest.mark.services
 def test_up_status_down_lifecycle() -> None:
     ws = short_tmpdir("cxw")
@@ -71,6 +82,10 @@ def test_up_status_down_lifecycle() -> None:
         )
         assert authed.status_code == 200
         assert oct(Path(state["ray"]["auth_token_path"]).stat().st_mode & 0o777) == "0o600"
+
+        # what we start listens on loopback only (Ray's own GCS/raylet ports cannot be confined)
+        for port in (ports["--dashboard-port"], ports["--mlflow-port"]):
+            assert listening_addresses(port) == {"127.0.0.1"}, port
 
         status = run_cli("status", workspace=ws)
         assert status.returncode == 0, status.stdout + status.stderr
