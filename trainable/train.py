@@ -134,13 +134,24 @@ class _Data:
 
 
 def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
-    import keras
+    import contextlib
 
+    import tensorflow as tf
+
+    # A trial given several GPUs trains data-parallel; batch_size stays the global batch.
+    gpus = tf.config.list_logical_devices("GPU")
+    scope = tf.distribute.MirroredStrategy().scope() if len(gpus) > 1 else contextlib.nullcontext()
+    with scope:
+        return _build_or_restore_here(config, data, restore)
+
+
+def _build_or_restore_here(config: TrialConfig, data: _Data, restore: Path | None):
     from trainable.backbones import build_model, get_backbone
     from trainable.checkpoint import load_model, read_state
     from trainable.losses import make_loss
     from trainable.optim import make_optimizer
 
+    get_backbone(config.backbone)  # a name typo fails here, before anything is built
     if restore is not None:
         return load_model(restore, compile=True), read_state(restore)
     from trainable.augment import make_augmentation
@@ -151,11 +162,7 @@ def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
     )  # fmt: skip
     loss = make_loss(config.loss, len(data.labels), data.manifest.get("pos_weight"),
                      data.manifest.get("neg_weight"), gamma=config.focal_gamma)  # fmt: skip
-    model.compile(
-        optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla
-    )
-    get_backbone(config.backbone)  # fail early on a name typo, before any data is read twice
-    assert isinstance(model, keras.Model)
+    model.compile(optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla)
     return model, None
 
 
