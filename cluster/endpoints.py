@@ -236,7 +236,9 @@ def storage_filesystem(endpoints: Endpoints, uri: str | None = None) -> tuple[An
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region is None:
             # S3-compatible stores ignore regions; real buckets answer 301 from the wrong one.
-            region = "us-east-1" if endpoints.s3_endpoint_url else pafs.resolve_s3_region(parsed.netloc)
+            region = (
+                "us-east-1" if endpoints.s3_endpoint_url else pafs.resolve_s3_region(parsed.netloc)
+            )
         fs = pafs.S3FileSystem(region=region, **options)
         return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.LocalFileSystem(), unquote(parsed.path)

@@ -42,8 +42,12 @@ class PreparedDataset:
         paths = []
         for part in split.split("+"):
             if part not in SPLITS:
-                raise DatasetError(f"split {part!r} is not known; expected one of {', '.join(SPLITS)}")
-            paths += [f"{self.root}/{relative}" for relative in self.manifest["splits"][part]["shards"]]
+                raise DatasetError(
+                    f"split {part!r} is not known; expected one of {', '.join(SPLITS)}"
+                )
+            paths += [
+                f"{self.root}/{relative}" for relative in self.manifest["splits"][part]["shards"]
+            ]
         return paths
 
     def count(self, split: str) -> int:

@@ -34,7 +34,7 @@ def _load(spec_arg: str, overrides: dict | None = None):
     from sweeps.spec import SpecError, load_spec, parse_spec
 
     if spec_arg.startswith(SPEC_ENV_PREFIX):
-        variable = spec_arg[len(SPEC_ENV_PREFIX):]
+        variable = spec_arg[len(SPEC_ENV_PREFIX) :]
         if variable not in os.environ:
             raise SpecError(f"{spec_arg}: environment variable {variable} is not set")
         return parse_spec(os.environ[variable], source=spec_arg, overrides=overrides)
@@ -252,7 +252,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
 
     run = sweep_sub.add_parser("run", help="run a sweep spec on Ray (OptunaSearch + ASHA)")
-    run.add_argument("spec", help="sweep spec YAML (see sweeps/examples/), or env:VAR to read it from a variable")
+    run.add_argument(
+        "spec", help="sweep spec YAML (see sweeps/examples/), or env:VAR to read it from a variable"
+    )
     run.add_argument("--name", default=None, help="override the spec's name")
     run.add_argument(
         "--dry-run", action="store_true", help="validate and show the plan; start nothing"

@@ -24,7 +24,12 @@ from cluster.errors import UserError
 from sweeps.spec import SweepSpec
 
 SPEC_FILE = "chestxpert_spec.json"
-AWS_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
 SUMMARY_FILE = "chestxpert_summary.json"
 
 

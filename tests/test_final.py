@@ -49,14 +49,27 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
         assert op["tp"] + op["fn"] == metrics["evaluation"]["counts"]["positives"][label]
     md = (report / "report.md").read_text()
     assert "| Pathology | AUC (95% CI) | Sensitivity | Specificity |" in md
-    assert "CheXNet" in md and "own split" in md  # the reference column is labelled as another split
+    assert (
+        "CheXNet" in md and "own split" in md
+    )  # the reference column is labelled as another split
     page = (report / "report.html").read_text()
-    assert "src='data:image/png;base64," in page and "src='http" not in page and "src='figures" not in page
+    assert (
+        "src='data:image/png;base64," in page
+        and "src='http" not in page
+        and "src='figures" not in page
+    )
     assert list((report / "gradcam").glob("*_true_positives_1.png")), "no Grad-CAM overlays"
-    assert metrics["gradcam_layer"] != "relu", "at 64 px the 2×2 last map cannot localise; a deeper map is used"
+    assert metrics["gradcam_layer"] != "relu", (
+        "at 64 px the 2×2 last map cannot localise; a deeper map is used"
+    )
     assert metrics["localization"], "synthetic phantoms carry boxes: localisation must be scored"
     for item in metrics["localization"].values():
-        assert {"pointing_hit_rate", "baseline_pointing_hit_rate", "mean_iou", "baseline_mean_iou"} <= set(item)
+        assert {
+            "pointing_hit_rate",
+            "baseline_pointing_hit_rate",
+            "mean_iou",
+            "baseline_mean_iou",
+        } <= set(item)
 
 
 def test_thresholds_come_from_validation_and_travel_with_the_model(finished_sweep: dict) -> None:
@@ -66,10 +79,14 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
 
     model_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "model"
     state = read_state(model_dir)
-    assert (model_dir / "model.keras.sha256").read_text().strip() == file_sha256(model_dir / "model.keras")
+    assert (model_dir / "model.keras.sha256").read_text().strip() == file_sha256(
+        model_dir / "model.keras"
+    )
     model = load_model(model_dir, compile=False)
     val = read_split(open_dataset(state["config"]["dataset"]), "val")
-    expected = choose_thresholds(val["labels"], model.predict(val["image"], verbose=0), state["labels"]).thresholds
+    expected = choose_thresholds(
+        val["labels"], model.predict(val["image"], verbose=0), state["labels"]
+    ).thresholds
     assert state["thresholds"] == pytest.approx(expected)
     report_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "report"
     assert (report_dir / "report.html").exists() and (report_dir / "metrics.json").exists()
@@ -83,12 +100,17 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
     run = client.get_run(version.run_id)
     assert run.data.tags["chestxpert.role"] == "final"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
-    assert parent.data.tags["chestxpert.role"] == "sweep" and parent.data.tags["chestxpert.sweep"] == "tiny-final"
+    assert (
+        parent.data.tags["chestxpert.role"] == "sweep"
+        and parent.data.tags["chestxpert.sweep"] == "tiny-final"
+    )
     assert "test_auc_macro" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report", "checkpoint"} <= artifacts
     mlflow.set_tracking_uri(finished_sweep["mlflow"])
     loaded = mlflow.pyfunc.load_model("models:/tiny-final-model@champion")
-    assert loaded.metadata.get_input_schema() is not None, "the model is logged with its input signature"
+    assert loaded.metadata.get_input_schema() is not None, (
+        "the model is logged with its input signature"
+    )
     probabilities = loaded.predict(np.zeros((2, 64, 64, 1), dtype=np.uint8))
     assert np.asarray(probabilities).shape == (2, 14)

@@ -35,13 +35,18 @@ def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_readme_opens_with_the_two_commands() -> None:
     first_block = BLOCKS[0][1]
-    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make demo", "make test"]
+    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == [
+        "make demo",
+        "make test",
+    ]
 
 
 def test_dataset_and_training_blocks_run_verbatim(tmp_path: Path) -> None:
     data_block = next(body for lang, body in BLOCKS if lang == "bash" and "data synth" in body)
     train_yaml = next(body for lang, body in BLOCKS if lang == "yaml" and "densenet_tiny" in body)
-    train_block = next(body for lang, body in BLOCKS if lang == "bash" and "chestxpert train" in body)
+    train_block = next(
+        body for lang, body in BLOCKS if lang == "bash" and "chestxpert train" in body
+    )
     (tmp_path / "tiny.yaml").write_text(train_yaml)
     for command in commands(data_block) + commands(train_block):
         run(command, tmp_path)

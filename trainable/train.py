@@ -162,7 +162,9 @@ def _build_or_restore_here(config: TrialConfig, data: _Data, restore: Path | Non
     )  # fmt: skip
     loss = make_loss(config.loss, len(data.labels), data.manifest.get("pos_weight"),
                      data.manifest.get("neg_weight"), gamma=config.focal_gamma)  # fmt: skip
-    model.compile(optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla)
+    model.compile(
+        optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla
+    )
     return model, None
 
 
