@@ -786,12 +786,21 @@ def bench_demo_report() -> None:
 
     from cluster.processes import free_port
 
-    reports = sorted(Path(".chestxpert/reports").glob("demo-*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    reports = sorted(
+        Path(".chestxpert/reports").glob("demo-*/metrics.json"), key=lambda p: p.stat().st_mtime
+    )
     if reports:
         source = f"the newest `make demo` report ({reports[-1].parent})"
     else:  # no demo has run here: a scaled-down one in a scratch workspace
         ws = short_tmpdir("cxbd")
-        ports = ["--ray-port", str(free_port()), "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port())]
+        ports = [
+            "--ray-port",
+            str(free_port()),
+            "--dashboard-port",
+            str(free_port()),
+            "--mlflow-port",
+            str(free_port()),
+        ]
         subprocess.run([sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "800",
                         "--samples", "2", "--epochs", "2", "--stop", *ports], check=True,
                        stdout=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})  # fmt: skip
