@@ -259,3 +259,20 @@ def s3_client(endpoints: Endpoints) -> Any:
         or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
     )
+
+
+def mlflow_experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing.
+
+    With a local SQLite store (the workspace default, no server) MLflow would put the
+    experiment's artifacts in `./mlruns` under whatever directory the command ran in;
+    they go next to the database instead. A server decides its own artifact root.
+    """
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        database = Path(client.tracking_uri[len("sqlite:///") :])
+        location = (database.parent / "mlflow-artifacts").absolute().as_uri()
+    return client.create_experiment(name, artifact_location=location)

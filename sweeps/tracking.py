@@ -7,11 +7,14 @@ queues what the server refused so it is sent once the server answers again.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Any
 
 from ray.tune import Callback
+
+from cluster.endpoints import mlflow_experiment_id as experiment_id
 
 SWEEP_TAG = "chestxpert.sweep"
 TRIAL_TAG = "chestxpert.trial_id"
@@ -29,12 +32,6 @@ def _client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
-
-
-def experiment_id(client, name: str) -> str:
-    """The id of MLflow experiment `name`, created if missing."""
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
 
 
 def find_run(client, experiment: str, tags: dict[str, str]):
@@ -85,11 +82,27 @@ def ended_reason(last_epoch: int, max_epochs: int, errored: bool) -> str:
     return f"stopped by ASHA at epoch {last_epoch}"
 
 
+def trial_run(
+    client, experiment: str, sweep: str, parent_run_id: str, trial_id: str, config: dict
+) -> str:
+    """The id of trial `trial_id`'s MLflow run, nested under the sweep's parent run; created (with the
+    trial's config as params) when no run of this sweep carries the trial's tag yet."""
+    existing = find_run(client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    if existing is not None:
+        return existing.info.run_id
+    run = client.create_run(experiment, run_name=f"{sweep}-{trial_id}", tags={
+        PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, "chestxpert.role": "trial"})  # fmt: skip
+    _log_params(client, run.info.run_id, config)
+    return run.info.run_id
+
+
 class NestedMlflowCallback(Callback):
     """Tune callback: a nested MLflow run per trial, its config as params, metrics per epoch (step = epoch).
 
-    Calls the server refuses are queued and retried (at most every RETRY_SECONDS)
-    on later events and at the end; while the server is away the sweep goes on.
+    Tune's events only queue the calls; a background thread sends them, so a slow
+    or absent server never holds up the driver's event loop (and the trials'
+    reports). What the server refuses stays queued and is retried every
+    RETRY_SECONDS; while the server is away the sweep goes on.
     """
 
     RETRY_SECONDS = 30.0
@@ -106,9 +119,20 @@ class NestedMlflowCallback(Callback):
         self.run_ids: dict[str, str] = {}
         self.ended: set[str] = set()
         self.warned = False
-        self.retry_at = 0.0
         self._exp: str | None = None
         self._mlflow = None
+        self._sender: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune saves its callbacks with the experiment state: no client, thread or events.
+        state = {**self.__dict__, "pending": deque(self.pending), "_mlflow": None, "_sender": None}
+        del state["_wake"], state["_closing"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _wake=threading.Event(), _closing=threading.Event())
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -118,57 +142,52 @@ class NestedMlflowCallback(Callback):
             self._mlflow = _client(self.tracking_uri)
         return self._mlflow
 
-    def _run_for(self, trial) -> str:
-        trial_id = trial.trial_id
+    def _run_for(self, trial_id: str, config: dict) -> str:
         if trial_id not in self.run_ids:
             if self._exp is None:
                 self._exp = experiment_id(self.client, self.experiment)
-            existing = find_run(
-                self.client, self._exp, {SWEEP_TAG: self.sweep, TRIAL_TAG: trial_id}
+            self.run_ids[trial_id] = trial_run(
+                self.client, self._exp, self.sweep, self.parent_run_id, trial_id, config
             )
-            if existing is not None:
-                self.run_ids[trial_id] = existing.info.run_id
-            else:
-                run = self.client.create_run(
-                    self._exp, run_name=f"{self.sweep}-{trial_id}",
-                    tags={PARENT_TAG: self.parent_run_id, SWEEP_TAG: self.sweep, TRIAL_TAG: trial_id,
-                          "chestxpert.role": "trial"},
-                )  # fmt: skip
-                self.run_ids[trial_id] = run.info.run_id
-                _log_params(self.client, run.info.run_id, trial.config)
         return self.run_ids[trial_id]
 
     def _do(self, action: str, args: tuple) -> None:
         if action == "metrics":
-            trial, metrics, step, stamp = args
+            trial_id, config, metrics, step, stamp = args
             from mlflow.entities import Metric
 
             batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-            self.client.log_batch(self._run_for(trial), metrics=batch)
+            self.client.log_batch(self._run_for(trial_id, config), metrics=batch)
         elif action == "end":
-            trial, reason, status = args
-            run_id = self._run_for(trial)
+            trial_id, config, reason, status = args
+            run_id = self._run_for(trial_id, config)
             self.client.set_tag(run_id, ENDED_TAG, reason)
             self.client.set_terminated(run_id, status=status)
 
     def _submit(self, action: str, args: tuple) -> None:
         self.pending.append((action, args))
-        self.flush()
+        if self._sender is None:
+            self._sender = threading.Thread(
+                target=self._send_loop, name="mlflow-sender", daemon=True
+            )
+            self._sender.start()
+        self._wake.set()
 
-    def flush(self, force: bool = False) -> bool:
-        """Send what is queued, oldest first; stop at the first refusal. True when the queue is empty.
+    def _send_loop(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            while not self.flush():  # refused: try again later, or stop when the sweep ends
+                if self._closing.wait(self.RETRY_SECONDS):
+                    return
 
-        After a refusal the next attempt waits RETRY_SECONDS, so an absent server
-        costs one short timeout per interval rather than one per result.
-        """
-        if self.pending and not force and time.monotonic() < self.retry_at:
-            return False
+    def flush(self) -> bool:
+        """Send what is queued, oldest first; stop at the first refusal. True when the queue is empty."""
         while self.pending:
             action, args = self.pending[0]
             try:
                 self._do(action, args)
             except Exception as err:
-                self.retry_at = time.monotonic() + self.RETRY_SECONDS
                 if not self.warned:
                     print(f"MLflow at {self.tracking_uri} did not answer ({type(err).__name__}); "
                           "queueing metrics and retrying (or run `chestxpert sweep mlflow-sync`)", flush=True)  # fmt: skip
@@ -186,7 +205,7 @@ class NestedMlflowCallback(Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         metrics = {k: v for k, v in result.items() if _is_metric(k, v)}
         stamp = int(float(result.get("timestamp", time.time())) * 1000)
-        self._submit("metrics", (trial, metrics, epoch, stamp))
+        self._submit("metrics", (trial.trial_id, dict(trial.config), metrics, epoch, stamp))
 
     def _end(self, trial, errored: bool) -> None:
         # last_result survives a driver restart (this callback's own memory does not)
@@ -194,7 +213,7 @@ class NestedMlflowCallback(Callback):
         reason = ended_reason(epoch, self.max_epochs, errored=errored)
         status = "FAILED" if errored else ("FINISHED" if reason == "completed" else "KILLED")
         self.ended.add(trial.trial_id)
-        self._submit("end", (trial, reason, status))
+        self._submit("end", (trial.trial_id, dict(trial.config), reason, status))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial, errored=False)
@@ -207,10 +226,21 @@ class NestedMlflowCallback(Callback):
         for trial in trials:
             if trial.trial_id not in self.ended and trial.last_result:
                 self._end(trial, errored=trial.status == "ERROR")
-        for _ in range(5):
-            if self.flush(force=True):
+        self.close()
+
+    def close(self, attempts: int = 5, pause: float = 2.0) -> None:
+        """Stop the sender once it has sent what it can, then make a few last attempts here."""
+        self._closing.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
+        self._closing.clear()  # a later event starts a new sender
+        for attempt in range(attempts):
+            if self.flush():
                 return
-            time.sleep(2)
+            if attempt + 1 < attempts:
+                time.sleep(pause)
         print(
             f"{len(self.pending)} MLflow call(s) could not be sent; run `chestxpert sweep mlflow-sync {self.sweep}`"
         )
@@ -231,15 +261,9 @@ def sync_trial(client, experiment: str, sweep: str, parent_run_id: str, trial_id
     """Make one trial's MLflow run hold every result from storage; return how many metric values were added."""
     from mlflow.entities import Metric
 
-    exp = experiment_id(client, experiment)
-    existing = find_run(client, exp, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
-    if existing is None:
-        run = client.create_run(exp, run_name=f"{sweep}-{trial_id}", tags={
-            PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, "chestxpert.role": "trial"})  # fmt: skip
-        run_id = run.info.run_id
-        _log_params(client, run_id, config)
-    else:
-        run_id = existing.info.run_id
+    run_id = trial_run(
+        client, experiment_id(client, experiment), sweep, parent_run_id, trial_id, config
+    )
     have: dict[str, set[int]] = {}
     added = []
     for result in results:

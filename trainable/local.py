@@ -96,11 +96,11 @@ class _MlflowRun:
             import mlflow
 
             self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(experiment)
+            from cluster.endpoints import mlflow_experiment_id
+
+            self.run = self.client.create_run(
+                mlflow_experiment_id(self.client, experiment), run_name=f"train-{config.backbone}"
             )
-            self.run = self.client.create_run(experiment_id, run_name=f"train-{config.backbone}")
             for key, value in config.to_dict().items():
                 self.client.log_param(self.run.info.run_id, key, value)
         except Exception as err:

@@ -1,0 +1,119 @@
+"""The sweep's MLflow callback never holds up Tune's event loop, and keeps what a server refuses.
+
+The end-to-end behaviour (nested runs on a real MLflow server, an outage mid-sweep,
+`mlflow-sync`) is in test_sweeps.py; this checks the callback's threading against a
+server that accepts connections and never answers, as a hung MLflow does.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from types import SimpleNamespace
+
+from sweeps.tracking import NestedMlflowCallback, ended_reason
+
+
+class HungServer:
+    """A TCP server on 127.0.0.1 that accepts connections and answers nothing until released."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connected = threading.Event()
+        self.released = threading.Event()
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.released.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            self.connected.set()
+
+    def release(self) -> None:
+        """Drop every connection (the client sees a reset) and stop listening."""
+        self.released.set()
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for connection in self.connections:
+            connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+
+def test_results_are_queued_while_a_hung_server_holds_the_sender(capsys) -> None:
+    server = HungServer()
+    callback = NestedMlflowCallback(
+        f"http://127.0.0.1:{server.port}", "exp", "sweep", "parent", max_epochs=3
+    )
+    trial = SimpleNamespace(
+        trial_id="t1", config={"learning_rate": 0.001}, last_result={"epoch": 1}
+    )
+    try:
+        callback.on_trial_result(1, [], trial, {"epoch": 1, "val_auc_macro": 0.7, "node_id": "n"})
+        # The event returned; the sender is now inside a request the server never answers.
+        assert server.connected.wait(30), "the sender never reached the server"
+        callback.on_trial_result(2, [], trial, {"epoch": 2, "val_auc_macro": 0.8})
+        assert len(callback.pending) == 2, (
+            "nothing can have been sent to a server that answers nothing"
+        )
+    finally:
+        server.release()
+    callback.close(attempts=1)
+    output = capsys.readouterr().out
+    assert "did not answer" in output
+    assert "2 MLflow call(s) could not be sent; run `chestxpert sweep mlflow-sync sweep`" in output
+    action, (trial_id, config, metrics, step, _) = callback.pending[0]
+    assert (action, trial_id, step, metrics) == (
+        "metrics",
+        "t1",
+        1,
+        {"epoch": 1, "val_auc_macro": 0.7},
+    )
+    assert config == {"learning_rate": 0.001}
+
+
+def test_the_callback_pickles_with_its_queue_but_not_its_thread() -> None:
+    import pickle
+
+    server = HungServer()
+    callback = NestedMlflowCallback(f"http://127.0.0.1:{server.port}", "exp", "sweep", "p", 3)
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={"epoch": 3})
+    try:
+        callback.on_trial_complete(3, [], trial)
+        assert server.connected.wait(30)
+        copy = pickle.loads(pickle.dumps(callback))
+    finally:
+        server.release()
+        callback.close(attempts=1)
+    assert copy._sender is None and list(copy.pending) == [
+        ("end", ("t1", {}, "completed", "FINISHED"))
+    ]
+
+
+def test_how_a_trial_ended_reads_as_users_expect() -> None:
+    assert ended_reason(3, 3, errored=False) == "completed"
+    assert ended_reason(1, 3, errored=False) == "stopped by ASHA at epoch 1"
+    assert ended_reason(2, 3, errored=True) == "errored"
+
+
+def test_a_local_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch) -> None:
+    import mlflow
+
+    from cluster.endpoints import mlflow_experiment_id
+
+    monkeypatch.chdir(tmp_path)
+    database = tmp_path / "ws" / "mlflow.db"
+    database.parent.mkdir()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{database}")
+    experiment = mlflow_experiment_id(client, "local")
+    assert mlflow_experiment_id(client, "local") == experiment
+    run = client.create_run(experiment)
+    (tmp_path / "note.txt").write_text("report")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    assert not (tmp_path / "mlruns").exists(), "artifacts landed in the working directory"
+    stored = list((tmp_path / "ws" / "mlflow-artifacts").rglob("note.txt"))
+    assert len(stored) == 1 and stored[0].read_text() == "report"
