@@ -49,7 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"spec": spec.to_plain_dict(), "param_space": {k: str(v) for k, v in spec.param_space().items()},
                           "ray_address": endpoints.ray_address, "storage": f"{endpoints.storage_uri}/{spec.name}",
-                          "mlflow": endpoints.mlflow_tracking_uri}, indent=2, default=str))  # fmt: skip
+                          "mlflow": endpoints.mlflow_tracking_uri,
+                          "tpe_startup_trials": spec.search.tpe_startup_trials()}, indent=2, default=str))  # fmt: skip
         return 0
     summary = run_sweep(spec, endpoints)
     print(format_summary(summary), end="")

@@ -18,6 +18,7 @@ from cluster.endpoints import (
     Endpoints,
     apply_client_environment,
     client_environment,
+    prepare_ray_environment,
     storage_filesystem,
 )
 from cluster.errors import UserError
@@ -96,12 +97,14 @@ def worker_environment(endpoints: Endpoints) -> dict[str, str]:
 
 def connect(endpoints: Endpoints) -> dict[str, str]:
     """Connect this driver to Ray (the resolved address, else an in-process local Ray); return what it found."""
+    # Token auth and the token's path, for callers that did not come through the CLI
+    # (which sets them first thing); a no-op when they are already set.
+    prepare_ray_environment(endpoints.workspace)
     apply_client_environment(endpoints)
     if endpoints.ray_address is None:
         from cluster.stack import ensure_ray_token, ray_temp_dir
 
-        # An in-process Ray creates its cluster with the workspace token, where
-        # prepare_ray_environment already pointed RAY_AUTH_TOKEN_PATH.
+        # An in-process Ray creates its cluster with the token RAY_AUTH_TOKEN_PATH names.
         ensure_ray_token(endpoints.workspace)
     import ray
     from ray.tune.execution import class_cache
@@ -145,7 +148,12 @@ def _tuner_parts(
     trainable = tune.with_resources(train, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
     # Optuna needs something to search; a spec without a space just repeats one config.
     if spec.search.algorithm == "optuna" and spec.space:
-        searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search.seed,
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(
+            seed=spec.search.seed, n_startup_trials=spec.search.tpe_startup_trials()
+        )
+        searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=sampler,
                                 points_to_evaluate=spec.search.points_to_evaluate or None)  # fmt: skip
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
     else:

@@ -103,7 +103,8 @@ class Resources(_Section):
 
 class Search(_Section):
     """How configurations are picked (Optuna TPE or random), how many trials, how many at once,
-    and an optional wall-clock budget in seconds."""
+    and an optional wall-clock budget in seconds. TPE draws `startup_trials` configurations at
+    random before it models the results (None: a third of num_samples, at most Optuna's 10)."""
 
     algorithm: Literal["optuna", "random"] = "optuna"
     sampler: Literal["tpe"] = "tpe"
@@ -112,6 +113,14 @@ class Search(_Section):
     max_concurrent: int = Field(4, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    startup_trials: int | None = Field(None, ge=1)
+
+    def tpe_startup_trials(self) -> int:
+        """Random trials before TPE models: with Optuna's fixed 10, a sweep of 10 trials or
+        fewer would be random search under another name."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(1, min(10, self.num_samples // 3))
 
 
 class Scheduler(_Section):

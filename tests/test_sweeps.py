@@ -288,3 +288,37 @@ def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
         assert epochs == sorted(epochs), f"epochs went backwards beyond the checkpoint: {epochs}"
     finally:
         stop_cluster(records)
+
+
+def test_a_python_caller_gets_a_token_protected_in_process_ray(tmp_path: Path) -> None:
+    """`connect` from a script (no CLI, no RAY_* variables, no ~/.ray/auth_token) starts an
+    in-process Ray with token auth on and the workspace's token, then shuts it down clean."""
+    ws = short_tmpdir("cxpy")
+    code = (
+        "import os, sys\n"
+        "from cluster.endpoints import resolve\n"
+        "from sweeps.run import connect\n"
+        "info = connect(resolve(workspace=sys.argv[1], environ={}))\n"
+        "import ray\n"
+        "print(os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN_PATH'], ray.cluster_resources()['CPU'])\n"
+        "ray.shutdown()\n"
+    )
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("RAY_", "CHESTXPERT_", "MLFLOW_", "AWS_"))}  # fmt: skip
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code, str(ws)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    mode, token_path, cpus = result.stdout.split()[-3:]
+    assert (mode, token_path) == ("token", str(ws / "ray_auth_token"))
+    assert float(cpus) >= 1
+    assert (ws / "ray_auth_token").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / ".ray").exists(), "Ray's default token file must not be created"
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(ws) in cmdline.read_text(errors="replace"):
+                leftovers.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert not leftovers, f"processes of the in-process Ray still running: {leftovers}"
