@@ -205,6 +205,9 @@ def test_trainable_runs_as_a_ray_tune_trial(
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["error"] == "None" and summary["epoch"] == 2 and summary["iters"] == 2
     checkpoint = Path(summary["checkpoint"])
-    assert (checkpoint / "model.keras").exists() and json.loads(
-        (checkpoint / "state.json").read_text()
-    )["epoch"] == 2
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert (checkpoint / "model.keras").exists() and state["epoch"] == 2
+    # Ray does not size TF's thread pools: the trial did, from its 1-CPU allocation.
+    assert state["runtime"]["cpus"] == 1 and state["runtime"]["intra_op_threads"] == 1
+    # Our nodes start workers at nice 0, not Ray's 15 (see cluster.stack.ray_node_env).
+    assert state["runtime"]["niceness"] == 0

@@ -51,7 +51,7 @@ class TrialConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # auto (on with a GPU) | off | mixed_float16 | bfloat16
     xla: bool = False
-    cpus: int = 0  # TF threads; 0 = the trial's Ray allocation or all cores
+    cpus: int = 0  # TF threads; 0 = the Ray trial's or task's CPU allocation, else all cores
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)
 

@@ -49,7 +49,7 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
         tf.config.threading.set_intra_op_parallelism_threads(cpus)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, cpus))
     except RuntimeError:
-        pass  # the runtime is already up (a reused process): keep its pools
+        pass  # the runtime is already up (a second trial in this process): its pools stay
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
@@ -65,22 +65,24 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
     random.seed(config.seed)
     np.random.seed(config.seed)
     keras.utils.set_random_seed(config.seed)
-    return {"cpus": cpus, "gpus": len(gpus), "precision": policy}
+    # What TF runs with, which in a reused process may differ from what was asked (0 = TF's default).
+    return {"cpus": cpus, "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "gpus": len(gpus), "precision": policy, "niceness": os.nice(0)}  # fmt: skip
 
 
 def _trial_cpus(config: TrialConfig) -> int:
+    """Threads for TensorFlow: the config's `cpus`, else the CPUs Ray gave this trial or task
+    (Ray does not limit TF's pools itself), else every core of this machine."""
     if config.cpus:
         return config.cpus
-    if "ray" in sys.modules:  # only a Tune trial has an allocation to read
-        try:
-            from ray import tune
+    if "ray" in sys.modules:
+        import ray
 
-            resources = tune.get_context().get_trial_resources()
-            cpus = resources.required_resources.get("CPU") if resources else None
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
             if cpus:
                 return max(1, int(cpus))
-        except Exception:
-            pass
     return os.cpu_count() or 1
 
 
@@ -186,6 +188,10 @@ def run_trial(
     trial_started = time.monotonic()
     # A fresh process (a new Ray trial) also paid for the interpreter and imports.
     paid_before = 0.0 if _PROCESS_HAS_RUN_A_TRIAL else _process_age_seconds()
+    if _PROCESS_HAS_RUN_A_TRIAL:
+        # A process that trains again (a reused Ray worker, a notebook) starts from a clean
+        # Keras state: layer names and seeds as in a fresh process, the last model freed.
+        keras.backend.clear_session(free_memory=True)
     _PROCESS_HAS_RUN_A_TRIAL = True
     runtime = configure_runtime(config, _trial_cpus(config))
     data = _Data(config)
