@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from cluster.demo import DEMO_IMAGE_SIZE, DEMO_IMAGES
 from cluster.errors import UserError
 from cluster.workspace import workspace_path
 
@@ -79,7 +80,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job end to end on the embedded default."""
     from cluster.demo import run_demo
 
-    summary = run_demo(_stack_options(args), args.images, args.samples, args.epochs, args.stop)
+    summary = run_demo(
+        _stack_options(args), args.images, args.samples, args.epochs, args.stop, args.image_size
+    )
     return 0 if summary.get("best_trial_id") else 1
 
 
@@ -139,11 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     _add_stack_flags(demo_parser)
     demo_parser.add_argument(
-        "--images", type=int, default=2000, help="synthetic images (default 2000)"
+        "--images", type=int, default=DEMO_IMAGES, help=f"synthetic images (default {DEMO_IMAGES})"
     )
     demo_parser.add_argument("--samples", type=int, default=4, help="sweep trials (default 4)")
     demo_parser.add_argument(
         "--epochs", type=int, default=3, help="max epochs per trial (default 3)"
+    )
+    demo_parser.add_argument(
+        "--image-size",
+        type=int,
+        default=DEMO_IMAGE_SIZE,
+        help=f"prepared image side in pixels (default {DEMO_IMAGE_SIZE})",
     )
     demo_parser.add_argument("--stop", action="store_true", help="stop the services at the end")
     demo_parser.set_defaults(func=cmd_demo)

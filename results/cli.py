@@ -22,7 +22,7 @@ def cmd_final(args: argparse.Namespace) -> int:
     opts = FinalOptions(
         epochs=args.epochs, train_on=args.train_on, threshold_method="sensitivity" if args.target_sensitivity else "youden",
         target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, gradcam_layer=args.gradcam_layer,
-        on_cluster=False if args.local else None,
+        on_cluster=False if args.local else None, cpus=args.cpus, gpus=args.gpus,
     )  # fmt: skip
     metrics = run_final(args.name, opts, _endpoints(args))
     ev = metrics["evaluation"]
@@ -79,13 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--bootstrap", type=int, default=1000, help="patient bootstrap resamples for the CIs"
     )
     final.add_argument("--gradcam-layer", default=None, help="layer to explain (default: last conv layer, or "
-                       "the deepest one with a map of at least 4×4)")  # fmt: skip
+                       "the deepest one with a map of at least 7×7)")  # fmt: skip
     final.add_argument(
         "--address", default=None, help="Ray address to retrain on (default: local stack if up)"
     )
     final.add_argument(
         "--local", action="store_true", help="retrain in this process even if a cluster is up"
     )
+    final.add_argument("--cpus", type=float, default=None,
+                       help="CPUs for the retrain task (default: the sweep's per-trial CPUs)")  # fmt: skip
+    final.add_argument("--gpus", type=float, default=None,
+                       help="GPUs for the retrain task (default: the sweep's per-trial GPUs)")  # fmt: skip
     _flags(final)
     final.set_defaults(func=cmd_final)
 

@@ -17,7 +17,10 @@ import numpy as np
 from cluster.endpoints import Endpoints
 from cluster.errors import UserError
 
-MIN_GRADCAM_MAP = 4  # below 4×4 a heatmap cannot point anywhere useful
+# DenseNet121's last map is 7×7 at the 224 px it was designed for; at 128 px it is 4×4 and
+# points at little (measured on the demo: pointing game 0.20 for Atelectasis against 0.77 on
+# the 8×8 map one dense block earlier). Smaller last maps step back to the deepest ≥ 7×7 one.
+MIN_GRADCAM_MAP = 7
 
 
 class FinalError(UserError, RuntimeError):
@@ -36,30 +39,17 @@ class FinalOptions:
     gradcam_layer: str | None = None
     examples_per_label: int = 3
     on_cluster: bool | None = None  # None: on the cluster when a Ray address is known
+    cpus: float | None = None  # the retrain task's resources; None: the sweep's per trial
+    gpus: float | None = None
 
 
 def _upload_folder(fs, local: Path, remote: str) -> None:
-    fs.create_dir(remote, recursive=True)
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            target = f"{remote}/{path.relative_to(local).as_posix()}"
-            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            with path.open("rb") as source, fs.open_output_stream(target) as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
-
-
-def _download_folder(fs, remote: str, local: Path) -> Path:
     import pyarrow.fs as pafs
 
-    local.mkdir(parents=True, exist_ok=True)
-    for info in fs.get_file_info(pafs.FileSelector(remote, recursive=True)):
-        if info.type != pafs.FileType.File or info.path.endswith("/"):
-            continue
-        target = local / info.path[len(remote) :].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as source, target.open("wb") as sink:
-            shutil.copyfileobj(source, sink, 1 << 20)
-    return local
+    fs.create_dir(remote, recursive=True)
+    pafs.copy_files(
+        str(local), remote, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def retrain(config: dict[str, Any], fs, remote_model_dir: str) -> dict[str, float]:
@@ -95,7 +85,8 @@ def _gradcam_layer(model, preferred: str, chosen: str | None) -> tuple[str, str 
         shape = layer.output.shape
         if len(shape) == 4 and shape[1] and shape[1] >= MIN_GRADCAM_MAP and "relu" in layer.name:
             note = (f"Grad-CAM uses layer {layer.name} ({shape[1]}×{shape[2]}): the last convolutional layer "
-                    f"{preferred} is only {side}×{side} at this image size; at 224 px it is 7×7.")  # fmt: skip
+                    f"{preferred} is only {side}×{side} at this image size (7×7 at 224 px); "
+                    f"`--gradcam-layer` chooses another.")  # fmt: skip
             return layer.name, note
     return (
         preferred,
@@ -160,16 +151,29 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
 
             connect(endpoints)
             resources = raw.get("resources", {})
-            task = ray.remote(num_cpus=resources.get("cpus", 1), num_gpus=resources.get("gpus", 0))(
-                retrain
-            )
+            cpus = opts.cpus if opts.cpus is not None else resources.get("cpus", 1)
+            gpus = opts.gpus if opts.gpus is not None else resources.get("gpus", 0)
+            nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+            if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+                ray.shutdown()
+                largest = ", ".join(
+                    f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes
+                )
+                raise FinalError(f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
+                                 f"(nodes: {largest or 'none'}); pass --cpus/--gpus that fit, or --local")  # fmt: skip
+            # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
+            task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
             try:
                 train_metrics = ray.get(task.remote(config, location.fs, remote_model))
             finally:
                 ray.shutdown()
         else:
             train_metrics = retrain(config, location.fs, remote_model)
-        model_dir = _download_folder(location.fs, remote_model, work / "model")
+        from results.pull import download_folder
+
+        # checksum-verified: the model evaluated is the model published
+        model_dir = download_folder(location.fs, remote_model, f"{location.uri}/final/model", work,
+                                    progress=False)  # fmt: skip
         metrics = evaluate_model(model_dir, config, raw, opts, endpoints, work / "report", name)
         metrics["final_training"] = train_metrics
         _publish(location, model_dir, work / "report", metrics)

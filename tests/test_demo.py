@@ -25,7 +25,7 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
     ]
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "300", "--samples", "2",
-         "--epochs", "2", "--stop", *ports],
+         "--epochs", "2", "--image-size", "64", "--stop", *ports],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -351,3 +351,20 @@ def test_overlay_draws_the_heatmap_the_box_and_the_title():
     titled = np.asarray(overlay(image, heatmap, title="Mass p=0.91"))
     assert np.any(titled[:8, :40] != plain[:8, :40])
     np.testing.assert_array_equal(titled[SIZE // 2 :], plain[SIZE // 2 :])
+
+
+@pytest.mark.parametrize(
+    ("size", "layer", "side"), [(224, "relu", 7), (128, "pool4_relu", 8), (64, "pool3_relu", 8)]
+)
+def test_the_report_explains_densenet121s_deepest_map_of_at_least_7x7(size, layer, side):
+    from results.final import _gradcam_layer
+
+    model = build_model("densenet121", size, 14)
+    chosen, note = _gradcam_layer(model, get_backbone("densenet121").last_conv_layer, None)
+    assert chosen == layer and model.get_layer(chosen).output.shape[1:3] == (side, side)
+    assert (note is None) == (layer == "relu")
+    if note:
+        assert f"{layer} ({side}×{side})" in note and "--gradcam-layer" in note
+    assert _gradcam_layer(model, "relu", "pool3_relu") == ("pool3_relu", None)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        _gradcam_layer(model, "relu", "no_such_layer")

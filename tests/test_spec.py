@@ -95,10 +95,10 @@ def test_the_cpu_demo_is_sized_for_two_cores(monkeypatch, tmp_path: Path) -> Non
     spec = load_spec(EXAMPLES[0].parent / "demo-cpu.yaml")
     # a relative dataset is made absolute against the directory the spec is read in,
     # because trials run in other working directories
-    assert spec.dataset == str(tmp_path / ".chestxpert" / "data" / "synth-64")
+    assert spec.dataset == str(tmp_path / ".chestxpert" / "data" / "synth-128")
     assert spec.trial == {
         "backbone": "densenet121",
-        "image_size": 64,
+        "image_size": 128,
         "epochs": 3,
         "batch_size": 16,
     }
@@ -194,6 +194,36 @@ def test_a_bad_override_is_named_as_an_override() -> None:
     problems = problems_of(HEADER, **{"search.num_samples": 0})
     assert problems == ["sweep.yaml (override search.num_samples): search.num_samples must be "
                         "greater than 0 (got 0)"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("samples", "given", "expected"), [(4, None, 1), (12, None, 4), (60, None, 10), (12, 2, 2)]
+)
+def test_tpe_models_after_a_third_of_a_small_sweep_unless_told(samples, given, expected) -> None:
+    extra = f"search:\n  num_samples: {samples}\n" + (
+        f"  startup_trials: {given}\n" if given else ""
+    )
+    assert parse_spec(HEADER + extra).search.tpe_startup_trials() == expected
+
+
+def test_the_sweep_gives_optuna_a_seeded_tpe_sampler_with_those_startup_trials(
+    tmp_path: Path,
+) -> None:
+    from cluster.endpoints import resolve
+    from sweeps.run import _tuner_parts, locate
+
+    spec = parse_spec(HEADER + "search:\n  num_samples: 12\n  seed: 3\nspace:\n"
+                      "  learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n")  # fmt: skip
+    endpoints = resolve(workspace=tmp_path, storage=str(tmp_path / "storage"), environ={})
+    _, tune_config, _ = _tuner_parts(spec, endpoints, locate(endpoints, spec.name), "parent-run")
+    sampler = tune_config.search_alg.searcher._sampler
+    assert type(sampler).__name__ == "TPESampler"
+    assert sampler._n_startup_trials == 4
+    first = [sampler._random_sampler._rng.rng.random() for _ in range(3)]
+    again = _tuner_parts(spec, endpoints, locate(endpoints, spec.name), "parent-run")[1]
+    assert [
+        again.search_alg.searcher._sampler._random_sampler._rng.rng.random() for _ in range(3)
+    ] == first
 
 
 # --- mistakes, each at its line with a suggestion -----------------------------------------
