@@ -7,6 +7,7 @@ are printed with their ratio, never asserted.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,13 +33,16 @@ def bench_mlflow_job_runner() -> None:
     results = {}
     for label, job_runner in (("job runner off (ours)", False), ("job runner on (default)", True)):
         ws = short_tmpdir("cxb")
-        started = time.monotonic()
-        opts = StackOptions(workspace=ws, mlflow_port=free_port())
-        record = start_mlflow(opts, (ws / "s").as_uri(), job_runner=job_runner)
-        seconds = time.monotonic() - started
-        time.sleep(5)  # let worker processes settle before measuring memory
-        rss = _session_rss_mb(record["pid"])
-        stop_group(record["pid"], record["start_time"])
+        try:
+            started = time.monotonic()
+            opts = StackOptions(workspace=ws, mlflow_port=free_port())
+            record = start_mlflow(opts, (ws / "s").as_uri(), job_runner=job_runner)
+            seconds = time.monotonic() - started
+            time.sleep(5)  # let worker processes settle before measuring memory
+            rss = _session_rss_mb(record["pid"])
+            stop_group(record["pid"], record["start_time"])
+        finally:
+            shutil.rmtree(ws, ignore_errors=True)
         results[label] = (seconds, rss)
         print(f"  mlflow {label:24s} start {seconds:5.1f} s   RSS {rss:7.0f} MB", flush=True)
     ours, default = results["job runner off (ours)"], results["job runner on (default)"]
@@ -50,14 +54,19 @@ def bench_mlflow_job_runner() -> None:
 def bench_s3_startup() -> None:
     """The in-memory S3 endpoint's start-up (with bucket creation) versus MLflow's, for scale."""
     ws = short_tmpdir("cxb")
-    started = time.monotonic()
-    record = start_s3(StackOptions(workspace=ws, s3_port=free_port()))
-    s3_seconds = time.monotonic() - started
-    stop_group(record["pid"], record["start_time"])
-    started = time.monotonic()
-    record = start_mlflow(StackOptions(workspace=ws, mlflow_port=free_port()), (ws / "s").as_uri())
-    mlflow_seconds = time.monotonic() - started
-    stop_group(record["pid"], record["start_time"])
+    try:
+        started = time.monotonic()
+        record = start_s3(StackOptions(workspace=ws, s3_port=free_port()))
+        s3_seconds = time.monotonic() - started
+        stop_group(record["pid"], record["start_time"])
+        started = time.monotonic()
+        record = start_mlflow(
+            StackOptions(workspace=ws, mlflow_port=free_port()), (ws / "s").as_uri()
+        )
+        mlflow_seconds = time.monotonic() - started
+        stop_group(record["pid"], record["start_time"])
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
     print(
         f"  s3 endpoint {s3_seconds:.1f} s, mlflow {mlflow_seconds:.1f} s, ratio {mlflow_seconds / s3_seconds:.1f}x"
     )
@@ -570,7 +579,10 @@ def bench_asha_vs_random_full_length() -> None:
     work = short_tmpdir("cxb")  # the workspace's Ray folder must stay short
     try:
         generate(work / "raw", images=ASHA_IMAGES, size=64, seed=0, progress=False)
-        opts = PrepareOptions(source="nih", image_size=64, progress=False)
+        # A third of the patients for validation: every trial's metric comes from it, and a
+        # 0.01 AUC target needs a few hundred images (the test split is not used here).
+        opts = PrepareOptions(source="nih", image_size=64, val_fraction=0.3, test_fraction=0.05,
+                              progress=False)  # fmt: skip
         endpoints = resolve(workspace=work / "ws", environ={})
         manifest = prepare(str(work / "raw"), str(work / "prepared"), opts, endpoints)
         scheduler = f"{{type: asha, max_t: {ASHA_EPOCHS}, grace_period: 1, reduction_factor: 3}}"
