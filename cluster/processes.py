@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -76,11 +77,25 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+# Below Linux's ephemeral range (32768-60999), from which outgoing connections take their
+# local ports: a port handed out by asking the kernel for port 0 can be taken by some
+# client's connection before the service binds it (seen: Ray's client server dying with
+# "Failed to bind"). Ray's worker ports are 20000-29999 (cluster.stack).
+FREE_PORTS = range(10000, 20000)
+_port_rng = random.SystemRandom()  # trials seed the global random module; ports must not repeat
+
+
 def free_port() -> int:
-    """Return a TCP port that is free on this machine right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port free on every interface right now, outside the ephemeral range."""
+    for _ in range(500):
+        port = _port_rng.choice(FREE_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))  # bound, never listened on; closed at once
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port between {FREE_PORTS.start} and {FREE_PORTS.stop - 1}")
 
 
 def spawn(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:

@@ -342,3 +342,15 @@ def test_local_storage_paths_with_spaces_round_trip(tmp_path: Path) -> None:
     fs, path = endpoints.storage_filesystem(result)
     assert path == str(folder)
     assert endpoints.normalize_storage_uri(result.storage_uri) == result.storage_uri
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_free_on_every_interface() -> None:
+    from cluster.processes import FREE_PORTS
+
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {free_port() for _ in range(50)}
+    assert len(ports) > 40, "ports must not repeat from one call to the next"
+    for port in ports:
+        assert port in FREE_PORTS and not low <= port <= high
+        with socket.socket() as server:
+            server.bind(("0.0.0.0", port))  # free on every interface, not just loopback
