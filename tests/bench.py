@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cluster.processes import free_port, session_members, stop_group
 from cluster.stack import StackOptions, start_mlflow, start_s3
-from tests.conftest import short_tmpdir
+from tests.conftest import short_tmpdir, stack_port_flags
 
 
 def _session_rss_mb(sid: int) -> float:
@@ -305,7 +305,6 @@ def _tune_trial(spec: dict) -> None:
 
 def bench_tune_trial_vs_bare_fit() -> None:
     """densenet_tiny at 64 px: epoch seconds in a Ray Tune trial (report, checkpoint, MLflow) versus a bare model.fit."""
-    import shutil
     import statistics
     import tempfile
 
@@ -570,7 +569,6 @@ def _two_sweeps(spec: dict) -> None:
 
 def bench_asha_vs_random_full_length() -> None:
     """densenet_tiny sweep at 64 px: Optuna + ASHA versus random search with every trial at full length."""
-    import shutil
 
     from cluster.endpoints import resolve
     from datasets.prepare import PrepareOptions, prepare
@@ -725,7 +723,6 @@ def _driver_fits(spec: dict) -> None:
 
 def bench_driver_overhead() -> None:
     """Instant trials on an in-process Ray: the sweep driver with NestedMlflowCallback to an MLflow server versus without."""
-    import shutil
 
     ws = short_tmpdir("cxb")  # Ray's socket paths must stay short
     record = None
@@ -780,8 +777,6 @@ def bench_demo_report() -> None:
     import subprocess
     import sys
 
-    from cluster.processes import free_port
-
     reports = sorted(
         Path(".chestxpert/reports").glob("demo-*/metrics.json"), key=lambda p: p.stat().st_mtime
     )
@@ -789,14 +784,7 @@ def bench_demo_report() -> None:
         source = f"the newest `make demo` report ({reports[-1].parent})"
     else:  # no demo has run here: a scaled-down one in a scratch workspace
         ws = short_tmpdir("cxbd")
-        ports = [
-            "--ray-port",
-            str(free_port()),
-            "--dashboard-port",
-            str(free_port()),
-            "--mlflow-port",
-            str(free_port()),
-        ]
+        ports = stack_port_flags()
         subprocess.run([sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "800",
                         "--samples", "2", "--epochs", "2", "--stop", *ports], check=True,
                        stdout=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})  # fmt: skip

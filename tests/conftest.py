@@ -38,6 +38,13 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def stack_port_flags() -> list[str]:
+    """`chestxpert up`/`demo` flags giving Ray, its dashboard and MLflow free ports, so a
+    stack started by a test or benchmark never meets one already running here."""
+    return ["--ray-port", str(free_port()), "--dashboard-port", str(free_port()),
+            "--mlflow-port", str(free_port())]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RayCluster:
     address: str

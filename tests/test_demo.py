@@ -8,21 +8,14 @@ import sys
 
 import pytest
 
-from cluster.processes import free_port, session_members
-from tests.conftest import REPO, short_tmpdir
+from cluster.processes import session_members
+from tests.conftest import REPO, short_tmpdir, stack_port_flags
 
 
 @pytest.mark.services
 def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
     ws = short_tmpdir("cxd")
-    ports = [
-        "--ray-port",
-        str(free_port()),
-        "--dashboard-port",
-        str(free_port()),
-        "--mlflow-port",
-        str(free_port()),
-    ]
+    ports = stack_port_flags()
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "300", "--samples", "2",
          "--epochs", "2", "--image-size", "64", "--stop", *ports],
