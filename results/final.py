@@ -150,20 +150,19 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             from sweeps.run import connect
 
             connect(endpoints)
-            resources = raw.get("resources", {})
-            cpus = opts.cpus if opts.cpus is not None else resources.get("cpus", 1)
-            gpus = opts.gpus if opts.gpus is not None else resources.get("gpus", 0)
-            nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-            if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
-                ray.shutdown()
-                largest = ", ".join(
-                    f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes
-                )
-                raise FinalError(f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
-                                 f"(nodes: {largest or 'none'}); pass --cpus/--gpus that fit, or --local")  # fmt: skip
-            # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
-            task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
             try:
+                resources = raw.get("resources", {})
+                cpus = opts.cpus if opts.cpus is not None else resources.get("cpus", 1)
+                gpus = opts.gpus if opts.gpus is not None else resources.get("gpus", 0)
+                nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+                if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+                    sizes = ", ".join(
+                        f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes
+                    )
+                    raise FinalError(f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
+                                     f"(nodes: {sizes or 'none'}); pass --cpus/--gpus that fit, or --local")  # fmt: skip
+                # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
+                task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
                 train_metrics = ray.get(task.remote(config, location.fs, remote_model))
             finally:
                 ray.shutdown()
