@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from cluster.workspace import read_state, workspace_path
+from chestxpert.cluster.errors import UserError
+from chestxpert.cluster.workspace import read_state, workspace_path
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -57,19 +58,29 @@ def _first(candidates: list[tuple[str, str | None]]) -> tuple[str | None, str]:
 
 
 def normalize_storage_uri(value: str) -> str:
-    """Return `s3://…` unchanged and turn a local path or `file://` URI into `file:///absolute/path`."""
+    """The one spelling of a storage location: `s3://bucket/prefix` or `file:///absolute/path`.
+
+    Used for every dataset, storage root and model URI, from a flag, a spec or the
+    environment. A local path (or `file://` URI) is made absolute against the current
+    directory, once, because trials run in other directories; symlinks are kept as given.
+    Raises ValueError for a blank value, an `s3://` URI without a bucket, or another scheme.
+    """
+    if not value or not value.strip():
+        raise ValueError("is blank; give a local folder or an s3://bucket/prefix URI")
     parsed = urlparse(value)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ValueError(f"storage URI {value!r} names no bucket; expected s3://BUCKET/PREFIX")
+            raise ValueError(f"{value!r} names no bucket; expected s3://BUCKET/PREFIX")
         return value.rstrip("/")
     if parsed.scheme == "file":
-        return Path(unquote(parsed.path)).resolve().as_uri()
-    if parsed.scheme and len(parsed.scheme) > 1:
+        local = unquote(parsed.path)
+    elif len(parsed.scheme) > 1:  # one letter is a Windows drive
         raise ValueError(
-            f"storage URI {value!r} has scheme {parsed.scheme!r}; expected a local path, file:// or s3://"
+            f"{value!r} has scheme {parsed.scheme!r}; expected a local folder, file:// or s3://"
         )
-    return Path(value).expanduser().resolve().as_uri()
+    else:
+        local = os.path.expanduser(value)
+    return Path(os.path.abspath(local)).as_uri()
 
 
 def resolve(
@@ -123,7 +134,10 @@ def resolve(
     assert mlflow_uri is not None and storage_value is not None
     # The endpoint applies to every s3:// URI (datasets, storage), even when the
     # storage root itself is a local folder.
-    storage_uri = normalize_storage_uri(storage_value)
+    try:
+        storage_uri = normalize_storage_uri(storage_value)
+    except ValueError as err:
+        raise UserError(f"storage URI {err} (from the {storage_src})") from None
 
     # The workspace's Ray token belongs to the workspace's Ray; a cluster named
     # elsewhere brings its own token through Ray's own variables.

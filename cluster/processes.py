@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from cluster.errors import UserError
+from chestxpert.cluster.errors import UserError
 
 
 class ServiceError(UserError, RuntimeError):

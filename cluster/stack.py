@@ -18,8 +18,8 @@ from typing import Any
 
 import requests
 
-from cluster.endpoints import LOCAL_S3_KEY, normalize_storage_uri
-from cluster.processes import (
+from chestxpert.cluster.endpoints import LOCAL_S3_KEY, normalize_storage_uri
+from chestxpert.cluster.processes import (
     ServiceError,
     free_port,
     is_ours,
@@ -29,7 +29,7 @@ from cluster.processes import (
     stop_group,
     wait_until,
 )
-from cluster.workspace import read_state, write_state
+from chestxpert.cluster.workspace import read_state, write_state
 
 LOOPBACK = "127.0.0.1"
 LOCAL_BUCKET = "chestxpert"
@@ -134,13 +134,18 @@ def start_ray_node(
     process on the node, as a real node's environment (credentials, endpoints) would.
     """
     cmd = [
-        _bin("ray"), "start", "--block", "--disable-usage-stats",
-        f"--node-ip-address={host}", f"--temp-dir={temp_dir}",
+        _bin("ray"),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={host}",
+        f"--temp-dir={temp_dir}",
         f"--num-gpus={num_gpus}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
-        f"--min-worker-port={20000}", f"--max-worker-port={29999}",
-    ]  # fmt: skip
+        f"--min-worker-port={20000}",
+        f"--max-worker-port={29999}",
+    ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if object_store_memory is not None:
@@ -218,19 +223,33 @@ def start_ray_head(opts: StackOptions, extra_env: dict[str, str] | None = None) 
     temp_dir = ray_temp_dir(ws)
     log_path = ws / "logs" / "ray-head.log"
     record = start_ray_node(
-        log_path=log_path, token_path=token_path, temp_dir=temp_dir,
-        head_port=opts.ray_port, dashboard_port=opts.dashboard_port,
-        num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, host=opts.host,
-        object_store_memory=opts.object_store_memory, extra_env=extra_env,
-    )  # fmt: skip
+        log_path=log_path,
+        token_path=token_path,
+        temp_dir=temp_dir,
+        head_port=opts.ray_port,
+        dashboard_port=opts.dashboard_port,
+        num_cpus=opts.num_cpus,
+        num_gpus=opts.num_gpus,
+        host=opts.host,
+        object_store_memory=opts.object_store_memory,
+        extra_env=extra_env,
+    )
     address = f"{opts.host}:{opts.ray_port}"
     dashboard = f"http://{opts.host}:{opts.dashboard_port}"
     record.update(
-        address=address, dashboard_url=dashboard, url=dashboard,
-        auth_token_path=str(token_path), temp_dir=str(temp_dir),
-    )  # fmt: skip
-    wait_until("Ray dashboard", lambda: _http_ok(f"{dashboard}/api/gcs_healthz", "success"),
-               record["pid"], log_path, opts.timeout_s)  # fmt: skip
+        address=address,
+        dashboard_url=dashboard,
+        url=dashboard,
+        auth_token_path=str(token_path),
+        temp_dir=str(temp_dir),
+    )
+    wait_until(
+        "Ray dashboard",
+        lambda: _http_ok(f"{dashboard}/api/gcs_healthz", "success"),
+        record["pid"],
+        log_path,
+        opts.timeout_s,
+    )
     try:
         resources = ray_client_check(address, token_path)
     except Exception as err:
@@ -254,11 +273,21 @@ def start_mlflow(
         Path(storage_uri[len("file://") :]).mkdir(parents=True, exist_ok=True)
     url = f"http://{opts.host}:{opts.mlflow_port}"
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{ws / 'mlflow.db'}",
-        "--artifacts-destination", f"{storage_uri}/mlflow-artifacts",
-        "--host", opts.host, "--port", str(opts.mlflow_port), "--workers", "2",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{ws / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"{storage_uri}/mlflow-artifacts",
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.mlflow_port),
+        "--workers",
+        "2",
+    ]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if job_runner else "false"}
     if s3_url:
         env.update(MLFLOW_S3_ENDPOINT_URL=s3_url, AWS_ENDPOINT_URL_S3=s3_url)
@@ -295,9 +324,12 @@ def start_s3(opts: StackOptions) -> dict[str, Any]:
     import boto3
 
     s3 = boto3.client(
-        "s3", endpoint_url=url, region_name="us-east-1",
-        aws_access_key_id=LOCAL_S3_KEY, aws_secret_access_key=LOCAL_S3_KEY,
-    )  # fmt: skip
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=LOCAL_S3_KEY,
+        aws_secret_access_key=LOCAL_S3_KEY,
+    )
     s3.create_bucket(Bucket=LOCAL_BUCKET)
     return record
 
@@ -399,9 +431,16 @@ def health(workspace: Path) -> list[dict[str, Any]]:
             except requests.RequestException as err:
                 detail = f"not answering: {type(err).__name__}"
         rows.append(
-            {"service": name, "url": record["url"], "pid": record["pid"], "alive": alive,
-             "healthy": alive and answering, "detail": detail, "log": record["log"]}
-        )  # fmt: skip
+            {
+                "service": name,
+                "url": record["url"],
+                "pid": record["pid"],
+                "alive": alive,
+                "healthy": alive and answering,
+                "detail": detail,
+                "log": record["log"],
+            }
+        )
     return rows
 
 

@@ -10,8 +10,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from datasets.schema import CHEXPERT_LABELS, IMAGE_COLUMNS, DatasetError, SourceTable
-from datasets.validate import (
+from chestxpert.datasets.schema import CHEXPERT_LABELS, IMAGE_COLUMNS, DatasetError, SourceTable
+from chestxpert.datasets.validate import (
     LabelCsv,
     column_key,
     conform_images,
@@ -30,9 +30,11 @@ KNOWN_VIEWS = ("PA", "AP", "LL", "RL")
 BLANK_VALUE = 0.0
 
 REQUIRED_COLUMNS: dict[str, str] = {
-    "path": "Path", "frontallateral": "Frontal/Lateral", "appa": "AP/PA",
+    "path": "Path",
+    "frontallateral": "Frontal/Lateral",
+    "appa": "AP/PA",
     **{column_key(label): label for label in CHEXPERT_LABELS},
-}  # fmt: skip
+}
 _PATIENT = re.compile(r"^patient\d+$")
 _SEX = {"male": "M", "female": "F", "unknown": None, "": None}
 

@@ -8,12 +8,17 @@ from pathlib import Path
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from datasets.synth import generate
+    from chestxpert.datasets.synth import generate
 
     summary = generate(
-        Path(args.out), images=args.images, size=args.size, seed=args.seed,
-        difficulty=args.difficulty, label_noise=args.label_noise, workers=args.workers,
-    )  # fmt: skip
+        Path(args.out),
+        images=args.images,
+        size=args.size,
+        seed=args.seed,
+        difficulty=args.difficulty,
+        label_noise=args.label_noise,
+        workers=args.workers,
+    )
     print(
         f"wrote {summary['images']} images of {summary['patients']} patients to {args.out} "
         f"in NIH layout ({summary['images_per_second']:.0f} images/s)"
@@ -22,7 +27,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from datasets import download
+    from chestxpert.datasets import download
 
     if args.dataset == "nih-sample":
         root = download.download_nih_sample(
@@ -37,15 +42,22 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from cluster.endpoints import resolve
-    from datasets.prepare import PrepareOptions, prepare
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.datasets.prepare import PrepareOptions, prepare
 
     opts = PrepareOptions(
-        source=args.source, image_size=args.image_size, split=args.split,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), uncertain=args.uncertain,
-        on_bad_image=args.on_bad_image, force=args.force, workers=args.workers,
-    )  # fmt: skip
+        source=args.source,
+        image_size=args.image_size,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        views=tuple(v.strip() for v in args.views.split(",") if v.strip()),
+        uncertain=args.uncertain,
+        on_bad_image=args.on_bad_image,
+        force=args.force,
+        workers=args.workers,
+    )
     endpoints = resolve(s3_endpoint_url=args.s3_endpoint, workspace=args.workspace)
     manifest = prepare(args.input, args.out, opts, endpoints)
     counts = {split: info["images"] for split, info in manifest["splits"].items()}

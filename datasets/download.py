@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 
-from datasets.nih import BBOX_FILE, LABEL_FILES, OFFICIAL_LISTS
-from datasets.schema import DatasetError
+from chestxpert.datasets.nih import BBOX_FILE, LABEL_FILES, OFFICIAL_LISTS
+from chestxpert.datasets.schema import DatasetError
 
 
 @dataclass(frozen=True)
@@ -53,23 +53,71 @@ NIH_LABEL_FILE = LABEL_FILES[0]  # Data_Entry_2017_v2020.csv, the revision read 
 # file page is not a download URL: rather than guess one, they stay None and must be fetched by
 # hand (download_nih_full says so and which ones are missing).
 NIH_FILES: tuple[NihFile, ...] = (
-    NihFile("images_001.tar.gz", "https://nihcc.box.com/shared/static/vfk49d74nhbxq3nqjg0900w5nvkorp5c.gz", "fe8ed0a6961412fddcbb3603c11b3698"),
-    NihFile("images_002.tar.gz", "https://nihcc.box.com/shared/static/i28rlmbvmfjbl8p2n3ril0pptcmcu9d1.gz", "ab07a2d7cbe6f65ddd97b4ed7bde10bf"),
-    NihFile("images_003.tar.gz", "https://nihcc.box.com/shared/static/f1t00wrtdk94satdfb9olcolqx20z2jp.gz", "2301d03bde4c246388bad3876965d574"),
-    NihFile("images_004.tar.gz", "https://nihcc.box.com/shared/static/0aowwzs5lhjrceb3qp67ahp0rd1l1etg.gz", "9f1b7f5aae01b13f4bc8e2c44a4b8ef6"),
-    NihFile("images_005.tar.gz", "https://nihcc.box.com/shared/static/v5e3goj22zr6h8tzualxfsqlqaygfbsn.gz", "1861f3cd0ef7734df8104f2b0309023b"),
-    NihFile("images_006.tar.gz", "https://nihcc.box.com/shared/static/asi7ikud9jwnkrnkj99jnpfkjdes7l6l.gz", "456b53a8b351afd92a35bc41444c58c8"),
-    NihFile("images_007.tar.gz", "https://nihcc.box.com/shared/static/jn1b4mw4n6lnh74ovmcjb8y48h8xj07n.gz", "1075121ea20a137b87f290d6a4a5965e"),
-    NihFile("images_008.tar.gz", "https://nihcc.box.com/shared/static/tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j.gz", "b61f34cec3aa69f295fbb593cbd9d443"),
-    NihFile("images_009.tar.gz", "https://nihcc.box.com/shared/static/upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj.gz", "442a3caa61ae9b64e61c561294d1e183"),
-    NihFile("images_010.tar.gz", "https://nihcc.box.com/shared/static/l6nilvfa9cg3s28tqv1qc1olm3gnz54p.gz", "09ec81c4c31e32858ad8cf965c494b74"),
-    NihFile("images_011.tar.gz", "https://nihcc.box.com/shared/static/hhq8fkdgvcari67vfhs7ppg2w6ni4jze.gz", "499aefc67207a5a97692424cf5dbeed5"),
-    NihFile("images_012.tar.gz", "https://nihcc.box.com/shared/static/ioqwiy20ihqwyr8pf4c24eazhh281pbu.gz", "dc9fda1757c2de0032b63347a7d2895c"),
+    NihFile(
+        "images_001.tar.gz",
+        "https://nihcc.box.com/shared/static/vfk49d74nhbxq3nqjg0900w5nvkorp5c.gz",
+        "fe8ed0a6961412fddcbb3603c11b3698",
+    ),
+    NihFile(
+        "images_002.tar.gz",
+        "https://nihcc.box.com/shared/static/i28rlmbvmfjbl8p2n3ril0pptcmcu9d1.gz",
+        "ab07a2d7cbe6f65ddd97b4ed7bde10bf",
+    ),
+    NihFile(
+        "images_003.tar.gz",
+        "https://nihcc.box.com/shared/static/f1t00wrtdk94satdfb9olcolqx20z2jp.gz",
+        "2301d03bde4c246388bad3876965d574",
+    ),
+    NihFile(
+        "images_004.tar.gz",
+        "https://nihcc.box.com/shared/static/0aowwzs5lhjrceb3qp67ahp0rd1l1etg.gz",
+        "9f1b7f5aae01b13f4bc8e2c44a4b8ef6",
+    ),
+    NihFile(
+        "images_005.tar.gz",
+        "https://nihcc.box.com/shared/static/v5e3goj22zr6h8tzualxfsqlqaygfbsn.gz",
+        "1861f3cd0ef7734df8104f2b0309023b",
+    ),
+    NihFile(
+        "images_006.tar.gz",
+        "https://nihcc.box.com/shared/static/asi7ikud9jwnkrnkj99jnpfkjdes7l6l.gz",
+        "456b53a8b351afd92a35bc41444c58c8",
+    ),
+    NihFile(
+        "images_007.tar.gz",
+        "https://nihcc.box.com/shared/static/jn1b4mw4n6lnh74ovmcjb8y48h8xj07n.gz",
+        "1075121ea20a137b87f290d6a4a5965e",
+    ),
+    NihFile(
+        "images_008.tar.gz",
+        "https://nihcc.box.com/shared/static/tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j.gz",
+        "b61f34cec3aa69f295fbb593cbd9d443",
+    ),
+    NihFile(
+        "images_009.tar.gz",
+        "https://nihcc.box.com/shared/static/upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj.gz",
+        "442a3caa61ae9b64e61c561294d1e183",
+    ),
+    NihFile(
+        "images_010.tar.gz",
+        "https://nihcc.box.com/shared/static/l6nilvfa9cg3s28tqv1qc1olm3gnz54p.gz",
+        "09ec81c4c31e32858ad8cf965c494b74",
+    ),
+    NihFile(
+        "images_011.tar.gz",
+        "https://nihcc.box.com/shared/static/hhq8fkdgvcari67vfhs7ppg2w6ni4jze.gz",
+        "499aefc67207a5a97692424cf5dbeed5",
+    ),
+    NihFile(
+        "images_012.tar.gz",
+        "https://nihcc.box.com/shared/static/ioqwiy20ihqwyr8pf4c24eazhh281pbu.gz",
+        "dc9fda1757c2de0032b63347a7d2895c",
+    ),
     NihFile(NIH_LABEL_FILE, None),
     NihFile(BBOX_FILE, None),
     NihFile(OFFICIAL_LISTS["train_val"], None),
     NihFile(OFFICIAL_LISTS["test"], None),
-)  # fmt: skip
+)
 
 KAGGLE_SAMPLE = "nih-chest-xrays/sample"
 KAGGLE_SAMPLE_PAGE = "https://www.kaggle.com/datasets/nih-chest-xrays/sample"
@@ -261,8 +309,10 @@ def _kaggle_environment(credentials: KaggleCredentials) -> Iterator[None]:
 
 def _scrub(text: str, credentials: KaggleCredentials) -> str:
     """Third-party error text goes through here, so a key it might echo is never shown."""
-    for secret in (credentials.environment.get("KAGGLE_KEY"),
-                   credentials.environment.get("KAGGLE_API_TOKEN")):  # fmt: skip
+    for secret in (
+        credentials.environment.get("KAGGLE_KEY"),
+        credentials.environment.get("KAGGLE_API_TOKEN"),
+    ):
         if secret:
             text = text.replace(secret, "***")
     return text
@@ -475,9 +525,10 @@ def download_nih_full(to: Path, keep_archives: bool = False, progress: bool = Tr
                 _download_nih_archive(entry, to, session, keep_archives, progress)
             except _Unreachable as error:
                 remaining = [
-                    later.name for later in archives[position:]
+                    later.name
+                    for later in archives[position:]
                     if not (to / later.name.removesuffix(".tar.gz")).is_dir()
-                ]  # fmt: skip
+                ]
                 labels = _missing_label_files(to)
                 also = f" and the label files ({', '.join(labels)})" if labels else ""
                 raise DatasetError(
@@ -578,17 +629,20 @@ def fetch(
     try:
         try:
             response = session.get(
-                url, headers={"Range": f"bytes={offset}-"} if offset else {}, stream=True,
+                url,
+                headers={"Range": f"bytes={offset}-"} if offset else {},
+                stream=True,
                 timeout=TIMEOUT_S,
-            )  # fmt: skip
+            )
         except (requests.ConnectionError, requests.Timeout) as error:
             reason = _short_reason(error)
             raise _Unreachable(
                 f"could not reach {host}: {reason}; these machines need internet access for "
                 f"`chestxpert data download`; alternatively download {dest.name} by hand from "
                 f"{url} into {dest.parent} and re-run, it will be checked and used.",
-                host, reason,
-            ) from None  # fmt: skip
+                host,
+                reason,
+            ) from None
         with response:
             if response.status_code == 416 and offset:
                 return _settle_unsatisfiable_range(response, url, dest, part, session, progress)
@@ -612,9 +666,13 @@ def fetch(
 
 
 def _settle_unsatisfiable_range(
-    response: requests.Response, url: str, dest: Path, part: Path,
-    session: requests.Session, progress: bool,
-) -> Path:  # fmt: skip
+    response: requests.Response,
+    url: str,
+    dest: Path,
+    part: Path,
+    session: requests.Session,
+    progress: bool,
+) -> Path:
     """416 to a Range request: the `.part` file is either complete already or not this file."""
     total = _total_of(response.headers.get("Content-Range", ""))
     if total is not None and total == part.stat().st_size:
@@ -668,13 +726,23 @@ def _total_of(content_range: str) -> int | None:
 
 
 def _stream_to(
-    response: requests.Response, part: Path, mode: str, total: int | None, offset: int,
-    progress: bool, url: str,
-) -> None:  # fmt: skip
+    response: requests.Response,
+    part: Path,
+    mode: str,
+    total: int | None,
+    offset: int,
+    progress: bool,
+    url: str,
+) -> None:
     bar = tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=part.name.removesuffix(".part"), disable=not progress,
-    )  # fmt: skip
+        total=total,
+        initial=offset,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=part.name.removesuffix(".part"),
+        disable=not progress,
+    )
     try:
         with part.open(mode) as out, bar:
             for chunk in response.iter_content(CHUNK_BYTES):
@@ -807,9 +875,13 @@ def _tar_stream(
 ) -> Iterator[tuple[tarfile.TarFile, _HashingReader]]:
     """Open a tar.gz for one sequential pass; on leaving, read to the end so gzip checks its trailer."""
     bar = tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=f"{action} {path.name}", disable=not progress,
-    )  # fmt: skip
+        total=path.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"{action} {path.name}",
+        disable=not progress,
+    )
     with path.open("rb") as raw, bar:
         reader = _HashingReader(raw, bar.update)
         try:

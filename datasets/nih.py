@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets.schema import BOX_COLUMNS, IMAGE_COLUMNS, NIH_LABELS, DatasetError, SourceTable
-from datasets.validate import (
+from chestxpert.datasets.schema import (
+    BOX_COLUMNS,
+    IMAGE_COLUMNS,
+    NIH_LABELS,
+    DatasetError,
+    SourceTable,
+)
+from chestxpert.datasets.validate import (
     LabelCsv,
     conform_images,
     did_you_mean,
@@ -25,10 +31,12 @@ from datasets.validate import (
 
 # Looked for in this order: the 2020 revision first (NIH corrected labels and ages in it).
 LABEL_FILES: tuple[str, ...] = (
-    "Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz",
-    "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz",
+    "Data_Entry_2017_v2020.csv",
+    "Data_Entry_2017_v2020.csv.gz",
+    "Data_Entry_2017.csv",
+    "Data_Entry_2017.csv.gz",
     "sample_labels.csv",
-)  # fmt: skip
+)
 BBOX_FILE = "BBox_List_2017.csv"
 OFFICIAL_LISTS: dict[str, str] = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
 NO_FINDING = "No Finding"
@@ -37,12 +45,18 @@ BOX_LABEL_ALIASES: dict[str, str] = {"Infiltrate": "Infiltration"}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
 REQUIRED_LABEL_COLUMNS: dict[str, str] = {
-    "imageindex": "Image Index", "findinglabels": "Finding Labels", "patientid": "Patient ID",
-}  # fmt: skip
+    "imageindex": "Image Index",
+    "findinglabels": "Finding Labels",
+    "patientid": "Patient ID",
+}
 REQUIRED_BOX_COLUMNS: dict[str, str] = {
-    "imageindex": "Image Index", "findinglabel": "Finding Label",
-    "bboxx": "Bbox [x]", "bboxy": "Bbox [y]", "bboxw": "Bbox [w]", "bboxh": "Bbox [h]",
-}  # fmt: skip
+    "imageindex": "Image Index",
+    "findinglabel": "Finding Label",
+    "bboxx": "Bbox [x]",
+    "bboxy": "Bbox [y]",
+    "bboxw": "Bbox [w]",
+    "bboxh": "Bbox [h]",
+}
 
 
 @dataclass(frozen=True)
@@ -121,9 +135,13 @@ def read_nih(root: Path, skip_missing: bool = False) -> SourceTable:
         f"{len(boxes)} boxes.",
     )
     return SourceTable(
-        source="nih", labels=NIH_LABELS, images=images, boxes=boxes, notes=notes,
+        source="nih",
+        labels=NIH_LABELS,
+        images=images,
+        boxes=boxes,
+        notes=notes,
         missing=[image_id for _, image_id in missing],
-    )  # fmt: skip
+    )
 
 
 def _find_label_file(root: Path) -> tuple[Path, list[str]]:

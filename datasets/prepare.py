@@ -29,10 +29,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cluster.endpoints import Endpoints, normalize_storage_uri, resolve, storage_filesystem
-from datasets.images import MIN_IMAGE_SIZE, load_gray_square
-from datasets.schema import DatasetError, SourceTable
-from datasets.validate import check_image
+from chestxpert.cluster.endpoints import (
+    Endpoints,
+    normalize_storage_uri,
+    resolve,
+    storage_filesystem,
+)
+from chestxpert.datasets.images import MIN_IMAGE_SIZE, load_gray_square
+from chestxpert.datasets.schema import DatasetError, SourceTable
+from chestxpert.datasets.validate import check_image
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,10 +100,10 @@ def read_source(opts: PrepareOptions, input_dir: Path) -> SourceTable:
     """Read a local source folder with its adapter (images listed but absent are skipped or fatal)."""
     skip = opts.on_bad_image == "skip"
     if opts.source == "nih":
-        from datasets.nih import read_nih
+        from chestxpert.datasets.nih import read_nih
 
         return read_nih(input_dir, skip_missing=skip)
-    from datasets.chexpert import read_chexpert
+    from chestxpert.datasets.chexpert import read_chexpert
 
     return read_chexpert(input_dir, views=opts.views, uncertain=opts.uncertain, skip_missing=skip)
 
@@ -346,9 +351,14 @@ def _boxes_by_image(
             continue
         scale, off_x, off_y = placements[row.image_id]
         boxes.setdefault(row.image_id, []).append(
-            {"label": row.label, "x": row.x * scale + off_x, "y": row.y * scale + off_y,
-             "w": row.w * scale, "h": row.h * scale}
-        )  # fmt: skip
+            {
+                "label": row.label,
+                "x": row.x * scale + off_x,
+                "y": row.y * scale + off_y,
+                "w": row.w * scale,
+                "h": row.h * scale,
+            }
+        )
     return boxes
 
 
@@ -513,9 +523,16 @@ def _prepare_into(
 def _content_digest(images: pd.DataFrame, labels: tuple[str, ...], opts: PrepareOptions) -> str:
     """SHA-256 over the parameters and, per image in order, its id, split, labels and pixels."""
     digest = hashlib.sha256()
-    params = {"size": opts.image_size, "split": opts.split, "seed": opts.seed, "labels": list(labels),
-              "fractions": [opts.val_fraction, opts.test_fraction], "uncertain": opts.uncertain,
-              "views": list(opts.views), "schema": SCHEMA_VERSION}  # fmt: skip
+    params = {
+        "size": opts.image_size,
+        "split": opts.split,
+        "seed": opts.seed,
+        "labels": list(labels),
+        "fractions": [opts.val_fraction, opts.test_fraction],
+        "uncertain": opts.uncertain,
+        "views": list(opts.views),
+        "schema": SCHEMA_VERSION,
+    }
     digest.update(json.dumps(params, sort_keys=True).encode())
     label_matrix = images[list(labels)].to_numpy(dtype=np.float32)
     for row, image_id in enumerate(images["image_id"]):

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cluster.endpoints import Endpoints, resolve, storage_filesystem
-from datasets.prepare import MANIFEST, SCHEMA_VERSION, SPLITS
-from datasets.schema import DatasetError
+from chestxpert.cluster.endpoints import Endpoints, resolve, storage_filesystem
+from chestxpert.datasets.prepare import MANIFEST, SCHEMA_VERSION, SPLITS
+from chestxpert.datasets.schema import DatasetError
 
 
 @dataclass(frozen=True)

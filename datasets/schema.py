@@ -10,32 +10,55 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from cluster.errors import UserError
+from chestxpert.cluster.errors import UserError
 
 # NIH ChestX-ray14 order, as in the label file ("Pleural_Thickening" keeps its underscore).
 NIH_LABELS: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)  # fmt: skip
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 
 # CheXpert's 14 observations, in the order of its CSV columns.
 CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-    "Pleural Other", "Fracture", "Support Devices",
-)  # fmt: skip
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
 
 # Columns of SourceTable.images besides one float column per label (1.0, 0.0, or
 # NaN = unknown/ignored, which the loss masks out).
 IMAGE_COLUMNS: tuple[str, ...] = (
-    "image_id",        # file name, unique within the source (e.g. 00000001_000.png)
-    "path",            # absolute local path of the image file
-    "patient_id",      # str; all images of one patient go to one split
-    "age_years",       # float, NaN when unknown
-    "sex",             # "M", "F", or None
-    "view",            # "PA", "AP", "LL", ... or None
+    "image_id",  # file name, unique within the source (e.g. 00000001_000.png)
+    "path",  # absolute local path of the image file
+    "patient_id",  # str; all images of one patient go to one split
+    "age_years",  # float, NaN when unknown
+    "sex",  # "M", "F", or None
+    "view",  # "PA", "AP", "LL", ... or None
     "official_split",  # "train_val", "test", or None when the source has no official list
-)  # fmt: skip
+)
 
 BOX_COLUMNS: tuple[str, ...] = (
     "image_id",

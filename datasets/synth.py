@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.datasets.schema import NIH_LABELS, DatasetError
 
 LABEL_RATES_PATH = Path(__file__).with_name("nih_label_rates.json")
 
@@ -55,10 +55,15 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h]"
 
 # The eight findings NIH drew boxes for, spelled as BBox_List_2017.csv spells them.
 BOX_LABELS: dict[str, str] = {
-    "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Effusion",
-    "Infiltration": "Infiltrate", "Mass": "Mass", "Nodule": "Nodule", "Pneumonia": "Pneumonia",
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "Effusion",
+    "Infiltration": "Infiltrate",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "Pneumonia",
     "Pneumothorax": "Pneumothorax",
-}  # fmt: skip
+}
 
 IMAGES_PER_FOLDER = 10_000  # NIH ships images_002.. with 10,000 files each
 TEST_PATIENT_FRACTION = 0.2
@@ -88,9 +93,18 @@ def load_label_rates(path: Path = LABEL_RATES_PATH) -> dict:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise DatasetError(f"cannot read label rates {path}: {err}; reinstall chestxpert") from err
-    required = ("labels", "prevalence", "top_combinations", "tail", "images_per_patient",
-                "age_years_first_image", "male_fraction_patients", "pa_fraction_images",
-                "followup_keep_labels", "age_years_step_per_followup_mean")  # fmt: skip
+    required = (
+        "labels",
+        "prevalence",
+        "top_combinations",
+        "tail",
+        "images_per_patient",
+        "age_years_first_image",
+        "male_fraction_patients",
+        "pa_fraction_images",
+        "followup_keep_labels",
+        "age_years_step_per_followup_mean",
+    )
     missing = [key for key in required if key not in table]
     if missing or tuple(table["labels"]) != NIH_LABELS:
         raise DatasetError(f"{path} lacks keys {missing} or has labels not in NIH order")
@@ -354,9 +368,14 @@ def _vessel_bank(size: int) -> tuple[np.ndarray, ...]:
     trees = []
     for _ in range(6):
         tree = np.zeros((height, width), np.float32)
-        stack = [((0.40 + rng.uniform(-0.01, 0.02), 0.40 + rng.uniform(-0.05, 0.05)),
-                  math.radians(rng.uniform(75, 285)), 0.006 * rng.uniform(0.8, 1.2))
-                 for _ in range(11)]  # fmt: skip
+        stack = [
+            (
+                (0.40 + rng.uniform(-0.01, 0.02), 0.40 + rng.uniform(-0.05, 0.05)),
+                math.radians(rng.uniform(75, 285)),
+                0.006 * rng.uniform(0.8, 1.2),
+            )
+            for _ in range(11)
+        ]
         while stack:
             start, angle, half_width = stack.pop()
             if half_width < 0.0012:
@@ -963,11 +982,20 @@ _RESHAPE = {
     "Atelectasis": _reshape_atelectasis,
 }
 _SIGNS = {
-    "Cardiomegaly": _sign_cardiomegaly, "Effusion": _sign_effusion, "Infiltration": _sign_infiltration,
-    "Mass": _sign_mass, "Nodule": _sign_nodule, "Pneumonia": _sign_pneumonia, "Consolidation": _sign_consolidation,
-    "Edema": _sign_edema, "Emphysema": _sign_emphysema, "Fibrosis": _sign_fibrosis,
-    "Pleural_Thickening": _sign_pleural_thickening, "Hernia": _sign_hernia, "Atelectasis": _sign_atelectasis,
-}  # fmt: skip
+    "Cardiomegaly": _sign_cardiomegaly,
+    "Effusion": _sign_effusion,
+    "Infiltration": _sign_infiltration,
+    "Mass": _sign_mass,
+    "Nodule": _sign_nodule,
+    "Pneumonia": _sign_pneumonia,
+    "Consolidation": _sign_consolidation,
+    "Edema": _sign_edema,
+    "Emphysema": _sign_emphysema,
+    "Fibrosis": _sign_fibrosis,
+    "Pleural_Thickening": _sign_pleural_thickening,
+    "Hernia": _sign_hernia,
+    "Atelectasis": _sign_atelectasis,
+}
 
 
 def draw_radiograph(
@@ -993,9 +1021,12 @@ def draw_radiograph(
     rng = np.random.default_rng(image_seed)
     geo = _geometry(anatomy, rng.uniform(-1.0, 1.0, 8), view)
     lesion_rngs = {
-        label: np.random.default_rng(np.random.SeedSequence(lesion_seed, spawn_key=(NIH_LABELS.index(label),)))
-        for label in NIH_LABELS if label in findings
-    }  # fmt: skip
+        label: np.random.default_rng(
+            np.random.SeedSequence(lesion_seed, spawn_key=(NIH_LABELS.index(label),))
+        )
+        for label in NIH_LABELS
+        if label in findings
+    }
     for label, reshape in _RESHAPE.items():
         if label in lesion_rngs:
             reshape(geo, lesion_rngs[label], difficulty)
@@ -1104,22 +1135,24 @@ def plan_dataset(
             if rng.uniform() < label_noise * FALSE_POSITIVE_SHARE:
                 weights = np.where(np.isin(NIH_LABELS, drawn), 0.0, prevalence)
                 kept.append(NIH_LABELS[int(rng.choice(len(NIH_LABELS), p=weights / weights.sum()))])
-            plans.append(PlannedImage(
-                index=index,
-                name=f"{patient_id:08d}_{follow_up:03d}.png",
-                folder=f"images_{index // IMAGES_PER_FOLDER + 1:03d}",
-                patient_id=patient_id,
-                follow_up=follow_up,
-                age_years=int(round(age)),
-                sex=sex,
-                view="PA" if rng.uniform() < rates["pa_fraction_images"] else "AP",
-                anatomy=anatomy,
-                drawn=drawn,
-                written=tuple(label for label in NIH_LABELS if label in kept),
-                lesion_seed=lesion_seed,
-                rgba=bool(rng.uniform() < rgba_fraction),
-                test=False,
-            ))  # fmt: skip
+            plans.append(
+                PlannedImage(
+                    index=index,
+                    name=f"{patient_id:08d}_{follow_up:03d}.png",
+                    folder=f"images_{index // IMAGES_PER_FOLDER + 1:03d}",
+                    patient_id=patient_id,
+                    follow_up=follow_up,
+                    age_years=int(round(age)),
+                    sex=sex,
+                    view="PA" if rng.uniform() < rates["pa_fraction_images"] else "AP",
+                    anatomy=anatomy,
+                    drawn=drawn,
+                    written=tuple(label for label in NIH_LABELS if label in kept),
+                    lesion_seed=lesion_seed,
+                    rgba=bool(rng.uniform() < rgba_fraction),
+                    test=False,
+                )
+            )
     test_count = round(TEST_PATIENT_FRACTION * patient_id) if patient_id > 1 else 0
     test_patients = set((rng.permutation(patient_id)[:test_count] + 1).tolist())
     return [replace(plan, test=plan.patient_id in test_patients) for plan in plans]

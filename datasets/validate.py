@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from datasets.schema import IMAGE_COLUMNS, DatasetError
+from chestxpert.datasets.schema import IMAGE_COLUMNS, DatasetError
 
 # Ages outside this range are data-entry errors (the Kaggle sample has a "411Y"); they become NaN.
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)

@@ -8,22 +8,32 @@ from pathlib import Path
 
 
 def _endpoints(args: argparse.Namespace):
-    from cluster.endpoints import apply_client_environment, resolve
+    from chestxpert.cluster.endpoints import apply_client_environment, resolve
 
-    endpoints = resolve(ray_address=getattr(args, "address", None), storage=getattr(args, "storage", None),
-                        mlflow_tracking_uri=getattr(args, "mlflow_uri", None), workspace=args.workspace)  # fmt: skip
+    endpoints = resolve(
+        ray_address=getattr(args, "address", None),
+        storage=getattr(args, "storage", None),
+        mlflow_tracking_uri=getattr(args, "mlflow_uri", None),
+        workspace=args.workspace,
+    )
     apply_client_environment(endpoints)
     return endpoints
 
 
 def cmd_final(args: argparse.Namespace) -> int:
-    from results.final import FinalOptions, run_final
+    from chestxpert.results.final import FinalOptions, run_final
 
     opts = FinalOptions(
-        epochs=args.epochs, train_on=args.train_on, threshold_method="sensitivity" if args.target_sensitivity else "youden",
-        target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, gradcam_layer=args.gradcam_layer,
-        on_cluster=False if args.local else None, cpus=args.cpus, gpus=args.gpus,
-    )  # fmt: skip
+        epochs=args.epochs,
+        train_on=args.train_on,
+        threshold_method="sensitivity" if args.target_sensitivity else "youden",
+        target_sensitivity=args.target_sensitivity,
+        bootstrap=args.bootstrap,
+        gradcam_layer=args.gradcam_layer,
+        on_cluster=False if args.local else None,
+        cpus=args.cpus,
+        gpus=args.gpus,
+    )
     metrics = run_final(args.name, opts, _endpoints(args))
     ev = metrics["evaluation"]
     print(
@@ -35,7 +45,7 @@ def cmd_final(args: argparse.Namespace) -> int:
 
 
 def cmd_pull_best(args: argparse.Namespace) -> int:
-    from results.pull import load_lines, pull_best
+    from chestxpert.results.pull import load_lines, pull_best
 
     path = pull_best(args.name, Path(args.to), final=args.final, endpoints=_endpoints(args))
     print(f"pulled to {path}\n{load_lines(path)}")
@@ -43,8 +53,8 @@ def cmd_pull_best(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from results.predict import format_predictions, predict
-    from results.pull import resolve_model
+    from chestxpert.results.predict import format_predictions, predict
+    from chestxpert.results.pull import resolve_model
 
     model_dir = resolve_model(args.model, _endpoints(args))
     results = predict(
@@ -73,23 +83,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--epochs", type=int, default=None, help="epochs (default: the best trial's)"
     )
     final.add_argument("--train-on", default="train", choices=["train", "train+val"])
-    final.add_argument("--target-sensitivity", type=float, default=None,
-                       help="choose thresholds reaching this sensitivity on validation (default: Youden's J)")  # fmt: skip
+    final.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="choose thresholds reaching this sensitivity on validation (default: Youden's J)",
+    )
     final.add_argument(
         "--bootstrap", type=int, default=1000, help="patient bootstrap resamples for the CIs"
     )
-    final.add_argument("--gradcam-layer", default=None, help="layer to explain (default: last conv layer, or "
-                       "the deepest one with a map of at least 7×7)")  # fmt: skip
+    final.add_argument(
+        "--gradcam-layer",
+        default=None,
+        help="layer to explain (default: last conv layer, or "
+        "the deepest one with a map of at least 7×7)",
+    )
     final.add_argument(
         "--address", default=None, help="Ray address to retrain on (default: local stack if up)"
     )
     final.add_argument(
         "--local", action="store_true", help="retrain in this process even if a cluster is up"
     )
-    final.add_argument("--cpus", type=float, default=None,
-                       help="CPUs for the retrain task (default: the sweep's per-trial CPUs)")  # fmt: skip
-    final.add_argument("--gpus", type=float, default=None,
-                       help="GPUs for the retrain task (default: the sweep's per-trial GPUs)")  # fmt: skip
+    final.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help="CPUs for the retrain task (default: the sweep's per-trial CPUs)",
+    )
+    final.add_argument(
+        "--gpus",
+        type=float,
+        default=None,
+        help="GPUs for the retrain task (default: the sweep's per-trial GPUs)",
+    )
     _flags(final)
     final.set_defaults(func=cmd_final)
 

@@ -20,18 +20,28 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cluster.errors import UserError
+from chestxpert.cluster.errors import UserError
 
 # CheXNet's per-class test AUROCs (Rajpurkar et al. 2017, arXiv:1711.05225, the 14-pathology
 # comparison with Wang et al. and Yao et al.: Table 2 in v3, "CheXNet" column). They were measured on
 # CheXNet's own random 70/10/20 patient split, not on NIH's official test list nor on our split, so
 # they are a point of reference, not a like-for-like comparison.
 CHEXNET_REFERENCE_AUROC: dict[str, float] = {
-    "Atelectasis": 0.8094, "Cardiomegaly": 0.9248, "Effusion": 0.8638, "Infiltration": 0.7345,
-    "Mass": 0.8676, "Nodule": 0.7802, "Pneumonia": 0.7680, "Pneumothorax": 0.8887,
-    "Consolidation": 0.7901, "Edema": 0.8878, "Emphysema": 0.9371, "Fibrosis": 0.8047,
-    "Pleural_Thickening": 0.8062, "Hernia": 0.9164,
-}  # fmt: skip
+    "Atelectasis": 0.8094,
+    "Cardiomegaly": 0.9248,
+    "Effusion": 0.8638,
+    "Infiltration": 0.7345,
+    "Mass": 0.8676,
+    "Nodule": 0.7802,
+    "Pneumonia": 0.7680,
+    "Pneumothorax": 0.8887,
+    "Consolidation": 0.7901,
+    "Edema": 0.8878,
+    "Emphysema": 0.9371,
+    "Fibrosis": 0.8047,
+    "Pleural_Thickening": 0.8062,
+    "Hernia": 0.9164,
+}
 
 THRESHOLD_METHODS = ("youden", "sensitivity")
 DEFAULT_THRESHOLD = 0.5

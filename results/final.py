@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.endpoints import Endpoints
-from cluster.errors import UserError
+from chestxpert.cluster.endpoints import Endpoints
+from chestxpert.cluster.errors import UserError
 
 # DenseNet121's last map is 7×7 at the 224 px it was designed for; at 128 px it is 4×4 and
 # points at little (measured on the demo: pointing game 0.20 for Atelectasis against 0.77 on
@@ -57,14 +57,16 @@ def retrain(config: dict[str, Any], fs, remote_model_dir: str) -> dict[str, floa
 
     Runs in this process or as a Ray task on a node with the trial's resources.
     """
-    from trainable.config import TrialConfig
-    from trainable.train import run_trial
+    from chestxpert.trainable.config import TrialConfig
+    from chestxpert.trainable.train import run_trial
 
     last: dict[str, Any] = {}
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        print(f"final: epoch {int(metrics['epoch'])}  val_auc_macro {metrics.get('val_auc_macro', float('nan')):.4f}",
-              flush=True)  # fmt: skip
+        print(
+            f"final: epoch {int(metrics['epoch'])}  val_auc_macro {metrics.get('val_auc_macro', float('nan')):.4f}",
+            flush=True,
+        )
         if checkpoint_dir is not None:
             _upload_folder(fs, checkpoint_dir, remote_model_dir)
             last.update(metrics)
@@ -84,9 +86,11 @@ def _gradcam_layer(model, preferred: str, chosen: str | None) -> tuple[str, str 
     for layer in reversed(model.layers[: model.layers.index(model.get_layer(preferred))]):
         shape = layer.output.shape
         if len(shape) == 4 and shape[1] and shape[1] >= MIN_GRADCAM_MAP and "relu" in layer.name:
-            note = (f"Grad-CAM uses layer {layer.name} ({shape[1]}×{shape[2]}): the last convolutional layer "
-                    f"{preferred} is only {side}×{side} at this image size (7×7 at 224 px); "
-                    f"`--gradcam-layer` chooses another.")  # fmt: skip
+            note = (
+                f"Grad-CAM uses layer {layer.name} ({shape[1]}×{shape[2]}): the last convolutional layer "
+                f"{preferred} is only {side}×{side} at this image size (7×7 at 224 px); "
+                f"`--gradcam-layer` chooses another."
+            )
             return layer.name, note
     return (
         preferred,
@@ -100,7 +104,7 @@ OVERLAY_SIDE = 256  # small training images are enlarged so a reader can see the
 def _readable_overlay(image: np.ndarray, heat: np.ndarray, box, title: str):
     from PIL import Image
 
-    from results.gradcam import overlay
+    from chestxpert.results.gradcam import overlay
 
     factor = max(1, OVERLAY_SIDE // image.shape[0])
     if factor > 1:
@@ -117,7 +121,7 @@ def _readable_overlay(image: np.ndarray, heat: np.ndarray, box, title: str):
 
 def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, Any]:
     """The whole final job; returns the metrics dict also written as metrics.json."""
-    from sweeps.run import SPEC_FILE, SUMMARY_FILE, locate
+    from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, locate
 
     started = time.monotonic()
     location = locate(endpoints, name)
@@ -142,12 +146,15 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
         on_cluster = (
             endpoints.ray_address is not None if opts.on_cluster is None else opts.on_cluster
         )
-        print(f"retraining the best configuration of {name} for {config['epochs']} epochs on {opts.train_on} "
-              f"({'a Ray task on the cluster' if on_cluster else 'this machine'}) ...", flush=True)  # fmt: skip
+        print(
+            f"retraining the best configuration of {name} for {config['epochs']} epochs on {opts.train_on} "
+            f"({'a Ray task on the cluster' if on_cluster else 'this machine'}) ...",
+            flush=True,
+        )
         if on_cluster:
             import ray
 
-            from sweeps.run import connect
+            from chestxpert.cluster.ray_driver import connect
 
             connect(endpoints)
             try:
@@ -159,8 +166,10 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
                     sizes = ", ".join(
                         f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes
                     )
-                    raise FinalError(f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
-                                     f"(nodes: {sizes or 'none'}); pass --cpus/--gpus that fit, or --local")  # fmt: skip
+                    raise FinalError(
+                        f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
+                        f"(nodes: {sizes or 'none'}); pass --cpus/--gpus that fit, or --local"
+                    )
                 # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
                 task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
                 train_metrics = ray.get(task.remote(config, location.fs, remote_model))
@@ -168,11 +177,12 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
                 ray.shutdown()
         else:
             train_metrics = retrain(config, location.fs, remote_model)
-        from results.pull import download_folder
+        from chestxpert.results.pull import download_folder
 
         # checksum-verified: the model evaluated is the model published
-        model_dir = download_folder(location.fs, remote_model, f"{location.uri}/final/model", work,
-                                    progress=False)  # fmt: skip
+        model_dir = download_folder(
+            location.fs, remote_model, f"{location.uri}/final/model", work, progress=False
+        )
         metrics = evaluate_model(model_dir, config, raw, opts, endpoints, work / "report", name)
         metrics["final_training"] = train_metrics
         _publish(location, model_dir, work / "report", metrics)
@@ -190,20 +200,32 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def evaluate_model(model_dir: Path, config: dict, raw: dict, opts: FinalOptions, endpoints: Endpoints,
-                   out: Path, name: str) -> dict[str, Any]:  # fmt: skip
+def evaluate_model(
+    model_dir: Path,
+    config: dict,
+    raw: dict,
+    opts: FinalOptions,
+    endpoints: Endpoints,
+    out: Path,
+    name: str,
+) -> dict[str, Any]:
     """Thresholds on validation, metrics on test, figures, Grad-CAM and the report files into `out`."""
-    from datasets.reader import open_dataset, read_split
-    from results.evaluate import choose_thresholds, curves_figure, evaluate, reliability_figure
-    from results.gradcam import (
+    from chestxpert.datasets.reader import open_dataset, read_split
+    from chestxpert.results.evaluate import (
+        choose_thresholds,
+        curves_figure,
+        evaluate,
+        reliability_figure,
+    )
+    from chestxpert.results.gradcam import (
         GradCam,
         heatmaps_for_boxes,
         localization_scores,
         select_examples,
     )
-    from results.report import write_html, write_markdown
-    from trainable.backbones import get_backbone
-    from trainable.checkpoint import load_model, read_state
+    from chestxpert.results.report import write_html, write_markdown
+    from chestxpert.trainable.backbones import get_backbone
+    from chestxpert.trainable.checkpoint import load_model, read_state
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir, compile=False)
@@ -226,8 +248,13 @@ def evaluate_model(model_dir: Path, config: dict, raw: dict, opts: FinalOptions,
         val["image"], test["image"] = resize(val["image"]), resize(test["image"])
     val_prob = model.predict(val["image"], batch_size=64, verbose=0)
     test_prob = model.predict(test["image"], batch_size=64, verbose=0)
-    choice = choose_thresholds(val["labels"], val_prob, labels, method=opts.threshold_method,
-                               target_sensitivity=opts.target_sensitivity)  # fmt: skip
+    choice = choose_thresholds(
+        val["labels"],
+        val_prob,
+        labels,
+        method=opts.threshold_method,
+        target_sensitivity=opts.target_sensitivity,
+    )
     evaluation = evaluate(
         test["labels"], test_prob, test["patient_id"], labels, choice, n_boot=opts.bootstrap
     )
@@ -244,8 +271,13 @@ def evaluate_model(model_dir: Path, config: dict, raw: dict, opts: FinalOptions,
     layer, note = _gradcam_layer(model, backbone.last_conv_layer, opts.gradcam_layer)
     gradcam = GradCam(model, layer)
     thresholds = [choice.thresholds[label] for label in labels]
-    examples = select_examples(np.nan_to_num(test["labels"], nan=0.0), test_prob, thresholds, labels,
-                               k=opts.examples_per_label)  # fmt: skip
+    examples = select_examples(
+        np.nan_to_num(test["labels"], nan=0.0),
+        test_prob,
+        thresholds,
+        labels,
+        k=opts.examples_per_label,
+    )
     (out / "gradcam").mkdir(exist_ok=True)
     for column, label in enumerate(labels):
         for kind, indices in examples.get(label, {}).items():
@@ -253,8 +285,14 @@ def evaluate_model(model_dir: Path, config: dict, raw: dict, opts: FinalOptions,
                 continue
             maps = gradcam.heatmaps(test["image"][indices], [column] * len(indices))
             for rank, (index, heat) in enumerate(zip(indices, maps, strict=True), start=1):
-                box = next(((b["x"], b["y"], b["w"], b["h"]) for b in (test["boxes"][index] or [])
-                            if b["label"] == label), None)  # fmt: skip
+                box = next(
+                    (
+                        (b["x"], b["y"], b["w"], b["h"])
+                        for b in (test["boxes"][index] or [])
+                        if b["label"] == label
+                    ),
+                    None,
+                )
                 title = f"{label} {kind.replace('_', ' ')[:-1]} p={test_prob[index, column]:.2f}"
                 picture = _readable_overlay(test["image"][index][..., 0], heat, box, title)
                 rel = f"gradcam/{label}_{kind}_{rank}.png"
@@ -264,21 +302,36 @@ def evaluate_model(model_dir: Path, config: dict, raw: dict, opts: FinalOptions,
     with_boxes = [i for i, boxes in enumerate(test["boxes"]) if boxes is not None and len(boxes)]
     if with_boxes:
         try:
-            pairs = heatmaps_for_boxes(gradcam, test["image"][with_boxes], [test["boxes"][i] for i in with_boxes],
-                                       {label: i for i, label in enumerate(labels)})  # fmt: skip
+            pairs = heatmaps_for_boxes(
+                gradcam,
+                test["image"][with_boxes],
+                [test["boxes"][i] for i in with_boxes],
+                {label: i for i, label in enumerate(labels)},
+            )
             localization = localization_scores(pairs)
         except ValueError as err:
             note = (note + " " if note else "") + f"No localisation scores: {err}"
     metrics = {
-        "sweep": name, "source": dataset.manifest.get("source"), "dataset": config["dataset"],
-        "dataset_digest": dataset.manifest.get("digest"), "config": config, "epochs": config["epochs"],
-        "train_splits": config["train_splits"], "image_size": size, "labels": labels,
-        "threshold_method": choice.method if choice.target_sensitivity is None
+        "sweep": name,
+        "source": dataset.manifest.get("source"),
+        "dataset": config["dataset"],
+        "dataset_digest": dataset.manifest.get("digest"),
+        "config": config,
+        "epochs": config["epochs"],
+        "train_splits": config["train_splits"],
+        "image_size": size,
+        "labels": labels,
+        "threshold_method": choice.method
+        if choice.target_sensitivity is None
         else f"lowest threshold reaching sensitivity {choice.target_sensitivity}",
-        "thresholds": choice.thresholds, "thresholds_defaulted": list(choice.defaulted),
-        "bootstrap_resamples": opts.bootstrap, "evaluation": evaluation, "gradcam_layer": layer,
-        "gradcam_note": note, "localization": localization,
-    }  # fmt: skip
+        "thresholds": choice.thresholds,
+        "thresholds_defaulted": list(choice.defaulted),
+        "bootstrap_resamples": opts.bootstrap,
+        "evaluation": evaluation,
+        "gradcam_layer": layer,
+        "gradcam_note": note,
+        "localization": localization,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False, default=str))
     write_markdown(metrics, figures, out / "report.md")
     write_html(metrics, figures, out, out / "report.html")
@@ -300,22 +353,42 @@ def _publish(location, model_dir: Path, report_dir: Path, metrics: dict) -> None
     _upload_folder(location.fs, report_dir, f"{location.path}/final/report")
 
 
-def _log_to_mlflow(recorded: dict, raw: dict, name: str, model_dir: Path, report_dir: Path, metrics: dict,
-                   endpoints: Endpoints) -> dict[str, str]:  # fmt: skip
+def _log_to_mlflow(
+    recorded: dict,
+    raw: dict,
+    name: str,
+    model_dir: Path,
+    report_dir: Path,
+    metrics: dict,
+    endpoints: Endpoints,
+) -> dict[str, str]:
     """A run nested under the sweep's parent run: test metrics, report, the model (logged with its input
     signature and registered under the spec's model name with alias `champion`)."""
     import mlflow
     from mlflow.entities import Metric
 
-    from sweeps.tracking import PARENT_TAG, SWEEP_TAG, _client, experiment_id, plain_params
-    from trainable.checkpoint import load_model
+    from chestxpert.sweeps.tracking import (
+        PARENT_TAG,
+        SWEEP_TAG,
+        _client,
+        experiment_id,
+        plain_params,
+    )
+    from chestxpert.trainable.checkpoint import load_model
 
     uri = (raw.get("mlflow") or {}).get("tracking_uri") or endpoints.mlflow_tracking_uri
     experiment = (raw.get("mlflow") or {}).get("experiment") or name
     model_name = raw.get("model_name") or name
     client = _client(uri)
-    run = client.create_run(experiment_id(client, experiment), run_name=f"{name}-final", tags={
-        PARENT_TAG: recorded.get("parent_run_id", ""), SWEEP_TAG: name, "chestxpert.role": "final"})  # fmt: skip
+    run = client.create_run(
+        experiment_id(client, experiment),
+        run_name=f"{name}-final",
+        tags={
+            PARENT_TAG: recorded.get("parent_run_id", ""),
+            SWEEP_TAG: name,
+            "chestxpert.role": "final",
+        },
+    )
     run_id = run.info.run_id
     from mlflow.entities import Param
 
@@ -323,9 +396,12 @@ def _log_to_mlflow(recorded: dict, raw: dict, name: str, model_dir: Path, report
         run_id, params=[Param(k, v) for k, v in plain_params(metrics["config"]).items()]
     )
     ev = metrics["evaluation"]
-    values = {"test_auc_macro": ev.get("auc_macro"), "test_auc_micro": ev.get("auc_micro"),
-              "test_pr_auc_macro": ev.get("pr_auc_macro")}  # fmt: skip
-    from trainable.metrics import metric_key
+    values = {
+        "test_auc_macro": ev.get("auc_macro"),
+        "test_auc_micro": ev.get("auc_micro"),
+        "test_pr_auc_macro": ev.get("pr_auc_macro"),
+    }
+    from chestxpert.trainable.metrics import metric_key
 
     values.update(
         {
@@ -347,8 +423,13 @@ def _log_to_mlflow(recorded: dict, raw: dict, name: str, model_dir: Path, report
     signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.keras.log_model(model, name="model", signature=signature, registered_model_name=model_name,
-                                      pip_requirements=["tensorflow>=2.21,<2.22", "keras>=3.15,<3.16"])  # fmt: skip
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            registered_model_name=model_name,
+            pip_requirements=["tensorflow>=2.21,<2.22", "keras>=3.15,<3.16"],
+        )
     version = info.registered_model_version
     client.set_registered_model_alias(model_name, "champion", str(version))
     return {

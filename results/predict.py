@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cluster.errors import UserError
-from datasets.images import load_gray_square, square_resize, to_gray_uint8
-from results.evaluate import DEFAULT_THRESHOLD
-from trainable.checkpoint import STATE_FILE, CheckpointError, read_state
+from chestxpert.cluster.errors import UserError
+from chestxpert.datasets.images import load_gray_square, square_resize, to_gray_uint8
+from chestxpert.results.evaluate import DEFAULT_THRESHOLD
+from chestxpert.trainable.checkpoint import STATE_FILE, CheckpointError, read_state
 
 DEFAULT_THRESHOLD_SOURCE = "default 0.5 (trial checkpoint has no thresholds; run chestxpert final)"
 FINAL_THRESHOLD_SOURCE = "chosen on the validation split (final model)"
@@ -161,7 +161,7 @@ def _read_model_state(model_dir: Path) -> dict[str, Any]:
 
 
 def _load_model(model_dir: Path, size: int, num_labels: int):
-    from trainable.checkpoint import load_model
+    from chestxpert.trainable.checkpoint import load_model
 
     try:
         model = load_model(model_dir, compile=False)
@@ -188,7 +188,7 @@ def _gradcam_overlays(
     gradcam_dir: Path,
     top_k: int,
 ) -> list[list[str]]:
-    from results.gradcam import GradCam, overlay
+    from chestxpert.results.gradcam import GradCam, overlay
 
     layer = state.get("last_conv_layer") or _backbone_layer(state)
     try:
@@ -213,7 +213,7 @@ def _gradcam_overlays(
 
 
 def _backbone_layer(state: dict[str, Any]) -> str:
-    from trainable.backbones import get_backbone
+    from chestxpert.trainable.backbones import get_backbone
 
     backbone = state.get("config", {}).get("backbone")
     if not backbone:

@@ -18,10 +18,15 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from cluster.endpoints import Endpoints, apply_client_environment, resolve, storage_filesystem
-from cluster.errors import UserError
-from sweeps.run import SPEC_FILE, SUMMARY_FILE, SweepLocation, locate
-from trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
+from chestxpert.cluster.endpoints import (
+    Endpoints,
+    apply_client_environment,
+    resolve,
+    storage_filesystem,
+)
+from chestxpert.cluster.errors import UserError
+from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation, locate
+from chestxpert.trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
 
 CHECKSUM_FILE = f"{MODEL_FILE}.sha256"
 FINAL_MODEL = "final/model"  # under the sweep folder: written by `chestxpert final`
@@ -72,7 +77,7 @@ def pull_best(
 def load_lines(path: Path) -> str:
     """The two lines of Python that load a pulled folder (safe mode, no optimizer)."""
     return (
-        "from trainable.checkpoint import load_model\n"
+        "from chestxpert.trainable.checkpoint import load_model\n"
         f"model = load_model({json.dumps(str(Path(path).absolute()))}, compile=False)"
     )
 
@@ -166,7 +171,7 @@ def verify_checksum(folder: Path, source: str) -> None:
 def _require_sweep(location: SweepLocation) -> None:
     if _is_dir(location.fs, location.path):
         return
-    from sweeps.status import list_sweeps  # imports Ray Tune: only on this error path
+    from chestxpert.sweeps.status import list_sweeps  # imports Ray Tune: only on this error path
 
     known = list_sweeps(location.fs, location.root)
     there = f"sweeps there: {', '.join(known)}" if known else "it holds no sweeps"
@@ -361,6 +366,11 @@ def _progress_bar(total: int, desc: str, progress: bool):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-        file=sys.stderr, disable=not progress,
-    )  # fmt: skip
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        file=sys.stderr,
+        disable=not progress,
+    )

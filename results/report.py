@@ -21,16 +21,35 @@ def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
     rows = []
     for label, item in metrics["evaluation"]["per_label"].items():
         op = item.get("operating_point") or {}
-        auc = "no positives in test" if item.get("auc") is None else (
-            f"{item['auc']:.3f} ({_fmt(item.get('auc_low'))}–{_fmt(item.get('auc_high'))})")  # fmt: skip
+        auc = (
+            "no positives in test"
+            if item.get("auc") is None
+            else (f"{item['auc']:.3f} ({_fmt(item.get('auc_low'))}–{_fmt(item.get('auc_high'))})")
+        )
         positives = metrics["evaluation"]["counts"]["positives"].get(label)
-        rows.append([label.replace("_", " "), auc, _fmt(op.get("sensitivity")), _fmt(op.get("specificity")),
-                     _fmt(op.get("threshold")), str(positives), _fmt(item.get("chexnet_reference_auc"))])  # fmt: skip
+        rows.append(
+            [
+                label.replace("_", " "),
+                auc,
+                _fmt(op.get("sensitivity")),
+                _fmt(op.get("specificity")),
+                _fmt(op.get("threshold")),
+                str(positives),
+                _fmt(item.get("chexnet_reference_auc")),
+            ]
+        )
     return rows
 
 
-HEADER = ["Pathology", "AUC (95% CI)", "Sensitivity", "Specificity", "Threshold", "Positives (test)",
-          "CheXNet AUROC†"]  # fmt: skip
+HEADER = [
+    "Pathology",
+    "AUC (95% CI)",
+    "Sensitivity",
+    "Specificity",
+    "Threshold",
+    "Positives (test)",
+    "CheXNet AUROC†",
+]
 
 
 def _notes(metrics: dict[str, Any]) -> list[str]:
@@ -52,8 +71,10 @@ def _notes(metrics: dict[str, Any]) -> list[str]:
             + "."
         )
     if metrics["train_splits"] == "train+val":
-        notes.append("Validation images were also training images here, so the thresholds chosen on them "
-                     "are optimistic.")  # fmt: skip
+        notes.append(
+            "Validation images were also training images here, so the thresholds chosen on them "
+            "are optimistic."
+        )
     if metrics.get("gradcam_note"):
         notes.append(metrics["gradcam_note"])
     if metrics["source"] != "nih":
@@ -66,18 +87,27 @@ def write_markdown(metrics: dict[str, Any], figures: dict[str, str], path: Path)
     ev = metrics["evaluation"]
     lines = [f"# ChestXpert report: {metrics['sweep']}", ""]
     lines += [f"- {note}" for note in _notes(metrics)] + [""]
-    lines += [f"**Macro AUC** {_fmt(ev.get('auc_macro'))} · **micro AUC** {_fmt(ev.get('auc_micro'))} · "
-              f"**macro PR AUC** {_fmt(ev.get('pr_auc_macro'))} · "
-              f"**ECE (pooled)** {_fmt(ev['calibration']['pooled'].get('ece'))}", ""]  # fmt: skip
+    lines += [
+        f"**Macro AUC** {_fmt(ev.get('auc_macro'))} · **micro AUC** {_fmt(ev.get('auc_micro'))} · "
+        f"**macro PR AUC** {_fmt(ev.get('pr_auc_macro'))} · "
+        f"**ECE (pooled)** {_fmt(ev['calibration']['pooled'].get('ece'))}",
+        "",
+    ]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in headline_rows(metrics)]
     if metrics.get("localization"):
-        lines += ["", f"## Localisation (Grad-CAM layer `{metrics['gradcam_layer']}`)", "",
-                  "| Finding | Boxes | Pointing game | Mean IoU | Centre baseline: pointing | Centre baseline: IoU |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Localisation (Grad-CAM layer `{metrics['gradcam_layer']}`)",
+            "",
+            "| Finding | Boxes | Pointing game | Mean IoU | Centre baseline: pointing | Centre baseline: IoU |",
+            "|---|---|---|---|---|---|",
+        ]
         for label, item in metrics["localization"].items():
-            lines.append(f"| {label} | {item['n']} | {_fmt(item['pointing_hit_rate'], 2)} | {_fmt(item['mean_iou'], 2)} "
-                         f"| {_fmt(item['baseline_pointing_hit_rate'], 2)} | {_fmt(item['baseline_mean_iou'], 2)} |")  # fmt: skip
+            lines.append(
+                f"| {label} | {item['n']} | {_fmt(item['pointing_hit_rate'], 2)} | {_fmt(item['mean_iou'], 2)} "
+                f"| {_fmt(item['baseline_pointing_hit_rate'], 2)} | {_fmt(item['baseline_mean_iou'], 2)} |"
+            )
     lines += ["", "## Figures", ""] + [f"![{name}]({rel})" for name, rel in figures.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -87,17 +117,21 @@ def write_html(metrics: dict[str, Any], figures: dict[str, str], root: Path, pat
     """report.html: the same content with every figure embedded, so the one file can be mailed."""
     ev = metrics["evaluation"]
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             f"<title>ChestXpert report: {esc(metrics['sweep'])}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:4px}"
-             ".gallery img{width:180px}</style></head><body>",
-             f"<h1>ChestXpert report: {esc(metrics['sweep'])}</h1><ul>"]  # fmt: skip
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>ChestXpert report: {esc(metrics['sweep'])}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:4px}"
+        ".gallery img{width:180px}</style></head><body>",
+        f"<h1>ChestXpert report: {esc(metrics['sweep'])}</h1><ul>",
+    ]
     parts += [f"<li>{esc(note)}</li>" for note in _notes(metrics)] + ["</ul>"]
-    parts.append(f"<p><b>Macro AUC</b> {_fmt(ev.get('auc_macro'))} · <b>micro AUC</b> {_fmt(ev.get('auc_micro'))} · "
-                 f"<b>macro PR AUC</b> {_fmt(ev.get('pr_auc_macro'))} · <b>ECE (pooled)</b> "
-                 f"{_fmt(ev['calibration']['pooled'].get('ece'))}</p>")  # fmt: skip
+    parts.append(
+        f"<p><b>Macro AUC</b> {_fmt(ev.get('auc_macro'))} · <b>micro AUC</b> {_fmt(ev.get('auc_micro'))} · "
+        f"<b>macro PR AUC</b> {_fmt(ev.get('pr_auc_macro'))} · <b>ECE (pooled)</b> "
+        f"{_fmt(ev['calibration']['pooled'].get('ece'))}</p>"
+    )
     parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER) + "</tr>")
     parts += [
         "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
@@ -105,12 +139,20 @@ def write_html(metrics: dict[str, Any], figures: dict[str, str], root: Path, pat
     ]
     parts.append("</table>")
     if metrics.get("localization"):
-        parts.append(f"<h2>Localisation (Grad-CAM layer <code>{esc(metrics['gradcam_layer'])}</code>)</h2><table>"
-                     "<tr><th>Finding</th><th>Boxes</th><th>Pointing game</th><th>Mean IoU</th>"
-                     "<th>Centre baseline: pointing</th><th>Centre baseline: IoU</th></tr>")  # fmt: skip
+        parts.append(
+            f"<h2>Localisation (Grad-CAM layer <code>{esc(metrics['gradcam_layer'])}</code>)</h2><table>"
+            "<tr><th>Finding</th><th>Boxes</th><th>Pointing game</th><th>Mean IoU</th>"
+            "<th>Centre baseline: pointing</th><th>Centre baseline: IoU</th></tr>"
+        )
         for label, item in metrics["localization"].items():
-            cells = [label, str(item["n"]), _fmt(item["pointing_hit_rate"], 2), _fmt(item["mean_iou"], 2),
-                     _fmt(item["baseline_pointing_hit_rate"], 2), _fmt(item["baseline_mean_iou"], 2)]  # fmt: skip
+            cells = [
+                label,
+                str(item["n"]),
+                _fmt(item["pointing_hit_rate"], 2),
+                _fmt(item["mean_iou"], 2),
+                _fmt(item["baseline_pointing_hit_rate"], 2),
+                _fmt(item["baseline_mean_iou"], 2),
+            ]
             parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     parts.append("<h2>Figures</h2>")
@@ -120,8 +162,12 @@ def write_html(metrics: dict[str, Any], figures: dict[str, str], root: Path, pat
         tag = f"<img alt='{esc(name)}' title='{esc(name)}' src='data:image/png;base64,{data}'>"
         (gallery if rel.startswith("gradcam/") else parts).append(tag)
     if gallery:
-        parts += ["<h2>Grad-CAM: most confident true positives and worst false positives</h2>",
-                  "<div class='gallery'>", *gallery, "</div>"]  # fmt: skip
+        parts += [
+            "<h2>Grad-CAM: most confident true positives and worst false positives</h2>",
+            "<div class='gallery'>",
+            *gallery,
+            "</div>",
+        ]
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
     return path

@@ -6,15 +6,12 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SUBMIT_EXCLUDES = [".venv/", ".chestxpert/", ".git/", "data/", "*.parquet", "__pycache__/", ".pytest_cache/",
-                   ".env", "mlruns/"]  # fmt: skip
 
 
 def _endpoints(args: argparse.Namespace, spec=None):
-    from cluster.endpoints import resolve
+    from chestxpert.cluster.endpoints import resolve
 
     return resolve(
         ray_address=getattr(args, "address", None) or (spec.ray_address if spec else None),
@@ -31,7 +28,7 @@ SPEC_ENV_PREFIX = "env:"
 
 def _load(spec_arg: str, overrides: dict | None = None):
     """A spec from a file, or from an environment variable (`env:NAME`, how `submit` ships it)."""
-    from sweeps.spec import SpecError, load_spec, parse_spec
+    from chestxpert.sweeps.spec import SpecError, load_spec, parse_spec
 
     if spec_arg.startswith(SPEC_ENV_PREFIX):
         variable = spec_arg[len(SPEC_ENV_PREFIX) :]
@@ -42,15 +39,25 @@ def _load(spec_arg: str, overrides: dict | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sweeps.run import format_summary, run_sweep
+    from chestxpert.sweeps.run import format_summary, run_sweep
 
     spec = _load(args.spec, overrides={"name": args.name} if args.name else None)
     endpoints = _endpoints(args, spec)
     if args.dry_run:
-        print(json.dumps({"spec": spec.to_plain_dict(), "param_space": {k: str(v) for k, v in spec.param_space().items()},
-                          "ray_address": endpoints.ray_address, "storage": f"{endpoints.storage_uri}/{spec.name}",
-                          "mlflow": endpoints.mlflow_tracking_uri,
-                          "tpe_startup_trials": spec.search.tpe_startup_trials()}, indent=2, default=str))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "spec": spec.to_plain_dict(),
+                    "param_space": {k: str(v) for k, v in spec.param_space().items()},
+                    "ray_address": endpoints.ray_address,
+                    "storage": f"{endpoints.storage_uri}/{spec.name}",
+                    "mlflow": endpoints.mlflow_tracking_uri,
+                    "tpe_startup_trials": spec.search.tpe_startup_trials(),
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     summary = run_sweep(spec, endpoints)
     print(format_summary(summary), end="")
@@ -58,8 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _recorded_spec(args: argparse.Namespace):
-    from sweeps.run import SPEC_FILE, SweepError, locate
-    from sweeps.spec import spec_from_dict
+    from chestxpert.sweeps.layout import SPEC_FILE, locate
+    from chestxpert.sweeps.run import SweepError
+    from chestxpert.sweeps.spec import spec_from_dict
 
     endpoints = _endpoints(args)
     location = locate(endpoints, args.name)
@@ -73,7 +81,7 @@ def _recorded_spec(args: argparse.Namespace):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from sweeps.run import format_summary, run_sweep
+    from chestxpert.sweeps.run import format_summary, run_sweep
 
     spec, endpoints, _, _ = _recorded_spec(args)
     endpoints = _endpoints(args, spec)
@@ -83,7 +91,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sweeps.status import sweep_status
+    from chestxpert.sweeps.status import sweep_status
 
     _, _, location, _ = _recorded_spec(args)
     status = sweep_status(location)
@@ -109,8 +117,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from cluster.endpoints import storage_filesystem
-    from sweeps.status import list_sweeps
+    from chestxpert.cluster.endpoints import storage_filesystem
+    from chestxpert.sweeps.status import list_sweeps
 
     endpoints = _endpoints(args)
     fs, root = storage_filesystem(endpoints)
@@ -120,21 +128,35 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
-    from sweeps.status import read_trials
-    from sweeps.tracking import _client, parent_run, sync_trial
+    from chestxpert.sweeps.status import read_trials
+    from chestxpert.sweeps.tracking import _client, parent_run, sync_trial
 
     spec, endpoints, location, recorded = _recorded_spec(args)
     uri = args.mlflow_uri or spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
-    parent_id = parent_run(uri, spec.mlflow.experiment, spec.name, spec.to_plain_dict(), {},
-                           reuse=recorded.get("parent_run_id"))  # fmt: skip
+    parent_id = parent_run(
+        uri,
+        spec.mlflow.experiment,
+        spec.name,
+        spec.to_plain_dict(),
+        {},
+        reuse=recorded.get("parent_run_id"),
+    )
     client = _client(uri)
     total = 0
     for trial in read_trials(
         location, spec.metric, spec.mode, spec.scheduler.max_t or spec.epochs()
     ):
         ended = trial.ended if trial.state not in ("RUNNING", "PENDING", "PAUSED") else None
-        total += sync_trial(client, spec.mlflow.experiment, spec.name, parent_id, trial.trial_id,
-                            trial.config, trial.results, ended)  # fmt: skip
+        total += sync_trial(
+            client,
+            spec.mlflow.experiment,
+            spec.name,
+            parent_id,
+            trial.trial_id,
+            trial.config,
+            trial.results,
+            ended,
+        )
     print(f"MLflow {uri}: {total} metric value(s) added for sweep {spec.name}")
     return 0
 
@@ -168,8 +190,9 @@ def _is_loopback(url: str) -> bool:
 def cmd_submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
-    from sweeps.run import SweepError, worker_environment
-    from sweeps.spec import load_spec
+    from chestxpert.cluster.ray_driver import package_for_workers, worker_environment
+    from chestxpert.sweeps.run import SweepError
+    from chestxpert.sweeps.spec import load_spec
 
     spec_path = Path(args.spec).resolve()
     spec = load_spec(spec_path)
@@ -194,24 +217,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not _is_loopback(address):
         local = [f"{k}={v}" for k, v in env.items() if v.startswith(("file:", "sqlite:"))]
         if local:
-            raise SweepError(f"{', '.join(local)} is local to this machine; give the cluster's storage "
-                             "(s3://…) and MLflow server (http://…) in the spec or the environment")  # fmt: skip
+            raise SweepError(
+                f"{', '.join(local)} is local to this machine; give the cluster's storage "
+                "(s3://…) and MLflow server (http://…) in the spec or the environment"
+            )
     env.update(worker_environment(endpoints))
     token = ray_token(endpoints, address)
     python = args.python or (sys.executable if _is_loopback(address) else "python")
     # The spec travels in the job's environment (paths in it already made absolute),
-    # so it need not be inside the uploaded working directory.
+    # so it need not be inside the uploaded package.
     import yaml
 
     env["CHESTXPERT_SPEC_YAML"] = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    entrypoint = f"{python} -m cluster.cli sweep run {SPEC_ENV_PREFIX}CHESTXPERT_SPEC_YAML"
+    # -P: the job's working folder must not shadow the shipped package (Python >= 3.11).
+    entrypoint = f"{python} -P -m chestxpert sweep run {SPEC_ENV_PREFIX}CHESTXPERT_SPEC_YAML"
     client = JobSubmissionClient(
         address, headers={"Authorization": f"Bearer {token}"} if token else None
     )
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": SUBMIT_EXCLUDES, "env_vars": env},
-    )
+    # The code travels with the job (Ray uploads the folder once per content hash), so the
+    # driver and every trial run this checkout's ChestXpert, whatever the nodes have installed.
+    with tempfile.TemporaryDirectory(prefix="cx-submit-") as staging:
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"py_modules": [str(package_for_workers(Path(staging)))], "env_vars": env},
+        )
     print(f"submitted {job_id}: {entrypoint}")
     print(f"dashboard: {address}/#/jobs/{job_id}")
     if args.follow:

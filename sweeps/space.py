@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainable.config import ConfigError, TrialConfig
+from chestxpert.trainable.config import ConfigError, TrialConfig
 
 DIMENSION_TYPES = ("loguniform", "uniform", "quniform", "randint", "choice")
 
@@ -105,7 +105,7 @@ def backbone_problem(name: Any, where: str) -> str | None:
 
     Imports the backbone registry (and so Keras) only when a spec names a backbone.
     """
-    from trainable.backbones import BACKBONES
+    from chestxpert.trainable.backbones import BACKBONES
 
     if name in BACKBONES:
         return None
@@ -172,8 +172,9 @@ def _grid_problem(key: str, dim: QUniform, kind: type) -> str | None:
             f"{where}: {key} is a whole number, so low, high and q must be whole numbers "
             f"(got low {dim.low:g}, high {dim.high:g}, q {dim.q:g})"
         )
-    off_grid = [name for name, value in (("low", dim.low), ("high", dim.high))
-                if not _on_grid(value, dim.q)]  # fmt: skip
+    off_grid = [
+        name for name, value in (("low", dim.low), ("high", dim.high)) if not _on_grid(value, dim.q)
+    ]
     if off_grid:
         return (
             f"{where}: {' and '.join(off_grid)} must be "

@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.errors import UserError
-from sweeps.space import (
+from chestxpert.cluster.errors import UserError
+from chestxpert.sweeps.space import (
     DIMENSION_MODELS,
     DIMENSION_TYPES,
     NOT_SEARCHABLE,
@@ -39,14 +39,18 @@ from sweeps.space import (
     to_tune,
     value_problem,
 )
-from trainable.config import ConfigError, TrialConfig
+from chestxpert.trainable.config import ConfigError, TrialConfig
 
 MAX_REPORTED = 10
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Metrics the trainable reports each epoch that are worth optimising, and which way is
 # better; one label's AUC (`val_auc_<label>`, higher is better) is allowed too.
-METRIC_MODES = {"val_auc_macro": "max", "val_pr_auc_macro": "max", "val_loss": "min",
-                "train_loss": "min"}  # fmt: skip
+METRIC_MODES = {
+    "val_auc_macro": "max",
+    "val_pr_auc_macro": "max",
+    "val_loss": "min",
+    "train_loss": "min",
+}
 LABEL_AUC = re.compile(r"^val_auc_(?!labels$)[A-Za-z0-9_]+$")
 
 _SECTIONS = ("mlflow", "trial", "resources", "space", "search", "scheduler")
@@ -160,8 +164,10 @@ class SweepSpec(_Section):
     def _empty_sections_are_defaults(cls, data: Any) -> Any:
         # `scheduler:` with everything below it commented out reads as null
         if isinstance(data, dict):
-            return {key: {} if value is None and key in _SECTIONS else value
-                    for key, value in data.items()}  # fmt: skip
+            return {
+                key: {} if value is None and key in _SECTIONS else value
+                for key, value in data.items()
+            }
         return data
 
     @field_validator("name")
@@ -384,7 +390,7 @@ def _input_size_problems(trial: dict[str, Any], space: dict[str, Any]) -> list[P
     """A fixed image_size (or the smallest searched one) below a backbone's minimum input."""
     if "image_size" not in trial and "image_size" not in space:
         return []
-    from trainable.backbones import BACKBONES, DEFAULT_BACKBONE
+    from chestxpert.trainable.backbones import BACKBONES, DEFAULT_BACKBONE
 
     backbone_dim = space.get("backbone")
     names = (
@@ -509,8 +515,12 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping at pydantic location `loc` (for suggestions)."""
-    sections = {"mlflow": MlflowSettings, "resources": Resources, "search": Search,
-                "scheduler": Scheduler}  # fmt: skip
+    sections = {
+        "mlflow": MlflowSettings,
+        "resources": Resources,
+        "search": Search,
+        "scheduler": Scheduler,
+    }
     if not loc:
         return list(SweepSpec.model_fields)
     if len(loc) == 1 and loc[0] in sections:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from sweeps.run import SPEC_FILE, SUMMARY_FILE, SweepLocation
-from sweeps.tracking import ended_reason
+from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation
+from chestxpert.sweeps.tracking import ended_reason
 
 
 @dataclass
@@ -37,9 +37,10 @@ def _trial_states(location: SweepLocation) -> dict[str, dict[str, Any]]:
     """Tune's own record of each trial (status, folder), from the newest experiment_state file."""
     selector = pafs.FileSelector(location.path, recursive=False)
     states = sorted(
-        info.path for info in location.fs.get_file_info(selector)
+        info.path
+        for info in location.fs.get_file_info(selector)
         if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
-    )  # fmt: skip
+    )
     if not states:
         return {}
     data = json.loads(_read_text(location.fs, states[-1]) or "{}")
@@ -101,12 +102,17 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
     scored = [t for t in trials if t.best is not None]
     best = (max if mode == "max" else min)(scored, key=lambda t: t.best) if scored else None
     return {
-        "name": location.name, "storage": location.uri, "metric": metric, "mode": mode,
+        "name": location.name,
+        "storage": location.uri,
+        "metric": metric,
+        "mode": mode,
         "num_samples": raw.get("search", {}).get("num_samples"),
         "summary": location.read_json(SUMMARY_FILE),
-        "best_so_far": {"trial_id": best.trial_id, "value": best.best, "config": best.config} if best else None,
+        "best_so_far": {"trial_id": best.trial_id, "value": best.best, "config": best.config}
+        if best
+        else None,
         "trials": [{k: v for k, v in asdict(t).items() if k != "results"} for t in trials],
-    }  # fmt: skip
+    }
 
 
 def list_sweeps(fs, root: str) -> list[str]:

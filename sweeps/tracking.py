@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cluster.endpoints import mlflow_experiment_id as experiment_id
+from chestxpert.cluster.endpoints import mlflow_experiment_id as experiment_id
 
 SWEEP_TAG = "chestxpert.sweep"
 TRIAL_TAG = "chestxpert.trial_id"
@@ -48,8 +48,14 @@ def plain_params(values: dict[str, Any]) -> dict[str, str]:
     return {key: str(value)[:6000] for key, value in values.items()}
 
 
-def parent_run(tracking_uri: str, experiment: str, sweep: str, params: dict[str, Any], tags: dict[str, str],
-               reuse: str | None = None) -> str:  # fmt: skip
+def parent_run(
+    tracking_uri: str,
+    experiment: str,
+    sweep: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    reuse: str | None = None,
+) -> str:
     """Create the sweep's parent run and return its id; `reuse` (a recorded run id) is returned if it exists."""
     client = _client(tracking_uri)
     exp = experiment_id(client, experiment)
@@ -90,8 +96,16 @@ def trial_run(
     existing = find_run(client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
     if existing is not None:
         return existing.info.run_id
-    run = client.create_run(experiment, run_name=f"{sweep}-{trial_id}", tags={
-        PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, "chestxpert.role": "trial"})  # fmt: skip
+    run = client.create_run(
+        experiment,
+        run_name=f"{sweep}-{trial_id}",
+        tags={
+            PARENT_TAG: parent_run_id,
+            SWEEP_TAG: sweep,
+            TRIAL_TAG: trial_id,
+            "chestxpert.role": "trial",
+        },
+    )
     _log_params(client, run.info.run_id, config)
     return run.info.run_id
 
@@ -189,8 +203,11 @@ class NestedMlflowCallback(Callback):
                 self._do(action, args)
             except Exception as err:
                 if not self.warned:
-                    print(f"MLflow at {self.tracking_uri} did not answer ({type(err).__name__}); "
-                          "queueing metrics and retrying (or run `chestxpert sweep mlflow-sync`)", flush=True)  # fmt: skip
+                    print(
+                        f"MLflow at {self.tracking_uri} did not answer ({type(err).__name__}); "
+                        "queueing metrics and retrying (or run `chestxpert sweep mlflow-sync`)",
+                        flush=True,
+                    )
                     self.warned = True
                 return False
             self.pending.popleft()
@@ -246,8 +263,18 @@ class NestedMlflowCallback(Callback):
         )
 
 
-_NOT_METRICS = {"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
-                "iterations_since_restore", "pid", "done", "timesteps_total", "episodes_total"}  # fmt: skip
+_NOT_METRICS = {
+    "training_iteration",
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "time_since_restore",
+    "iterations_since_restore",
+    "pid",
+    "done",
+    "timesteps_total",
+    "episodes_total",
+}
 
 
 def _is_metric(key: str, value: Any) -> bool:
@@ -256,8 +283,16 @@ def _is_metric(key: str, value: Any) -> bool:
     )
 
 
-def sync_trial(client, experiment: str, sweep: str, parent_run_id: str, trial_id: str,
-               config: dict, results: list[dict], reason: str | None) -> int:  # fmt: skip
+def sync_trial(
+    client,
+    experiment: str,
+    sweep: str,
+    parent_run_id: str,
+    trial_id: str,
+    config: dict,
+    results: list[dict],
+    reason: str | None,
+) -> int:
     """Make one trial's MLflow run hold every result from storage; return how many metric values were added."""
     from mlflow.entities import Metric
 

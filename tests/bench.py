@@ -11,9 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
-from cluster.processes import free_port, session_members, stop_group
-from cluster.stack import StackOptions, start_mlflow, start_s3
-from tests.conftest import short_tmpdir, stack_port_flags
+from chestxpert.cluster.processes import free_port, session_members, stop_group
+from chestxpert.cluster.stack import StackOptions, start_mlflow, start_s3
+from tests.conftest import CHESTXPERT_CLI, short_tmpdir, stack_port_flags
 
 
 def _session_rss_mb(sid: int) -> float:
@@ -79,11 +79,11 @@ def bench_parquet_pipeline_vs_png_decode() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from cluster.endpoints import resolve
-    from datasets.nih import read_nih
-    from datasets.prepare import PrepareOptions, prepare
-    from datasets.reader import make_tf_dataset, open_dataset
-    from datasets.synth import generate
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.datasets.nih import read_nih
+    from chestxpert.datasets.prepare import PrepareOptions, prepare
+    from chestxpert.datasets.reader import make_tf_dataset, open_dataset
+    from chestxpert.datasets.synth import generate
 
     work = Path(tempfile.mkdtemp(prefix="cx-bench-"))
     images, original = 400, 1024  # NIH originals are 1024×1024 PNGs
@@ -134,7 +134,7 @@ def bench_parquet_pipeline_vs_png_decode() -> None:
 
 
 def read_split_ids(dataset) -> list[str]:
-    from datasets.reader import read_split
+    from chestxpert.datasets.reader import read_split
 
     return list(read_split(dataset, "train", columns=("image_id",))["image_id"])
 
@@ -162,9 +162,13 @@ def _child(
         f"import json, sys; from tests.bench import {function}; {function}(json.loads(sys.argv[1]))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(spec)], cwd=REPO, env={**os.environ, **(env or {})},
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-c", code, json.dumps(spec)],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{function} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -179,29 +183,37 @@ def _bare_fit(spec: dict) -> None:
 
     import numpy as np
 
-    from trainable.config import TrialConfig
-    from trainable.train import _process_age_seconds, configure_runtime
+    from chestxpert.trainable.config import TrialConfig
+    from chestxpert.trainable.train import _process_age_seconds, configure_runtime
 
     config = TrialConfig.from_dict(spec["config"])
     runtime = configure_runtime(config, spec["cpus"])  # the trial's threads, precision and seeds
     import keras
     import tensorflow as tf
 
-    from datasets.reader import make_tf_dataset, open_dataset
-    from trainable.augment import make_augmentation
-    from trainable.backbones import build_model
-    from trainable.losses import make_loss
-    from trainable.optim import make_optimizer
+    from chestxpert.datasets.reader import make_tf_dataset, open_dataset
+    from chestxpert.trainable.augment import make_augmentation
+    from chestxpert.trainable.backbones import build_model
+    from chestxpert.trainable.losses import make_loss
+    from chestxpert.trainable.optim import make_optimizer
 
     dataset = open_dataset(config.dataset)
     labels, manifest = dataset.labels, dataset.manifest
     steps = math.ceil(dataset.count("train") / config.batch_size)
     model = build_model(
-        config.backbone, config.image_size, len(labels), dropout=config.dropout,
+        config.backbone,
+        config.image_size,
+        len(labels),
+        dropout=config.dropout,
         augmentation=make_augmentation(config),
-    )  # fmt: skip
-    loss = make_loss(config.loss, len(labels), manifest.get("pos_weight"),
-                     manifest.get("neg_weight"), gamma=config.focal_gamma)  # fmt: skip
+    )
+    loss = make_loss(
+        config.loss,
+        len(labels),
+        manifest.get("pos_weight"),
+        manifest.get("neg_weight"),
+        gamma=config.focal_gamma,
+    )
     model.compile(optimizer=make_optimizer(config, steps), loss=loss, jit_compile=config.xla)
 
     def pack(images, labels, mask):
@@ -213,7 +225,7 @@ def _bare_fit(spec: dict) -> None:
         .apply(tf.data.experimental.assert_cardinality(steps))
     )
     # Keras' own validation pass over the same whole validation split, as a user's fit has.
-    from datasets.reader import read_split
+    from chestxpert.datasets.reader import read_split
 
     val = read_split(dataset, "val")
     mask = (~np.isnan(val["labels"])).astype(np.float32)
@@ -233,10 +245,24 @@ def _bare_fit(spec: dict) -> None:
         def on_epoch_end(self, epoch, logs=None):
             self.seconds.append(time.monotonic() - self.started)
 
-    model.fit(pipeline, epochs=config.epochs, callbacks=[EpochTimer()], verbose=0, shuffle=False,
-              validation_data=(val["image"], val_targets), validation_batch_size=max(32, config.batch_size))  # fmt: skip
-    print(json.dumps({"epoch_seconds": EpochTimer.seconds, "startup_seconds": EpochTimer.startup_seconds,
-                      "runtime": runtime}))  # fmt: skip
+    model.fit(
+        pipeline,
+        epochs=config.epochs,
+        callbacks=[EpochTimer()],
+        verbose=0,
+        shuffle=False,
+        validation_data=(val["image"], val_targets),
+        validation_batch_size=max(32, config.batch_size),
+    )
+    print(
+        json.dumps(
+            {
+                "epoch_seconds": EpochTimer.seconds,
+                "startup_seconds": EpochTimer.startup_seconds,
+                "runtime": runtime,
+            }
+        )
+    )
 
 
 def _trial_loop(spec: dict) -> None:
@@ -244,8 +270,8 @@ def _trial_loop(spec: dict) -> None:
     import json
     import time
 
-    from trainable.config import TrialConfig
-    from trainable.train import run_trial
+    from chestxpert.trainable.config import TrialConfig
+    from chestxpert.trainable.train import run_trial
 
     config = TrialConfig.from_dict({**spec["config"], "cpus": spec["cpus"]})
     epoch_seconds, between_reports, last = [], [], [time.monotonic()]
@@ -268,8 +294,14 @@ def _tune_trial(spec: dict) -> None:
 
     from ray import tune
 
-    from sweeps.tracking import TRIAL_TAG, NestedMlflowCallback, _client, find_run, parent_run
-    from trainable.train import train
+    from chestxpert.sweeps.tracking import (
+        TRIAL_TAG,
+        NestedMlflowCallback,
+        _client,
+        find_run,
+        parent_run,
+    )
+    from chestxpert.trainable.train import train
 
     parent = parent_run(spec["mlflow_url"], "bench", "bench", {"backbone": "densenet_tiny"}, {})
     logger = NestedMlflowCallback(
@@ -293,14 +325,19 @@ def _tune_trial(spec: dict) -> None:
     run = find_run(client, experiment, {TRIAL_TAG: result.metrics["trial_id"]})
     logged = sum(len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics)
     state = json.loads((Path(result.checkpoint.path) / "state.json").read_text())
-    print(json.dumps({
-        "epoch_seconds": rows["epoch_seconds"].tolist(),
-        "iteration_seconds": rows["time_this_iter_s"].tolist(),
-        "startup_seconds": float(rows["startup_seconds"].iloc[0]),
-        "fit_seconds": fit_seconds, "mlflow_values": logged,
-        "mlflow_epochs": len(client.get_metric_history(run.info.run_id, "epoch_seconds")),
-        "runtime": state["runtime"],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "epoch_seconds": rows["epoch_seconds"].tolist(),
+                "iteration_seconds": rows["time_this_iter_s"].tolist(),
+                "startup_seconds": float(rows["startup_seconds"].iloc[0]),
+                "fit_seconds": fit_seconds,
+                "mlflow_values": logged,
+                "mlflow_epochs": len(client.get_metric_history(run.info.run_id, "epoch_seconds")),
+                "runtime": state["runtime"],
+            }
+        )
+    )
 
 
 def bench_tune_trial_vs_bare_fit() -> None:
@@ -308,10 +345,10 @@ def bench_tune_trial_vs_bare_fit() -> None:
     import statistics
     import tempfile
 
-    from cluster.endpoints import resolve
-    from cluster.stack import start_ray_head
-    from datasets.prepare import PrepareOptions, prepare
-    from datasets.synth import generate
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.cluster.stack import start_ray_head
+    from chestxpert.datasets.prepare import PrepareOptions, prepare
+    from chestxpert.datasets.synth import generate
 
     work = Path(tempfile.mkdtemp(prefix="cx-bench-"))
     ws = short_tmpdir("cxb")  # Ray's socket paths must stay short
@@ -322,9 +359,13 @@ def bench_tune_trial_vs_bare_fit() -> None:
         endpoints = resolve(workspace=work / "ws", environ={})
         manifest = prepare(str(work / "raw"), str(work / "prepared"), opts, endpoints)
         config = {
-            "dataset": str(work / "prepared"), "backbone": "densenet_tiny", "image_size": 64,
-            "epochs": TUNE_BENCH_EPOCHS, "batch_size": 16, "seed": 0,
-        }  # fmt: skip
+            "dataset": str(work / "prepared"),
+            "backbone": "densenet_tiny",
+            "image_size": 64,
+            "epochs": TUNE_BENCH_EPOCHS,
+            "batch_size": 16,
+            "seed": 0,
+        }
         print(
             f"  {manifest['splits']['train']['images']} training images, batch 16, "
             f"{TUNE_BENCH_EPOCHS} epochs, {TUNE_BENCH_CPUS} CPUs; epoch 1 (tracing) left out",
@@ -340,23 +381,32 @@ def bench_tune_trial_vs_bare_fit() -> None:
         bare_before = _child("_bare_fit", bare_spec, env=bare_env)
         loop = _child("_trial_loop", bare_spec, env=bare_env)
 
-        ray_head = start_ray_head(StackOptions(
-            workspace=ws, ray_port=free_port(), dashboard_port=free_port(),
-            num_cpus=TUNE_BENCH_CPUS, object_store_memory=200 * 1024**2,
-        ))  # fmt: skip
+        ray_head = start_ray_head(
+            StackOptions(
+                workspace=ws,
+                ray_port=free_port(),
+                dashboard_port=free_port(),
+                num_cpus=TUNE_BENCH_CPUS,
+                object_store_memory=200 * 1024**2,
+            )
+        )
         records.append(ray_head)
         mlflow = start_mlflow(
             StackOptions(workspace=ws, mlflow_port=free_port()), (ws / "s").as_uri()
         )
         records.append(mlflow)
         client_env = {
-            "RAY_ADDRESS": ray_head["address"], "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": ray_head["auth_token_path"], "RAY_USAGE_STATS_ENABLED": "0",
-        }  # fmt: skip
+            "RAY_ADDRESS": ray_head["address"],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": ray_head["auth_token_path"],
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         tune_spec = {
-            "config": config, "cpus": TUNE_BENCH_CPUS, "mlflow_url": mlflow["url"],
+            "config": config,
+            "cpus": TUNE_BENCH_CPUS,
+            "mlflow_url": mlflow["url"],
             "storage": str(work / "tune"),
-        }  # fmt: skip
+        }
         trial = _child("_tune_trial", tune_spec, env=client_env, timeout=900)
         while records:
             record = records.pop()
@@ -385,8 +435,11 @@ def bench_tune_trial_vs_bare_fit() -> None:
     line("run_trial no Ray, train", loop_epochs)
     line("run_trial no Ray, report", loop_iterations, "  <- between reports")
     line("Tune trial, train", tune_epochs, "  <- epoch_seconds")
-    line("Tune trial, iteration", tune_iterations,
-         "  <- time_this_iter_s: + validation, AUC, checkpoint, report")  # fmt: skip
+    line(
+        "Tune trial, iteration",
+        tune_iterations,
+        "  <- time_this_iter_s: + validation, AUC, checkpoint, report",
+    )
     runtime = trial["runtime"]
     print(
         f"  both sides: TF intra-op threads {runtime['intra_op_threads']}, inter-op "
@@ -422,11 +475,11 @@ started = time.monotonic()
 import tensorflow, keras
 imported = time.monotonic()
 import numpy as np
-from trainable.augment import make_augmentation
-from trainable.backbones import build_model, get_backbone
-from trainable.config import TrialConfig
-from trainable.losses import make_loss
-from trainable.train import configure_runtime
+from chestxpert.trainable.augment import make_augmentation
+from chestxpert.trainable.backbones import build_model, get_backbone
+from chestxpert.trainable.config import TrialConfig
+from chestxpert.trainable.losses import make_loss
+from chestxpert.trainable.train import configure_runtime
 config = TrialConfig(backbone=sys.argv[1])
 configure_runtime(config, os.cpu_count() or 1)
 size = max(get_backbone(config.backbone).min_size, 64)
@@ -455,7 +508,7 @@ def bench_startup_per_backbone() -> None:
     import subprocess
     import sys
 
-    from trainable.backbones import BACKBONES
+    from chestxpert.trainable.backbones import BACKBONES
 
     reference = "densenet121"
     reference_step = None
@@ -468,9 +521,12 @@ def bench_startup_per_backbone() -> None:
     measured = 0
     for name in sorted(BACKBONES, key=lambda n: n != reference):  # the reference first
         result = subprocess.run(
-            [sys.executable, "-c", _STARTUP_PROBE, name], cwd=REPO, capture_output=True, text=True,
+            [sys.executable, "-c", _STARTUP_PROBE, name],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
             timeout=600,
-        )  # fmt: skip
+        )
         if result.returncode != 0:
             print(f"  {name:18s} failed: {result.stderr.strip().splitlines()[-1]}", flush=True)
             continue
@@ -528,7 +584,7 @@ def _two_sweeps(spec: dict) -> None:
     import os
     import time
 
-    from cluster.endpoints import prepare_ray_environment, resolve
+    from chestxpert.cluster.endpoints import prepare_ray_environment, resolve
 
     work = Path(spec["work"])
     # Ray fixes its auth mode at import and caches the token for the process: one
@@ -537,20 +593,27 @@ def _two_sweeps(spec: dict) -> None:
     from ray import tune  # noqa: F401  # imported before the clocks start: both sweeps find it loaded
     from ray.tune.search.optuna import OptunaSearch  # noqa: F401
 
-    from sweeps.run import locate, run_sweep
-    from sweeps.spec import parse_spec
-    from sweeps.status import read_trials
+    from chestxpert.sweeps.layout import locate
+    from chestxpert.sweeps.run import run_sweep
+    from chestxpert.sweeps.spec import parse_spec
+    from chestxpert.sweeps.status import read_trials
 
     out = {}
     for label, algorithm, scheduler in spec["sides"]:
         endpoints = resolve(
-            workspace=work / "ws", storage=str(work / f"storage-{label}"),
-            mlflow_tracking_uri=f"sqlite:///{work / f'mlflow-{label}.db'}", environ={},
-        )  # fmt: skip
+            workspace=work / "ws",
+            storage=str(work / f"storage-{label}"),
+            mlflow_tracking_uri=f"sqlite:///{work / f'mlflow-{label}.db'}",
+            environ={},
+        )
         text = _ASHA_SPEC.format(
-            name=f"bench-{label}", dataset=spec["dataset"], epochs=spec["epochs"],
-            algorithm=algorithm, trials=spec["trials"], scheduler=scheduler,
-        )  # fmt: skip
+            name=f"bench-{label}",
+            dataset=spec["dataset"],
+            epochs=spec["epochs"],
+            algorithm=algorithm,
+            trials=spec["trials"],
+            scheduler=scheduler,
+        )
         sweep = parse_spec(text, source=f"bench-{label}")
         cpu = os.times()
         started = time.monotonic()
@@ -559,28 +622,34 @@ def _two_sweeps(spec: dict) -> None:
         driver_cpu = sum(os.times()[:2]) - sum(cpu[:2])
         rows = read_trials(locate(endpoints, sweep.name), sweep.metric, sweep.mode, spec["epochs"])
         out[label] = {
-            "wall": wall, "driver_cpu": driver_cpu, "trials": len(rows), "errors": summary["errors"],
-            "epochs": [row.epochs for row in rows], "best": [row.best for row in rows],
-            "ended": [row.ended for row in rows], "best_metric": summary.get("best_metric"),
+            "wall": wall,
+            "driver_cpu": driver_cpu,
+            "trials": len(rows),
+            "errors": summary["errors"],
+            "epochs": [row.epochs for row in rows],
+            "best": [row.best for row in rows],
+            "ended": [row.ended for row in rows],
+            "best_metric": summary.get("best_metric"),
             "best_config": summary.get("best_config"),
-        }  # fmt: skip
+        }
     print(json.dumps(out, default=str))
 
 
 def bench_asha_vs_random_full_length() -> None:
     """densenet_tiny sweep at 64 px: Optuna + ASHA versus random search with every trial at full length."""
 
-    from cluster.endpoints import resolve
-    from datasets.prepare import PrepareOptions, prepare
-    from datasets.synth import generate
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.datasets.prepare import PrepareOptions, prepare
+    from chestxpert.datasets.synth import generate
 
     work = short_tmpdir("cxb")  # the workspace's Ray folder must stay short
     try:
         generate(work / "raw", images=ASHA_IMAGES, size=64, seed=0, progress=False)
         # A third of the patients for validation: every trial's metric comes from it, and a
         # 0.01 AUC target needs a few hundred images (the test split is not used here).
-        opts = PrepareOptions(source="nih", image_size=64, val_fraction=0.3, test_fraction=0.05,
-                              progress=False)  # fmt: skip
+        opts = PrepareOptions(
+            source="nih", image_size=64, val_fraction=0.3, test_fraction=0.05, progress=False
+        )
         endpoints = resolve(workspace=work / "ws", environ={})
         manifest = prepare(str(work / "raw"), str(work / "prepared"), opts, endpoints)
         scheduler = f"{{type: asha, max_t: {ASHA_EPOCHS}, grace_period: 1, reduction_factor: 3}}"
@@ -594,8 +663,13 @@ def bench_asha_vs_random_full_length() -> None:
         )
         # Both sweeps in one child process (a fresh driver whatever ran before in this one);
         # ASHA first, so any warm-cache advantage goes to the random side.
-        spec = {"work": str(work), "dataset": str(work / "prepared"), "epochs": ASHA_EPOCHS,
-                "trials": ASHA_TRIALS, "sides": sides}  # fmt: skip
+        spec = {
+            "work": str(work),
+            "dataset": str(work / "prepared"),
+            "epochs": ASHA_EPOCHS,
+            "trials": ASHA_TRIALS,
+            "sides": sides,
+        }
         result = _child("_two_sweeps", spec, timeout=3 * 3600)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -608,8 +682,10 @@ def bench_asha_vs_random_full_length() -> None:
             f"{' '.join(str(e) for e in side['epochs'])})  wall {side['wall']:6.1f} s  "
             f"best val_auc_macro {best}  errors {side['errors']}  driver CPU {side['driver_cpu']:.1f} s"
         )
-        print(f"  {'':24s} best config: lr {side['best_config'].get('learning_rate', 0):.2e}, "
-              f"dropout {side['best_config'].get('dropout', 0):.3f}")  # fmt: skip
+        print(
+            f"  {'':24s} best config: lr {side['best_config'].get('learning_rate', 0):.2e}, "
+            f"dropout {side['best_config'].get('dropout', 0):.3f}"
+        )
     a, b = result["asha"], result["random"]
     if a["best_metric"] is None or b["best_metric"] is None:
         print("  a side reported no val_auc_macro: no ratio")
@@ -634,9 +710,9 @@ def _driver_fits(spec: dict) -> None:
     import resource
     import time
 
-    from cluster.endpoints import apply_client_environment, resolve
-    from cluster.processes import session_members
-    from cluster.stack import ensure_ray_token, ray_temp_dir
+    from chestxpert.cluster.endpoints import apply_client_environment, resolve
+    from chestxpert.cluster.processes import session_members
+    from chestxpert.cluster.stack import ensure_ray_token, ray_temp_dir
 
     ws = Path(spec["workspace"])
     endpoints = resolve(workspace=ws, mlflow_tracking_uri=spec["mlflow_url"], environ={})
@@ -645,10 +721,15 @@ def _driver_fits(spec: dict) -> None:
     import ray
     from ray import tune
 
-    from sweeps.tracking import NestedMlflowCallback, _client, parent_run
+    from chestxpert.sweeps.tracking import NestedMlflowCallback, _client, parent_run
 
-    ray.init(include_dashboard=False, logging_level="WARNING", configure_logging=False,
-             _temp_dir=str(ray_temp_dir(ws)), log_to_driver=False)  # fmt: skip
+    ray.init(
+        include_dashboard=False,
+        logging_level="WARNING",
+        configure_logging=False,
+        _temp_dir=str(ray_temp_dir(ws)),
+        log_to_driver=False,
+    )
     reports = spec["reports"]
 
     def instant(config):
@@ -690,22 +771,32 @@ def _driver_fits(spec: dict) -> None:
             tune.with_resources(instant, {"cpu": spec["cpus"]}),
             param_space={"x": tune.uniform(0.5, 1.0)},
             tune_config=tune.TuneConfig(num_samples=trials, metric="val_auc_macro", mode="max"),
-            run_config=tune.RunConfig(name=name, storage_path=str(ws / "storage"), callbacks=callbacks,
-                                      verbose=0),
-        )  # fmt: skip
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(ws / "storage"), callbacks=callbacks, verbose=0
+            ),
+        )
         usage, server = resource.getrusage(resource.RUSAGE_SELF), server_cpu()
         started = time.monotonic()
         tuner.fit()
         seconds = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-        row = {"seconds": seconds, "cpu": cpu, "server_cpu": server_cpu() - server,
-               "results": count.results, "errors": count.errors, "trials": trials}  # fmt: skip
+        row = {
+            "seconds": seconds,
+            "cpu": cpu,
+            "server_cpu": server_cpu() - server,
+            "results": count.results,
+            "errors": count.errors,
+            "trials": trials,
+        }
         if mlflow:
             client = _client(spec["mlflow_url"])
             experiment = client.get_experiment_by_name("bench-driver").experiment_id
-            runs = client.search_runs([experiment], f"tags.`chestxpert.sweep` = '{name}' and "
-                                      "tags.`chestxpert.role` = 'trial'", max_results=1000)  # fmt: skip
+            runs = client.search_runs(
+                [experiment],
+                f"tags.`chestxpert.sweep` = '{name}' and tags.`chestxpert.role` = 'trial'",
+                max_results=1000,
+            )
             row["mlflow_runs"] = len(runs)
             row["mlflow_values"] = sum(
                 len(client.get_metric_history(run.info.run_id, "val_auc_macro")) for run in runs
@@ -727,11 +818,19 @@ def bench_driver_overhead() -> None:
     ws = short_tmpdir("cxb")  # Ray's socket paths must stay short
     record = None
     try:
-        record = start_mlflow(StackOptions(workspace=ws / "mlflow", mlflow_port=free_port()),
-                              (ws / "mlflow" / "s").as_uri())  # fmt: skip
-        spec = {"workspace": str(ws), "mlflow_url": record["url"], "mlflow_pid": record["pid"],
-                "trials": DRIVER_TRIALS, "reports": DRIVER_REPORTS, "cpus": DRIVER_TRIAL_CPUS,
-                "warmup": 4}  # fmt: skip
+        record = start_mlflow(
+            StackOptions(workspace=ws / "mlflow", mlflow_port=free_port()),
+            (ws / "mlflow" / "s").as_uri(),
+        )
+        spec = {
+            "workspace": str(ws),
+            "mlflow_url": record["url"],
+            "mlflow_pid": record["pid"],
+            "trials": DRIVER_TRIALS,
+            "reports": DRIVER_REPORTS,
+            "cpus": DRIVER_TRIAL_CPUS,
+            "warmup": 4,
+        }
         print(
             f"  {DRIVER_TRIALS} trials x {DRIVER_REPORTS} reports, {DRIVER_TRIAL_CPUS} CPU per trial "
             f"(Tune's default: a new actor per trial), MLflow server at {record['url']} "
@@ -775,7 +874,6 @@ def bench_demo_report() -> None:
     import json
     import os
     import subprocess
-    import sys
 
     reports = sorted(
         Path(".chestxpert/reports").glob("demo-*/metrics.json"), key=lambda p: p.stat().st_mtime
@@ -785,30 +883,58 @@ def bench_demo_report() -> None:
     else:  # no demo has run here: a scaled-down one in a scratch workspace
         ws = short_tmpdir("cxbd")
         ports = stack_port_flags()
-        subprocess.run([sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "800",
-                        "--samples", "2", "--epochs", "2", "--stop", *ports], check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})  # fmt: skip
+        subprocess.run(
+            [
+                CHESTXPERT_CLI,
+                "--workspace",
+                str(ws),
+                "demo",
+                "--images",
+                "800",
+                "--samples",
+                "2",
+                "--epochs",
+                "2",
+                "--stop",
+                *ports,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
         reports = sorted(ws.glob("reports/demo-*/metrics.json"))
         source = f"a scaled-down demo (800 images, 2 trials, 2 epochs) in {ws}"
     metrics = json.loads(reports[-1].read_text())
     evaluation = metrics["evaluation"]
     print(f"  from {source}")
     layer = metrics["gradcam_layer"]
-    print(f"  {metrics['image_size']} px; test macro AUC {evaluation['auc_macro']:.3f} (micro "
-          f"{evaluation['auc_micro']:.3f}) on {evaluation['counts']['images']} images; Grad-CAM layer {layer}")  # fmt: skip
+    print(
+        f"  {metrics['image_size']} px; test macro AUC {evaluation['auc_macro']:.3f} (micro "
+        f"{evaluation['auc_micro']:.3f}) on {evaluation['counts']['images']} images; Grad-CAM layer {layer}"
+    )
     print(
         f"  {'finding':20s} {'boxes':>5s} {'pointing':>9s} {'baseline':>9s} {'IoU':>6s} {'baseline':>9s}"
     )
     localization = sorted(metrics["localization"].items())
     for label, item in localization:
-        print(f"  {label:20s} {item['n']:5d} {item['pointing_hit_rate']:9.2f} "
-              f"{item['baseline_pointing_hit_rate']:9.2f} {item['mean_iou']:6.2f} {item['baseline_mean_iou']:9.2f}")  # fmt: skip
-    better = [label for label, item in localization
-              if item["pointing_hit_rate"] > item["baseline_pointing_hit_rate"]]  # fmt: skip
-    worse = [label for label, item in localization
-             if item["pointing_hit_rate"] < item["baseline_pointing_hit_rate"]]  # fmt: skip
-    print(f"  pointing game above the centre baseline for {len(better)} of {len(localization)} findings"
-          f"{', below for ' + ', '.join(worse) if worse else ''}")  # fmt: skip
+        print(
+            f"  {label:20s} {item['n']:5d} {item['pointing_hit_rate']:9.2f} "
+            f"{item['baseline_pointing_hit_rate']:9.2f} {item['mean_iou']:6.2f} {item['baseline_mean_iou']:9.2f}"
+        )
+    better = [
+        label
+        for label, item in localization
+        if item["pointing_hit_rate"] > item["baseline_pointing_hit_rate"]
+    ]
+    worse = [
+        label
+        for label, item in localization
+        if item["pointing_hit_rate"] < item["baseline_pointing_hit_rate"]
+    ]
+    print(
+        f"  pointing game above the centre baseline for {len(better)} of {len(localization)} findings"
+        f"{', below for ' + ', '.join(worse) if worse else ''}"
+    )
 
 
 BENCHMARKS = [

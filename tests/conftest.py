@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.processes import free_port, stop_group
-from cluster.stack import (
+from chestxpert.cluster.processes import free_port, stop_group
+from chestxpert.cluster.stack import (
     LOCAL_BUCKET,
     StackOptions,
     ensure_ray_token,
@@ -29,6 +29,9 @@ from cluster.stack import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# The installed console script, as users run it: `python -m` would put the current folder
+# first on sys.path, where the repository's top-level folders could shadow other packages.
+CHESTXPERT_CLI = str(Path(sys.executable).parent / "chestxpert")
 # Tests reach no cloud: without this, the AWS SDK would ask 169.254.169.254 for an instance profile.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
@@ -41,8 +44,14 @@ def short_tmpdir(prefix: str) -> Path:
 def stack_port_flags() -> list[str]:
     """`chestxpert up`/`demo` flags giving Ray, its dashboard and MLflow free ports, so a
     stack started by a test or benchmark never meets one already running here."""
-    return ["--ray-port", str(free_port()), "--dashboard-port", str(free_port()),
-            "--mlflow-port", str(free_port())]  # fmt: skip
+    return [
+        "--ray-port",
+        str(free_port()),
+        "--dashboard-port",
+        str(free_port()),
+        "--mlflow-port",
+        str(free_port()),
+    ]
 
 
 @dataclass(frozen=True)
@@ -68,9 +77,13 @@ def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
     """Head (1 CPU, no GPU) plus two worker nodes (1 CPU, 1 logical GPU each), nodes with `node_env`."""
     ws = short_tmpdir("cxr")
     opts = StackOptions(
-        workspace=ws, ray_port=free_port(), dashboard_port=free_port(),
-        num_cpus=1, num_gpus=0, object_store_memory=200 * 1024**2,
-    )  # fmt: skip
+        workspace=ws,
+        ray_port=free_port(),
+        dashboard_port=free_port(),
+        num_cpus=1,
+        num_gpus=0,
+        object_store_memory=200 * 1024**2,
+    )
     head = start_ray_head(opts, extra_env=node_env)
     records = [head]
     try:
@@ -87,7 +100,7 @@ def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
                     num_gpus=1,
                     object_store_memory=200 * 1024**2,
                     extra_env=node_env,
-                )  # fmt: skip
+                )
             )
         cluster = RayCluster(head["address"], head["dashboard_url"], token, ws, tuple(records))
         wait_for_nodes(cluster, expected=3)
@@ -178,9 +191,12 @@ def s3_client(s3_endpoint: S3Endpoint):
 
     env = s3_endpoint.env()
     return boto3.client(
-        "s3", endpoint_url=s3_endpoint.url, region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )  # fmt: skip
+        "s3",
+        endpoint_url=s3_endpoint.url,
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 @pytest.fixture
@@ -191,9 +207,12 @@ def s3_filesystem(s3_endpoint: S3Endpoint):
     env = s3_endpoint.env()
     host = s3_endpoint.url.split("://", 1)[1]
     return pafs.S3FileSystem(
-        endpoint_override=host, scheme="http", region=env["AWS_DEFAULT_REGION"],
-        access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-    )  # fmt: skip
+        endpoint_override=host,
+        scheme="http",
+        region=env["AWS_DEFAULT_REGION"],
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 @dataclass(frozen=True)
@@ -226,9 +245,9 @@ class SyntheticDataset:
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
     """Synthetic phantoms (NIH layout, 64×64) prepared once per session into Parquet shards."""
-    from cluster.endpoints import resolve
-    from datasets.prepare import PrepareOptions, prepare
-    from datasets.synth import generate
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.datasets.prepare import PrepareOptions, prepare
+    from chestxpert.datasets.synth import generate
 
     root = tmp_path_factory.mktemp("synthetic")
     generate(root / "raw", images=600, size=64, seed=0, difficulty=0.1, progress=False)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from trainable.backbones import BACKBONES, DEFAULT_BACKBONE, build_model, get_backbone
+from chestxpert.trainable.backbones import BACKBONES, DEFAULT_BACKBONE, build_model, get_backbone
 
 NUM_LABELS = 3
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster import endpoints
-from cluster.processes import (
+from chestxpert.cluster import endpoints
+from chestxpert.cluster.errors import UserError
+from chestxpert.cluster.processes import (
     ServiceError,
     free_port,
     process_start_time,
@@ -22,18 +23,21 @@ from cluster.processes import (
     stop_group,
     wait_until,
 )
-from cluster.stack import RAY_TEMP_DIR_MAX, ray_temp_dir
-from cluster.workspace import write_state
-from tests.conftest import RayCluster, ray_summary, short_tmpdir
+from chestxpert.cluster.stack import RAY_TEMP_DIR_MAX, ray_temp_dir
+from chestxpert.cluster.workspace import write_state
+from tests.conftest import CHESTXPERT_CLI, RayCluster, ray_summary, short_tmpdir
 
-CLI = [sys.executable, "-m", "cluster.cli"]
+CLI = [CHESTXPERT_CLI]
 
 
 def run_cli(*args: str, workspace: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, "--workspace", str(workspace), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=workspace,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=workspace,
+    )
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -198,23 +202,38 @@ def test_ray_temp_dir_stays_short_enough_for_unix_sockets(tmp_path: Path) -> Non
 FIELDS = {
     "ray_address": ("RAY_ADDRESS", "address", "10.0.0.1:6379", "10.0.0.2:6379", "10.0.0.3:6379"),
     "mlflow_tracking_uri": (
-        "MLFLOW_TRACKING_URI", "url", "http://flag:5000", "http://env:5000", "http://ws:5000",
+        "MLFLOW_TRACKING_URI",
+        "url",
+        "http://flag:5000",
+        "http://env:5000",
+        "http://ws:5000",
     ),
-    "storage": ("CHESTXPERT_STORAGE", None, "s3://flag-bucket/x", "s3://env-bucket/x", "s3://ws-bucket/x"),
-}  # fmt: skip
+    "storage": (
+        "CHESTXPERT_STORAGE",
+        None,
+        "s3://flag-bucket/x",
+        "s3://env-bucket/x",
+        "s3://ws-bucket/x",
+    ),
+}
 
 
 def _workspace_with_state(tmp_path: Path) -> Path:
     write_state(
         tmp_path,
         {
-            "ray": {"address": "10.0.0.3:6379", "dashboard_url": "http://10.0.0.3:8265",
-                    "auth_token_path": "/ws/token", "url": "http://10.0.0.3:8265", "pid": 1},
+            "ray": {
+                "address": "10.0.0.3:6379",
+                "dashboard_url": "http://10.0.0.3:8265",
+                "auth_token_path": "/ws/token",
+                "url": "http://10.0.0.3:8265",
+                "pid": 1,
+            },
             "mlflow": {"url": "http://ws:5000", "pid": 2},
             "s3": {"url": "http://127.0.0.1:9999", "pid": 3},
             "storage_uri": "s3://ws-bucket/x",
         },
-    )  # fmt: skip
+    )
     return tmp_path
 
 
@@ -269,8 +288,10 @@ def test_s3_endpoint_and_ray_token_follow_their_sources(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["gs://bucket/x", "s3://", "hdfs://nn/x"])
 def test_unsupported_storage_uri_is_a_clear_error(bad: str) -> None:
-    with pytest.raises(ValueError, match="storage URI"):
+    with pytest.raises(ValueError, match="expected"):
         endpoints.normalize_storage_uri(bad)
+    with pytest.raises(UserError, match=r"^storage URI .*expected.*\(from the flag\)$"):
+        endpoints.resolve(storage=bad, environ={})
 
 
 def test_endpoints_never_hold_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,7 +366,7 @@ def test_local_storage_paths_with_spaces_round_trip(tmp_path: Path) -> None:
 
 
 def test_free_ports_are_outside_the_ephemeral_range_and_free_on_every_interface() -> None:
-    from cluster.processes import FREE_PORTS
+    from chestxpert.cluster.processes import FREE_PORTS
 
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     ports = {free_port() for _ in range(50)}

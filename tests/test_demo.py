@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from cluster.processes import session_members
-from tests.conftest import REPO, short_tmpdir, stack_port_flags
+from chestxpert.cluster.processes import session_members
+from tests.conftest import CHESTXPERT_CLI, REPO, short_tmpdir, stack_port_flags
 
 
 @pytest.mark.services
@@ -17,14 +16,39 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
     ws = short_tmpdir("cxd")
     ports = stack_port_flags()
     result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "--workspace", str(ws), "demo", "--images", "300", "--samples", "2",
-         "--epochs", "2", "--image-size", "64", "--stop", *ports],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            CHESTXPERT_CLI,
+            "--workspace",
+            str(ws),
+            "demo",
+            "--images",
+            "300",
+            "--samples",
+            "2",
+            "--epochs",
+            "2",
+            "--image-size",
+            "64",
+            "--stop",
+            *ports,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
-    for step in ("[1/4] drawing 300 synthetic", "[2/4] preparing", "[3/4] sweep demo-", "best trial", "[4/4] final",
-                 "demo finished", "report.html", "models:/"):  # fmt: skip
+    for step in (
+        "[1/4] drawing 300 synthetic",
+        "[2/4] preparing",
+        "[3/4] sweep demo-",
+        "best trial",
+        "[4/4] final",
+        "demo finished",
+        "report.html",
+        "models:/",
+    ):
         assert step in out, step
     assert (ws / "data" / "synth-300-64" / "manifest.json").exists()
     summaries = list((ws / "storage").glob("demo-*/chestxpert_summary.json"))

@@ -182,8 +182,12 @@ def test_dockerfile_environment_keeps_token_auth_and_quiet_defaults() -> None:
     assert [remote.replace("~", env["HOME"], 1) for remote in mounted] == [
         env["RAY_AUTH_TOKEN_PATH"]
     ]
-    names = [item.partition("=")[0] for keyword, args in dockerfile_instructions()
-             if keyword in ("ENV", "ARG") for item in shlex.split(args)]  # fmt: skip
+    names = [
+        item.partition("=")[0]
+        for keyword, args in dockerfile_instructions()
+        if keyword in ("ENV", "ARG")
+        for item in shlex.split(args)
+    ]
     baked = [name for name in names if SECRET_NAME.search(name) and name != "RAY_AUTH_TOKEN_PATH"]
     assert baked == [], f"no credential may be baked into the image: {baked}"
 
@@ -217,20 +221,42 @@ def dockerignore_excludes(path: str) -> bool:
 
 @pytest.mark.parametrize(
     "path",
-    [".venv/bin/python", ".chestxpert/ray_auth_token", ".git/HEAD", ".env", "cluster/.env",
-     "cluster/.env.example", "data/nih/images_001/x.png", "mlruns/0/meta.yaml", "shards/train-0.parquet",
-     "tests/fixtures/nih_sample/images/a.png", "cluster/__pycache__/cli.cpython-311.pyc",
-     ".pytest_cache/v/cache", ".ruff_cache/x", "models/best/model.keras", "chestxpert.egg-info/PKG-INFO"],
-)  # fmt: skip
+    [
+        ".venv/bin/python",
+        ".chestxpert/ray_auth_token",
+        ".git/HEAD",
+        ".env",
+        "cluster/.env",
+        "cluster/.env.example",
+        "data/nih/images_001/x.png",
+        "mlruns/0/meta.yaml",
+        "shards/train-0.parquet",
+        "tests/fixtures/nih_sample/images/a.png",
+        "cluster/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v/cache",
+        ".ruff_cache/x",
+        "models/best/model.keras",
+        "chestxpert.egg-info/PKG-INFO",
+    ],
+)
 def test_dockerignore_keeps_out(path: str) -> None:
     assert dockerignore_excludes(path)
 
 
 @pytest.mark.parametrize(
     "path",
-    ["pyproject.toml", "README.md", "LICENSE.md", "cluster/cli.py", "datasets/nih_label_rates.json",
-     "sweeps/examples/nih-densenet121-gpu.yaml", "trainable/train.py", "results/report.py"],
-)  # fmt: skip
+    [
+        "pyproject.toml",
+        "README.md",
+        "LICENSE.md",
+        "chestxpert/cli.py",
+        "cluster/endpoints.py",
+        "datasets/nih_label_rates.json",
+        "sweeps/examples/nih-densenet121-gpu.yaml",
+        "trainable/train.py",
+        "results/report.py",
+    ],
+)
 def test_dockerignore_keeps_what_pip_install_needs(path: str) -> None:
     assert (REPO / path).exists()
     assert not dockerignore_excludes(path)
@@ -418,8 +444,11 @@ def interpolate(value: str, env: dict[str, str]) -> str:
 
 
 def env_example() -> dict[str, str]:
-    pairs = [line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    pairs = [
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     return {key.strip(): value.strip() for key, value in pairs}
 
 
@@ -521,8 +550,10 @@ def test_mlflow_runs_with_basic_auth_a_postgres_store_and_minio_artifacts() -> N
     assert (
         destination.scheme == "s3" and f"mc mb --ignore-existing local/{destination.netloc}" in init
     )
-    assert mlflow["depends_on"] == {"postgres": {"condition": "service_healthy"},
-                                    "minio-init": {"condition": "service_completed_successfully"}}  # fmt: skip
+    assert mlflow["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "minio-init": {"condition": "service_completed_successfully"},
+    }
     # The server is the clients' MLflow minor version.
     # With the `auth` extra: --app-name basic-auth refuses to start without Flask-WTF.
     install = re.search(r"mlflow\[([^\]]*)\]==([0-9.]+)", mlflow["build"]["dockerfile_inline"])
@@ -587,8 +618,12 @@ def test_docker_compose_accepts_the_file_with_the_example_env() -> None:
         pytest.skip(
             "`docker compose` is not installed here; the file is checked by the tests above only"
         )
-    result = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "-q"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -668,17 +703,17 @@ def test_kuberay_config_map_service_account_and_secrets_by_reference() -> None:
 
 
 def test_rayjob_runs_the_gpu_sweep_spec_from_the_image() -> None:
-    from cluster.cli import build_parser
+    from chestxpert.cli import build_parser
 
     job = kuberay_docs(RAYJOB)[0]
     assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
     entrypoint = job["spec"]["entrypoint"]
-    assert "python -m cluster.cli sweep run sweeps/examples/nih-densenet121-gpu.yaml" in entrypoint
+    assert "chestxpert sweep run sweeps/examples/nih-densenet121-gpu.yaml" in entrypoint
     workdir, _, command = entrypoint.partition(" && ")
     assert workdir == "cd " + next(
         args for keyword, args in dockerfile_instructions() if keyword == "WORKDIR"
     )
-    argv = shlex.split(command)[3:]
+    argv = shlex.split(command)[1:]
     assert (REPO / argv[-1]).is_file()
     assert build_parser().parse_args(argv).sweep_command == "run"
 
@@ -686,16 +721,30 @@ def test_rayjob_runs_the_gpu_sweep_spec_from_the_image() -> None:
 # -------------------------------------------------------------------------------------- runbook
 
 RUNBOOK_STEPS = [
-    "docker build", "docker push", "ray get-auth-token --generate", "file_mounts",
-    "docker compose -f cluster/compose.yaml", "ray up cluster.yaml", "ray dashboard cluster.yaml",
-    "http://127.0.0.1:8265", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI",
+    "docker build",
+    "docker push",
+    "ray get-auth-token --generate",
+    "file_mounts",
+    "docker compose -f cluster/compose.yaml",
+    "ray up cluster.yaml",
+    "ray dashboard cluster.yaml",
+    "http://127.0.0.1:8265",
+    "RAY_AUTH_MODE=token",
+    "RAY_AUTH_TOKEN_PATH",
+    "MLFLOW_TRACKING_URI",
     "CHESTXPERT_STORAGE",
     "chestxpert sweep submit sweeps/examples/nih-densenet121-gpu.yaml --address http://127.0.0.1:8265",
-    "--follow", "chestxpert sweep status nih-densenet121-224 --storage s3://", "chestxpert final",
-    "chestxpert pull-best nih-densenet121-224 --final --to models/", "chestxpert predict models:/",
-    "@champion", "ray down cluster.yaml", "kubectl apply -f cluster/kuberay/raycluster.yaml",
-    "kubectl apply -f cluster/kuberay/rayjob.yaml", "## What was tested here and what was not",
-]  # fmt: skip
+    "--follow",
+    "chestxpert sweep status nih-densenet121-224 --storage s3://",
+    "chestxpert final",
+    "chestxpert pull-best nih-densenet121-224 --final --to models/",
+    "chestxpert predict models:/",
+    "@champion",
+    "ray down cluster.yaml",
+    "kubectl apply -f cluster/kuberay/raycluster.yaml",
+    "kubectl apply -f cluster/kuberay/rayjob.yaml",
+    "## What was tested here and what was not",
+]
 
 
 @pytest.mark.parametrize("step", RUNBOOK_STEPS)
@@ -711,7 +760,7 @@ def runbook_command_lines() -> list[str]:
 def test_every_runbook_command_parses_with_the_real_parsers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cluster.cli import build_parser
+    from chestxpert.cli import build_parser
 
     monkeypatch.chdir(REPO)  # `ray up cluster.yaml` checks that the file exists
     parsed: list[str] = []
@@ -732,7 +781,17 @@ def test_every_runbook_command_parses_with_the_real_parsers(
     for line in runbook_command_lines():
         if line.startswith(("chestxpert ", "ray ")):
             check(shlex.split(line, comments=True))
-    for expected in ["sweep submit", "sweep status", "sweep resume", "final nih-densenet121-224",
-                     "pull-best nih-densenet121-224", "predict models:/chestxpert-nih-densenet121@champion",
-                     "ray up", "ray dashboard", "ray exec", "ray down", "ray get-auth-token"]:  # fmt: skip
+    for expected in [
+        "sweep submit",
+        "sweep status",
+        "sweep resume",
+        "final nih-densenet121-224",
+        "pull-best nih-densenet121-224",
+        "predict models:/chestxpert-nih-densenet121@champion",
+        "ray up",
+        "ray dashboard",
+        "ray exec",
+        "ray down",
+        "ray get-auth-token",
+    ]:
         assert expected in parsed, f"the runbook runs no `{expected}` ({parsed})"

@@ -25,8 +25,8 @@ import pytest
 import requests
 from PIL import Image
 
-from datasets import download
-from datasets.download import (
+from chestxpert.datasets import download
+from chestxpert.datasets.download import (
     NIH_FILES,
     KaggleCredentials,
     NihFile,
@@ -38,8 +38,8 @@ from datasets.download import (
     unpack_nih_archive,
     verify_archive,
 )
-from datasets.nih import BBOX_FILE, LABEL_FILES, OFFICIAL_LISTS, read_nih
-from datasets.schema import DatasetError
+from chestxpert.datasets.nih import BBOX_FILE, LABEL_FILES, OFFICIAL_LISTS, read_nih
+from chestxpert.datasets.schema import DatasetError
 
 FAKE_KEY = "fake-kaggle-key-5f1c9e0b7a3d"
 NIH_HEADER = (
@@ -487,9 +487,14 @@ def test_download_nih_full_uses_archives_placed_by_hand_without_network(
     nih_tar(to / "images_02.tar.gz", second)  # the name NIH's own script gives it
     (to / LABEL_FILES[0]).write_text("\n".join([NIH_HEADER, *label_rows(first + second)]) + "\n")
     offline = f"http://127.0.0.1:{closed_port()}"
-    monkeypatch.setattr(download, "NIH_FILES", (
-        NihFile("images_001.tar.gz", f"{offline}/1.gz"), NihFile("images_002.tar.gz", f"{offline}/2.gz"),
-    ))  # fmt: skip
+    monkeypatch.setattr(
+        download,
+        "NIH_FILES",
+        (
+            NihFile("images_001.tar.gz", f"{offline}/1.gz"),
+            NihFile("images_002.tar.gz", f"{offline}/2.gz"),
+        ),
+    )
 
     download_nih_full(to, progress=False)
 
@@ -503,9 +508,11 @@ def test_download_nih_full_offline_lists_the_archives_to_fetch_by_hand(
     to.mkdir()
     nih_tar(to / "images_001.tar.gz", image_names(1, 2))
     offline = f"http://127.0.0.1:{closed_port()}"
-    monkeypatch.setattr(download, "NIH_FILES", tuple(
-        NihFile(f"images_{n:03d}.tar.gz", f"{offline}/{n}.gz") for n in (1, 2, 3)
-    ))  # fmt: skip
+    monkeypatch.setattr(
+        download,
+        "NIH_FILES",
+        tuple(NihFile(f"images_{n:03d}.tar.gz", f"{offline}/{n}.gz") for n in (1, 2, 3)),
+    )
 
     with pytest.raises(DatasetError) as caught:
         download_nih_full(to, progress=False)
@@ -732,21 +739,33 @@ def _http_error(status: int) -> requests.HTTPError:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (requests.ConnectionError(f"key={FAKE_KEY} [Errno -3] Temporary failure in name resolution"),
-         "could not reach www.kaggle.com: [Errno -3] Temporary failure in name resolution"),
-        (requests.ConnectTimeout(f"timed out with key {FAKE_KEY}"), "could not reach www.kaggle.com: timed out"),
-        (requests.ConnectionError(f"proxy refused login {FAKE_KEY}"),
-         "could not reach www.kaggle.com: proxy refused login ***"),
+        (
+            requests.ConnectionError(
+                f"key={FAKE_KEY} [Errno -3] Temporary failure in name resolution"
+            ),
+            "could not reach www.kaggle.com: [Errno -3] Temporary failure in name resolution",
+        ),
+        (
+            requests.ConnectTimeout(f"timed out with key {FAKE_KEY}"),
+            "could not reach www.kaggle.com: timed out",
+        ),
+        (
+            requests.ConnectionError(f"proxy refused login {FAKE_KEY}"),
+            "could not reach www.kaggle.com: proxy refused login ***",
+        ),
         (_http_error(401), "Kaggle rejected the Kaggle credentials of user alice"),
         (_http_error(404), "HTTP 404"),
         (SystemExit(1), "did not accept"),
     ],
     ids=["dns", "timeout", "proxy", "401", "404", "client-exits"],
-)  # fmt: skip
+)
 def test_kaggle_client_failures_are_explained_without_the_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    error: BaseException, expected: str,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: BaseException,
+    expected: str,
+) -> None:
     install_fake_kaggle(monkeypatch, error=error)
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", FAKE_KEY)
@@ -773,9 +792,17 @@ def _write_json(path: Path, content: object) -> None:
 
 @pytest.mark.parametrize(
     "place",
-    ["environment", "api-token-variable", "env-file-given", "dotenv-in-cwd", "home-kaggle-json",
-     "config-dir-kaggle-json", "xdg-kaggle-json", "access-token-file"],
-)  # fmt: skip
+    [
+        "environment",
+        "api-token-variable",
+        "env-file-given",
+        "dotenv-in-cwd",
+        "home-kaggle-json",
+        "config-dir-kaggle-json",
+        "xdg-kaggle-json",
+        "access-token-file",
+    ],
+)
 def test_kaggle_credentials_says_which_source_it_used(
     tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch, place: str
 ) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from datasets.schema import NIH_LABELS
-from results import evaluate as ev
-from results.evaluate import (
+from chestxpert.datasets.schema import NIH_LABELS
+from chestxpert.results import evaluate as ev
+from chestxpert.results.evaluate import (
     CHEXNET_REFERENCE_AUROC,
     EvaluationError,
     ThresholdChoice,
@@ -98,9 +98,13 @@ def test_label_without_both_classes_gets_default_threshold_and_is_flagged(method
 
 @pytest.mark.parametrize(
     ("method", "target", "message"),
-    [("f1", None, "unknown"), ("sensitivity", None, "target_sensitivity"),
-     ("sensitivity", 1.5, "target_sensitivity"), ("youden", 0.9, "method='sensitivity'")],
-)  # fmt: skip
+    [
+        ("f1", None, "unknown"),
+        ("sensitivity", None, "target_sensitivity"),
+        ("sensitivity", 1.5, "target_sensitivity"),
+        ("youden", 0.9, "method='sensitivity'"),
+    ],
+)
 def test_threshold_options_that_do_not_fit_say_what_to_pass(method, target, message):
     y_true, y_prob, _, labels = synthetic_split(n_images=40)
     with pytest.raises(EvaluationError, match=message):
@@ -349,9 +353,12 @@ def test_chexnet_reference_covers_the_nih_labels():
 
 @pytest.mark.parametrize(
     ("y_true", "y_prob", "message"),
-    [(np.zeros((4, 2)), np.zeros((4, 3)), "same shape"), (np.full((4, 3), 2.0), np.zeros((4, 3)), "1, 0 or NaN"),
-     (np.zeros((4, 3)), np.full((4, 3), 3.0), "sigmoid")],
-)  # fmt: skip
+    [
+        (np.zeros((4, 2)), np.zeros((4, 3)), "same shape"),
+        (np.full((4, 3), 2.0), np.zeros((4, 3)), "1, 0 or NaN"),
+        (np.zeros((4, 3)), np.full((4, 3), 3.0), "sigmoid"),
+    ],
+)
 def test_inputs_that_do_not_fit_are_user_errors(y_true, y_prob, message):
     with pytest.raises(EvaluationError, match=message):
         operating_point_metrics(y_true, y_prob, dict.fromkeys("abc", 0.5), list("abc"))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, SyntheticDataset
+from tests.conftest import CHESTXPERT_CLI, REPO, SyntheticDataset
 
 pytestmark = pytest.mark.services
 
@@ -20,19 +19,38 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
     """A one-trial sweep run to the end with an in-process Ray; its storage and workspace."""
     root = tmp_path_factory.mktemp("final")
     spec = {
-        "name": "tiny-final", "dataset": str(synthetic_dataset.prepared), "model_name": "tiny-final-model",
+        "name": "tiny-final",
+        "dataset": str(synthetic_dataset.prepared),
+        "model_name": "tiny-final-model",
         "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
-        "search": {"num_samples": 1, "max_concurrent": 1}, "scheduler": {"type": "none"},
-    }  # fmt: skip
+        "search": {"num_samples": 1, "max_concurrent": 1},
+        "scheduler": {"type": "none"},
+    }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {**dict(__import__("os").environ), "MLFLOW_TRACKING_URI": mlflow_server.url,
-           "CHESTXPERT_STORAGE": str(root / "storage"), "CHESTXPERT_WORKSPACE": str(root / "ws")}  # fmt: skip
+    env = {
+        **dict(__import__("os").environ),
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "CHESTXPERT_STORAGE": str(root / "storage"),
+        "CHESTXPERT_WORKSPACE": str(root / "ws"),
+    }
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-m", "cluster.cli", "sweep", "run", str(root / "spec.yaml")], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [CHESTXPERT_CLI, "sweep", "run", str(root / "spec.yaml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    final = subprocess.run([sys.executable, "-m", "cluster.cli", "final", "tiny-final", "--local", "--bootstrap", "200"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    final = subprocess.run(
+        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     return {"root": root, "env": env, "stdout": final.stdout, "mlflow": mlflow_server.url}
 
@@ -73,9 +91,9 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
 
 
 def test_thresholds_come_from_validation_and_travel_with_the_model(finished_sweep: dict) -> None:
-    from datasets.reader import open_dataset, read_split
-    from results.evaluate import choose_thresholds
-    from trainable.checkpoint import file_sha256, load_model, read_state
+    from chestxpert.datasets.reader import open_dataset, read_split
+    from chestxpert.results.evaluate import choose_thresholds
+    from chestxpert.trainable.checkpoint import file_sha256, load_model, read_state
 
     model_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "model"
     state = read_state(model_dir)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from results.gradcam import (
+from chestxpert.results.gradcam import (
     BOX_COLOUR,
     GradCam,
     box_mask,
@@ -24,7 +24,7 @@ from results.gradcam import (
     pointing_game,
     select_examples,
 )
-from trainable.backbones import build_model, get_backbone
+from chestxpert.trainable.backbones import build_model, get_backbone
 
 SIZE = 64
 PATCH = 8  # the blob model sees the image as 8x8 cells of 8x8 pixels
@@ -357,7 +357,7 @@ def test_overlay_draws_the_heatmap_the_box_and_the_title():
     ("size", "layer", "side"), [(224, "relu", 7), (128, "pool4_relu", 8), (64, "pool3_relu", 8)]
 )
 def test_the_report_explains_densenet121s_deepest_map_of_at_least_7x7(size, layer, side):
-    from results.final import _gradcam_layer
+    from chestxpert.results.final import _gradcam_layer
 
     model = build_model("densenet121", size, 14)
     chosen, note = _gradcam_layer(model, get_backbone("densenet121").last_conv_layer, None)

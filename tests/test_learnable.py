@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.endpoints import resolve
-from datasets.prepare import PrepareOptions, prepare
-from datasets.synth import generate
-from trainable.config import TrialConfig
-from trainable.train import run_trial
+from chestxpert.cluster.endpoints import resolve
+from chestxpert.datasets.prepare import PrepareOptions, prepare
+from chestxpert.datasets.synth import generate
+from chestxpert.trainable.config import TrialConfig
+from chestxpert.trainable.train import run_trial
 
 
 def test_small_cnn_learns_synthetic_phantoms_to_macro_auc_075(tmp_path: Path) -> None:
@@ -22,10 +22,16 @@ def test_small_cnn_learns_synthetic_phantoms_to_macro_auc_075(tmp_path: Path) ->
         opts,
         resolve(workspace=tmp_path / "ws", environ={}),
     )
-    config = TrialConfig.from_dict({
-        "dataset": str(tmp_path / "prepared"), "backbone": "densenet_tiny", "epochs": 6,
-        "batch_size": 32, "learning_rate": 0.001, "seed": 0,
-    })  # fmt: skip
+    config = TrialConfig.from_dict(
+        {
+            "dataset": str(tmp_path / "prepared"),
+            "backbone": "densenet_tiny",
+            "epochs": 6,
+            "batch_size": 32,
+            "learning_rate": 0.001,
+            "seed": 0,
+        }
+    )
     history: list[dict] = []
     run_trial(config, lambda metrics, _checkpoint: history.append(metrics))
     aucs = [round(m["val_auc_macro"], 3) for m in history]

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cluster.endpoints import resolve
-from datasets import prepare as prepare_module
-from datasets.prepare import PrepareOptions, assign_splits, loss_weights, prepare
-from datasets.reader import make_tf_dataset, open_dataset, read_split
-from datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.cluster.endpoints import resolve
+from chestxpert.datasets import prepare as prepare_module
+from chestxpert.datasets.prepare import PrepareOptions, assign_splits, loss_weights, prepare
+from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
+from chestxpert.datasets.schema import NIH_LABELS, DatasetError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -59,8 +59,10 @@ def test_nih_fixture_prepares_into_manifest_and_shards(nih_copy: Path, tmp_path:
     assert manifest["labels"] == list(NIH_LABELS) and manifest["image_size"] == 64
     assert manifest["patients_disjoint"] is True
     assert {split: manifest["splits"][split]["images"] for split in ("train", "val", "test")} == {
-        "train": 2, "val": 1, "test": 2,
-    }  # fmt: skip
+        "train": 2,
+        "val": 1,
+        "test": 2,
+    }
     dataset = open_dataset(str(out), local(tmp_path))
     test = read_split(dataset, "test", columns=("image", "labels", "image_id"))
     # the official test list is the test split
@@ -97,8 +99,9 @@ def test_loss_weights_match_a_plain_loop_and_skip_unknown_labels() -> None:
 def _table(patients: int, images_each: int) -> pd.DataFrame:
     rows = [
         {"image_id": f"{p:08d}_{i:03d}.png", "patient_id": str(p), "official_split": None}
-        for p in range(patients) for i in range(images_each)
-    ]  # fmt: skip
+        for p in range(patients)
+        for i in range(images_each)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -243,8 +246,15 @@ def test_official_split_without_lists_says_what_to_do(nih_copy: Path, tmp_path: 
 
 
 def test_chexpert_ignored_labels_become_masked(tmp_path: Path) -> None:
-    opts = PrepareOptions(source="chexpert", image_size=32, split="official", uncertain="ignore",
-                          workers=1, progress=False, val_fraction=0.3)  # fmt: skip
+    opts = PrepareOptions(
+        source="chexpert",
+        image_size=32,
+        split="official",
+        uncertain="ignore",
+        workers=1,
+        progress=False,
+        val_fraction=0.3,
+    )
     out = tmp_path / "cx"
     manifest = prepare(str(FIXTURES / "chexpert"), str(out), opts, local(tmp_path))
     assert manifest["uncertain_policy"] == "ignore" and manifest["labels"][0] == "No Finding"

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.endpoints import resolve
-from datasets.images import load_gray_square
-from datasets.schema import NIH_LABELS
-from results.predict import (
+from chestxpert.cluster.endpoints import resolve
+from chestxpert.datasets.images import load_gray_square
+from chestxpert.datasets.schema import NIH_LABELS
+from chestxpert.results.predict import (
     DEFAULT_THRESHOLD_SOURCE,
     FINAL_THRESHOLD_SOURCE,
     PredictError,
@@ -28,15 +28,15 @@ from results.predict import (
     predict,
     read_image,
 )
-from results.pull import (
+from chestxpert.results.pull import (
     ChecksumError,
     PullError,
     load_lines,
     pull_best,
     resolve_model,
 )
-from sweeps.run import SPEC_FILE, SUMMARY_FILE
-from trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
+from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE
+from chestxpert.trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 NIH_IMAGES = REPO / "tests" / "fixtures" / "nih_full" / "images_001" / "images"
@@ -53,17 +53,19 @@ def trial_checkpoint(tmp_path_factory) -> Path:
     """A densenet_tiny trial checkpoint as training writes it (model, state, checksum)."""
     import keras
 
-    from trainable.backbones import build_model
-    from trainable.checkpoint import write_checkpoint
+    from chestxpert.trainable.backbones import build_model
+    from chestxpert.trainable.checkpoint import write_checkpoint
 
     keras.utils.set_random_seed(0)
     model = build_model("densenet_tiny", SIZE, len(NIH_LABELS))
     model.compile(optimizer="adam", loss="binary_crossentropy")
     state = {
-        "epoch": 2, "labels": list(NIH_LABELS), "metrics": {"val_auc_macro": 0.61},
+        "epoch": 2,
+        "labels": list(NIH_LABELS),
+        "metrics": {"val_auc_macro": 0.61},
         "preprocessing": {"image_size": SIZE, "channels": 1, "dtype": "uint8"},
         "config": {"backbone": "densenet_tiny", "image_size": SIZE},
-    }  # fmt: skip
+    }
     folder = write_checkpoint(model, state, tmp_path_factory.mktemp("trial") / CHECKPOINT)
     assert (folder / f"{MODEL_FILE}.sha256").read_text().strip() == file_sha256(folder / MODEL_FILE)
     return folder
@@ -103,8 +105,15 @@ def lay_out_sweep(
     best_folder = sweep / TRIAL / CHECKPOINT
     shutil.copytree(checkpoint, best_folder)
     (sweep / SPEC_FILE).write_text(json.dumps({"spec": {}, "raw": {"name": SWEEP}}))
-    summary = {"name": SWEEP, "metric": "val_auc_macro", "mode": "max", "trials": 2, "errors": 0,
-               "best_trial_id": TRIAL, "best_checkpoint": best or str(best_folder)}  # fmt: skip
+    summary = {
+        "name": SWEEP,
+        "metric": "val_auc_macro",
+        "mode": "max",
+        "trials": 2,
+        "errors": 0,
+        "best_trial_id": TRIAL,
+        "best_checkpoint": best or str(best_folder),
+    }
     (sweep / SUMMARY_FILE).write_text(json.dumps(summary))
     if final is not None:
         shutil.copytree(final, sweep / "final" / "model")
@@ -146,7 +155,7 @@ def test_pull_best_from_a_local_storage_and_load_it(
 
     lines = load_lines(pulled)
     assert lines.splitlines() == [
-        "from trainable.checkpoint import load_model",
+        "from chestxpert.trainable.checkpoint import load_model",
         f'model = load_model("{pulled}", compile=False)',
     ]
     namespace: dict = {}
@@ -156,8 +165,12 @@ def test_pull_best_from_a_local_storage_and_load_it(
 
 def test_pull_best_follows_a_storage_that_was_moved(trial_checkpoint, tmp_path) -> None:
     # The summary was written on another machine whose storage lived at /mnt/storage.
-    lay_out_sweep(tmp_path / "storage", trial_checkpoint, None,
-                  best=f"/mnt/storage/{SWEEP}/{TRIAL}/{CHECKPOINT}")  # fmt: skip
+    lay_out_sweep(
+        tmp_path / "storage",
+        trial_checkpoint,
+        None,
+        best=f"/mnt/storage/{SWEEP}/{TRIAL}/{CHECKPOINT}",
+    )
     pulled = pull_best(SWEEP, tmp_path / "out", endpoints=local_endpoints(tmp_path), progress=False)
     assert_same_files(pulled, trial_checkpoint)
 
@@ -210,14 +223,34 @@ def _deleted_checkpoint(sweep: Path) -> str:
 @pytest.mark.parametrize(
     "breakage, final, expected",
     [
-        (_unknown_sweep, False, r"no sweep named 'nope': looked for file://.*/storage/nope \(sweeps there: pneumo\)"),
-        (_unfinished, False, r"sweep 'pneumo' has not finished: .* no chestxpert_summary.json.*sweep resume pneumo"),
-        (_missing_state, False, r"not a complete checkpoint: missing state.json \(found model.keras, model.keras.sha256\)"),
-        (_deleted_checkpoint, False, r"best checkpoint of sweep 'pneumo', .*checkpoint_000002 .* is missing"),
-        (lambda sweep: SWEEP, True, r"no final model yet \(looked in .*/pneumo/final/model\); run `chestxpert final pneumo` first"),
+        (
+            _unknown_sweep,
+            False,
+            r"no sweep named 'nope': looked for file://.*/storage/nope \(sweeps there: pneumo\)",
+        ),
+        (
+            _unfinished,
+            False,
+            r"sweep 'pneumo' has not finished: .* no chestxpert_summary.json.*sweep resume pneumo",
+        ),
+        (
+            _missing_state,
+            False,
+            r"not a complete checkpoint: missing state.json \(found model.keras, model.keras.sha256\)",
+        ),
+        (
+            _deleted_checkpoint,
+            False,
+            r"best checkpoint of sweep 'pneumo', .*checkpoint_000002 .* is missing",
+        ),
+        (
+            lambda sweep: SWEEP,
+            True,
+            r"no final model yet \(looked in .*/pneumo/final/model\); run `chestxpert final pneumo` first",
+        ),
     ],
     ids=["unknown-sweep", "unfinished", "missing-file", "deleted-checkpoint", "no-final"],
-)  # fmt: skip
+)
 def test_pull_best_errors_say_what_to_do(
     trial_checkpoint, tmp_path, breakage, final, expected
 ) -> None:
@@ -238,8 +271,12 @@ def test_pull_best_and_resolve_model_from_the_s3_endpoint(
     prefix = f"pull-{uuid.uuid4().hex[:8]}"
     endpoints = resolve(workspace=tmp_path / "ws", storage=f"s3://{s3_endpoint.bucket}/{prefix}")
     best_key = f"{prefix}/{SWEEP}/{TRIAL}/{CHECKPOINT}"
-    sweep = lay_out_sweep(tmp_path / "layout", trial_checkpoint, final_model,
-                          best=f"s3://{s3_endpoint.bucket}/{best_key}")  # fmt: skip
+    sweep = lay_out_sweep(
+        tmp_path / "layout",
+        trial_checkpoint,
+        final_model,
+        best=f"s3://{s3_endpoint.bucket}/{best_key}",
+    )
     for path in sweep.rglob("*"):
         if path.is_file():
             key = f"{prefix}/{SWEEP}/{path.relative_to(sweep).as_posix()}"
@@ -352,10 +389,13 @@ def _dicom_without_pydicom(tmp_path: Path) -> Path:
     [
         (_missing, r"image .*no_such_image.png does not exist"),
         (_not_an_image, r"cannot read image .*notes.png: .*Expected PNG or JPEG"),
-        (_dicom_without_pydicom, r"scan.dcm is a DICOM file; reading DICOM needs pydicom: pip install pydicom"),
+        (
+            _dicom_without_pydicom,
+            r"scan.dcm is a DICOM file; reading DICOM needs pydicom: pip install pydicom",
+        ),
     ],
     ids=["missing", "unreadable", "dicom-without-pydicom"],
-)  # fmt: skip
+)
 def test_bad_images_are_named(
     trial_checkpoint, sample_images, tmp_path, monkeypatch, make_image, expected
 ) -> None:
@@ -367,8 +407,13 @@ def test_bad_images_are_named(
 def test_dicom_is_rescaled_inverted_and_preprocessed_like_a_png(tmp_path, monkeypatch) -> None:
     rows, cols = np.mgrid[0:96, 0:80]  # smooth 12-bit "anatomy", taller than wide
     stored = (2000 + 1500 * np.sin(rows / 15.0) * np.cos(cols / 11.0)).astype(np.uint16)
-    dataset = SimpleNamespace(pixel_array=stored, RescaleSlope="2", RescaleIntercept="-1024",
-                              PhotometricInterpretation="MONOCHROME1", SamplesPerPixel=1)  # fmt: skip
+    dataset = SimpleNamespace(
+        pixel_array=stored,
+        RescaleSlope="2",
+        RescaleIntercept="-1024",
+        PhotometricInterpretation="MONOCHROME1",
+        SamplesPerPixel=1,
+    )
     monkeypatch.setitem(sys.modules, "pydicom", SimpleNamespace(dcmread=lambda path: dataset))
     no_suffix = tmp_path / "IM0001"  # DICOM found by its preamble, as PACS exports name them
     no_suffix.write_bytes(b"\0" * 128 + b"DICM")
@@ -411,11 +456,17 @@ def test_registered_champion_resolves_and_predicts(
     results = predict(folder, sample_images[:1])
     assert results[0]["threshold_source"] == FINAL_THRESHOLD_SOURCE
 
-    with pytest.raises(PullError, match=rf"model '{name}' in the MLflow registry at {mlflow_server.url} "
-                                        rf"has no alias 'staging' \(aliases: @champion → version 1\)"):  # fmt: skip
+    with pytest.raises(
+        PullError,
+        match=rf"model '{name}' in the MLflow registry at {mlflow_server.url} "
+        rf"has no alias 'staging' \(aliases: @champion → version 1\)",
+    ):
         resolve_model(f"models:/{name}@staging", endpoints)
-    with pytest.raises(PullError, match=rf"registry at {mlflow_server.url} has no model 'nobody' "
-                                        rf"\(registered models: .*{name}"):  # fmt: skip
+    with pytest.raises(
+        PullError,
+        match=rf"registry at {mlflow_server.url} has no model 'nobody' "
+        rf"\(registered models: .*{name}",
+    ):
         resolve_model("models:/nobody@champion", endpoints)
     with pytest.raises(PullError, match="expected models:/NAME@ALIAS"):
         resolve_model(f"models:/{name}/1", endpoints)

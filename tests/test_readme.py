@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CHESTXPERT_CLI, REPO
 
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.DOTALL)
@@ -27,8 +26,9 @@ def commands(block: str) -> list[str]:
 
 def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
     argv = command.split()
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", *argv[1:]], cwd=cwd, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [CHESTXPERT_CLI, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result
 
@@ -60,6 +60,11 @@ def test_dataset_and_training_blocks_run_verbatim(tmp_path: Path) -> None:
     sorted(set(re.findall(r"`chestxpert ((?:data |sweep )?[a-z][a-z-]*)", README))),
 )
 def test_every_listed_command_exists(command: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", *command.split(), "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [CHESTXPERT_CLI, *command.split(), "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, f"chestxpert {command}: {result.stderr[-1000:]}"

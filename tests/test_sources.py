@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.chexpert import read_chexpert
-from datasets.nih import read_nih
-from datasets.schema import CHEXPERT_LABELS, IMAGE_COLUMNS, NIH_LABELS, DatasetError
-from datasets.validate import check_image, parse_age_years
+from chestxpert.datasets.chexpert import read_chexpert
+from chestxpert.datasets.nih import read_nih
+from chestxpert.datasets.schema import CHEXPERT_LABELS, IMAGE_COLUMNS, NIH_LABELS, DatasetError
+from chestxpert.datasets.validate import check_image, parse_age_years
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NIH_FULL = FIXTURES / "nih_full"
@@ -169,8 +169,11 @@ def test_nih_kaggle_sample_layout() -> None:
     assert "Kaggle NIH sample" in table.notes[0]
     assert images["official_split"].isna().all()
     assert positives(labels_of(table, "00000013_005.png")) == {
-        "Emphysema", "Infiltration", "Pleural_Thickening", "Pneumothorax",
-    }  # fmt: skip
+        "Emphysema",
+        "Infiltration",
+        "Pleural_Thickening",
+        "Pneumothorax",
+    }
     assert images.loc["00000013_005.png", "age_years"] == 60.0  # written "060Y"
     assert images.loc["00019045_003.png", "age_years"] == pytest.approx(13 / 12)  # "013M"
     assert images.loc["00024680_000.png", "age_years"] == pytest.approx(1 / 365.25)  # "001D"

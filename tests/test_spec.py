@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized, Uniform
 
-from cluster.errors import UserError
-from sweeps.spec import MAX_REPORTED, SpecError, SweepSpec, load_spec, parse_spec, spec_from_dict
-from trainable.config import TrialConfig
+from chestxpert.cluster.errors import UserError
+from chestxpert.sweeps.spec import (
+    MAX_REPORTED,
+    SpecError,
+    SweepSpec,
+    load_spec,
+    parse_spec,
+    spec_from_dict,
+)
+from chestxpert.trainable.config import TrialConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "sweeps" / "examples").glob("*.yaml"))
 
@@ -66,9 +73,12 @@ def test_every_example_space_converts_for_optuna_and_starts_at_its_points(path: 
     searched = {key: value for key, value in spec.param_space().items() if key in spec.space}
     points = spec.search.points_to_evaluate
     searcher = OptunaSearch(
-        space=searched, metric=spec.metric, mode=spec.mode, seed=spec.search.seed,
+        space=searched,
+        metric=spec.metric,
+        mode=spec.mode,
+        seed=spec.search.seed,
         points_to_evaluate=points or None,
-    )  # fmt: skip
+    )
     for index in range(len(points) + 3):
         config = searcher.suggest(f"trial_{index}")
         if index < len(points):
@@ -116,23 +126,51 @@ def test_the_cpu_demo_is_sized_for_two_cores(monkeypatch, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("key", "yaml_dim", "domain", "sampler", "bounds", "every_value"),
     [
-        ("learning_rate", "{type: loguniform, low: 1.0e-5, high: 1.0e-2}", Float, LogUniform,
-         (1e-5, 1e-2), None),
+        (
+            "learning_rate",
+            "{type: loguniform, low: 1.0e-5, high: 1.0e-2}",
+            Float,
+            LogUniform,
+            (1e-5, 1e-2),
+            None,
+        ),
         ("dropout", "{type: uniform, low: 0.0, high: 0.5}", Float, Uniform, (0.0, 0.5), None),
         # quniform includes high; randint excludes it
-        ("weight_decay", "{type: quniform, low: 0.0, high: 0.001, q: 0.0001}", Float, Quantized,
-         (0.0, 0.001), {round(step * 1e-4, 10) for step in range(11)}),
-        ("rotation_deg", "{type: randint, low: 0, high: 10}", Integer, Uniform, (0, 10),
-         set(range(10))),
-        ("batch_size", "{type: choice, values: [16, 32, 64]}", Categorical, Uniform, None,
-         {16, 32, 64}),
+        (
+            "weight_decay",
+            "{type: quniform, low: 0.0, high: 0.001, q: 0.0001}",
+            Float,
+            Quantized,
+            (0.0, 0.001),
+            {round(step * 1e-4, 10) for step in range(11)},
+        ),
+        (
+            "rotation_deg",
+            "{type: randint, low: 0, high: 10}",
+            Integer,
+            Uniform,
+            (0, 10),
+            set(range(10)),
+        ),
+        (
+            "batch_size",
+            "{type: choice, values: [16, 32, 64]}",
+            Categorical,
+            Uniform,
+            None,
+            {16, 32, 64},
+        ),
     ],
     ids=["loguniform", "uniform", "quniform", "randint", "choice"],
-)  # fmt: skip
+)
 def test_each_dimension_type_becomes_its_ray_tune_object_and_samples_in_range(
-    key: str, yaml_dim: str, domain: type, sampler: type, bounds: tuple | None,
+    key: str,
+    yaml_dim: str,
+    domain: type,
+    sampler: type,
+    bounds: tuple | None,
     every_value: set | None,
-) -> None:  # fmt: skip
+) -> None:
     spec = parse_spec(HEADER + f"space:\n  {key}: {yaml_dim}\n")
     tune_object = spec.param_space()[key]
     assert isinstance(tune_object, domain)
@@ -154,9 +192,11 @@ def test_fixed_settings_come_through_as_plain_values_with_the_dataset() -> None:
     spec = parse_spec(HEADER + "  learning_rate: 1e-3\n  optimizer: sgd\n")
     # `1e-3` (no dot) is a float here, as in YAML 1.2, not the string PyYAML would give
     assert spec.trial_config_base() == {
-        "epochs": 4, "learning_rate": 0.001, "optimizer": "sgd",
+        "epochs": 4,
+        "learning_rate": 0.001,
+        "optimizer": "sgd",
         "dataset": "s3://bucket/prepared/nih-64",
-    }  # fmt: skip
+    }
     assert spec.param_space() == spec.trial_config_base()  # nothing searched
 
 
@@ -166,8 +206,11 @@ def test_defaults_are_filled_in_so_every_reader_sees_the_same_values() -> None:
     assert spec.scheduler.max_t == spec.epochs() == 4
     assert parse_spec("name: a\ndataset: s3://b/p\n").epochs() == TrialConfig.epochs
     assert (spec.metric, spec.mode, spec.max_retries, spec.checkpoints_to_keep) == (
-        "val_auc_macro", "max", 2, 2,
-    )  # fmt: skip
+        "val_auc_macro",
+        "max",
+        2,
+        2,
+    )
 
 
 def test_to_plain_dict_is_flat_for_mlflow_params() -> None:
@@ -180,8 +223,9 @@ def test_to_plain_dict_is_flat_for_mlflow_params() -> None:
 
 
 def test_overrides_replace_values_by_dotted_key() -> None:
-    spec = parse_spec(HEADER, overrides={"name": "other", "search.num_samples": 8,
-                                         "trial.epochs": 6})  # fmt: skip
+    spec = parse_spec(
+        HEADER, overrides={"name": "other", "search.num_samples": 8, "trial.epochs": 6}
+    )
     assert (spec.name, spec.search.num_samples, spec.epochs()) == ("other", 8, 6)
 
 
@@ -192,8 +236,10 @@ def test_a_bad_override_is_named_as_an_override() -> None:
         "its epochs; lower max_t or raise trial.epochs"
     ]
     problems = problems_of(HEADER, **{"search.num_samples": 0})
-    assert problems == ["sweep.yaml (override search.num_samples): search.num_samples must be "
-                        "greater than 0 (got 0)"]  # fmt: skip
+    assert problems == [
+        "sweep.yaml (override search.num_samples): search.num_samples must be "
+        "greater than 0 (got 0)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -209,11 +255,14 @@ def test_tpe_models_after_a_third_of_a_small_sweep_unless_told(samples, given, e
 def test_the_sweep_gives_optuna_a_seeded_tpe_sampler_with_those_startup_trials(
     tmp_path: Path,
 ) -> None:
-    from cluster.endpoints import resolve
-    from sweeps.run import _tuner_parts, locate
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.sweeps.layout import locate
+    from chestxpert.sweeps.run import _tuner_parts
 
-    spec = parse_spec(HEADER + "search:\n  num_samples: 12\n  seed: 3\nspace:\n"
-                      "  learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n")  # fmt: skip
+    spec = parse_spec(
+        HEADER + "search:\n  num_samples: 12\n  seed: 3\nspace:\n"
+        "  learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
+    )
     endpoints = resolve(workspace=tmp_path, storage=str(tmp_path / "storage"), environ={})
     _, tune_config, _ = _tuner_parts(spec, endpoints, locate(endpoints, spec.name), "parent-run")
     sampler = tune_config.search_alg.searcher._sampler
@@ -232,19 +281,30 @@ def test_the_sweep_gives_optuna_a_seeded_tpe_sampler_with_those_startup_trials(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: t\ndataset: s3://b/p\nschedular:\n  type: asha\n",
-         "sweep.yaml line 3: unknown key 'schedular'; did you mean 'scheduler'?"),
-        ("name: t\ndataset: s3://b/p\nserach: {num_samples: 3}\n",
-         "sweep.yaml line 3: unknown key 'serach'; did you mean 'search'?"),
-        ("name: t\ndataset: s3://b/p\nscheduler:\n  grace: 1\n",
-         "sweep.yaml line 4: unknown key 'grace' in scheduler; did you mean 'grace_period'?"),
-        ("name: t\ndataset: s3://b/p\nresources:\n  gpu: 1\n",
-         "sweep.yaml line 4: unknown key 'gpu' in resources; did you mean 'gpus'?"),
-        ("name: t\ndataset: s3://b/p\nspace:\n  dropout:\n    type: uniform\n    lo: 0.0\n"
-         "    high: 0.5\n", "sweep.yaml line 6: unknown key 'lo' in space.dropout; did you mean 'low'?"),
+        (
+            "name: t\ndataset: s3://b/p\nschedular:\n  type: asha\n",
+            "sweep.yaml line 3: unknown key 'schedular'; did you mean 'scheduler'?",
+        ),
+        (
+            "name: t\ndataset: s3://b/p\nserach: {num_samples: 3}\n",
+            "sweep.yaml line 3: unknown key 'serach'; did you mean 'search'?",
+        ),
+        (
+            "name: t\ndataset: s3://b/p\nscheduler:\n  grace: 1\n",
+            "sweep.yaml line 4: unknown key 'grace' in scheduler; did you mean 'grace_period'?",
+        ),
+        (
+            "name: t\ndataset: s3://b/p\nresources:\n  gpu: 1\n",
+            "sweep.yaml line 4: unknown key 'gpu' in resources; did you mean 'gpus'?",
+        ),
+        (
+            "name: t\ndataset: s3://b/p\nspace:\n  dropout:\n    type: uniform\n    lo: 0.0\n"
+            "    high: 0.5\n",
+            "sweep.yaml line 6: unknown key 'lo' in space.dropout; did you mean 'low'?",
+        ),
     ],
     ids=["top-level", "top-level-2", "scheduler", "resources", "dimension"],
-)  # fmt: skip
+)
 def test_unknown_keys_are_named_with_line_and_suggestion(text: str, expected: str) -> None:
     assert expected in problems_of(text)
 
@@ -270,49 +330,95 @@ def test_a_trial_key_that_is_not_a_trial_setting() -> None:
 @pytest.mark.parametrize(
     ("dimension", "expected"),
     [
-        ("learning_rate: {type: loguniform, low: 1.0e-2, high: 1.0e-3}",
-         "space.learning_rate: low must be < high (got 0.01 >= 0.001)"),
-        ("learning_rate: {type: loguniform, low: 0.0, high: 1.0e-3}",
-         "space.learning_rate: loguniform needs low > 0 (got 0.0); use uniform or quniform"),
-        ("dropout: {type: uniform, low: 0.0, high: 1.0}",
-         "space.dropout high: dropout must be in [0, 1), got 1.0"),
-        ("weight_decay: {type: uniform, low: -0.1, high: 0.1}",
-         "space.weight_decay low: weight_decay must be >= 0, got -0.1"),
-        ("batch_size: {type: randint, low: 0, high: 64}",
-         "space.batch_size low: batch_size must be > 0, got 0"),
-        ("batch_size: {type: uniform, low: 8, high: 64}",
-         "space.batch_size: batch_size is a whole number; search it with randint, choice or "
-         "quniform with a whole q, not uniform"),
-        ("batch_size: {type: quniform, low: 8, high: 64, q: 2.5}",
-         "space.batch_size: batch_size is a whole number, so low, high and q must be whole "
-         "numbers (got low 8, high 64, q 2.5)"),
-        ("weight_decay: {type: quniform, low: 0.00005, high: 0.001, q: 0.0001}",
-         "space.weight_decay: low must be a multiple of q 0.0001 (got low 5e-05, high 0.001)"),
-        ("weight_decay: {type: quniform, low: 0.0, high: 0.001, q: 0}",
-         "space.weight_decay: q must be > 0 (got 0.0)"),
-        ("rotation_deg: {type: randint, low: 5, high: 5}",
-         "space.rotation_deg: low must be < high (high is exclusive) (got 5 >= 5)"),
-        ("rotation_deg: {type: randint, low: 0, high: 10.5}",
-         "space.rotation_deg.high must be a valid integer (got 10.5)"),
-        ("optimizer: {type: uniform, low: 0, high: 1}",
-         "space.optimizer: optimizer is a text setting, so it is searched with "
-         "{type: choice, values: [...]}, not uniform"),
-        ("epochs: {type: randint, low: 2, high: 10}",
-         "space.epochs: epochs is every trial's training budget"),
-        ("dataset: {type: choice, values: [a, b]}",
-         "space.dataset: dataset is the sweep's prepared dataset; set it with the top-level"),
-        ("zoom: {type: logunifrom, low: 0.1, high: 0.2}",
-         "space.zoom: type 'logunifrom' is not one of loguniform, uniform, quniform, randint, "
-         "choice; did you mean 'loguniform'?"),
+        (
+            "learning_rate: {type: loguniform, low: 1.0e-2, high: 1.0e-3}",
+            "space.learning_rate: low must be < high (got 0.01 >= 0.001)",
+        ),
+        (
+            "learning_rate: {type: loguniform, low: 0.0, high: 1.0e-3}",
+            "space.learning_rate: loguniform needs low > 0 (got 0.0); use uniform or quniform",
+        ),
+        (
+            "dropout: {type: uniform, low: 0.0, high: 1.0}",
+            "space.dropout high: dropout must be in [0, 1), got 1.0",
+        ),
+        (
+            "weight_decay: {type: uniform, low: -0.1, high: 0.1}",
+            "space.weight_decay low: weight_decay must be >= 0, got -0.1",
+        ),
+        (
+            "batch_size: {type: randint, low: 0, high: 64}",
+            "space.batch_size low: batch_size must be > 0, got 0",
+        ),
+        (
+            "batch_size: {type: uniform, low: 8, high: 64}",
+            "space.batch_size: batch_size is a whole number; search it with randint, choice or "
+            "quniform with a whole q, not uniform",
+        ),
+        (
+            "batch_size: {type: quniform, low: 8, high: 64, q: 2.5}",
+            "space.batch_size: batch_size is a whole number, so low, high and q must be whole "
+            "numbers (got low 8, high 64, q 2.5)",
+        ),
+        (
+            "weight_decay: {type: quniform, low: 0.00005, high: 0.001, q: 0.0001}",
+            "space.weight_decay: low must be a multiple of q 0.0001 (got low 5e-05, high 0.001)",
+        ),
+        (
+            "weight_decay: {type: quniform, low: 0.0, high: 0.001, q: 0}",
+            "space.weight_decay: q must be > 0 (got 0.0)",
+        ),
+        (
+            "rotation_deg: {type: randint, low: 5, high: 5}",
+            "space.rotation_deg: low must be < high (high is exclusive) (got 5 >= 5)",
+        ),
+        (
+            "rotation_deg: {type: randint, low: 0, high: 10.5}",
+            "space.rotation_deg.high must be a valid integer (got 10.5)",
+        ),
+        (
+            "optimizer: {type: uniform, low: 0, high: 1}",
+            "space.optimizer: optimizer is a text setting, so it is searched with "
+            "{type: choice, values: [...]}, not uniform",
+        ),
+        (
+            "epochs: {type: randint, low: 2, high: 10}",
+            "space.epochs: epochs is every trial's training budget",
+        ),
+        (
+            "dataset: {type: choice, values: [a, b]}",
+            "space.dataset: dataset is the sweep's prepared dataset; set it with the top-level",
+        ),
+        (
+            "zoom: {type: logunifrom, low: 0.1, high: 0.2}",
+            "space.zoom: type 'logunifrom' is not one of loguniform, uniform, quniform, randint, "
+            "choice; did you mean 'loguniform'?",
+        ),
         ("zoom: {type: uniform, low: 0.1}", "space.zoom: uniform needs 'high'"),
     ],
-    ids=["lo>=hi", "log-zero", "dropout-1", "negative", "batch-0", "int-uniform", "int-grid",
-         "off-grid", "q-zero", "empty-randint", "float-randint", "text-range", "epochs", "dataset",
-         "type-typo", "missing-high"],
-)  # fmt: skip
+    ids=[
+        "lo>=hi",
+        "log-zero",
+        "dropout-1",
+        "negative",
+        "batch-0",
+        "int-uniform",
+        "int-grid",
+        "off-grid",
+        "q-zero",
+        "empty-randint",
+        "float-randint",
+        "text-range",
+        "epochs",
+        "dataset",
+        "type-typo",
+        "missing-high",
+    ],
+)
 def test_impossible_ranges_are_refused_at_their_line(dimension: str, expected: str) -> None:
-    problem = only_problem(HEADER + f"space:\n  shift: {{type: uniform, low: 0, high: 0.1}}\n"
-                                    f"  {dimension}\n")  # fmt: skip
+    problem = only_problem(
+        HEADER + f"space:\n  shift: {{type: uniform, low: 0, high: 0.1}}\n  {dimension}\n"
+    )
     assert problem.startswith("sweep.yaml line 7: ")
     assert expected in problem
 
@@ -320,16 +426,23 @@ def test_impossible_ranges_are_refused_at_their_line(dimension: str, expected: s
 @pytest.mark.parametrize(
     ("key", "values", "expected"),
     [
-        ("optimizer", "[adam, rmsprop]", "space.optimizer: optimizer 'rmsprop' is not one of "
-                                         "adam, adamw, sgd"),
-        ("loss", "[focal, hinge]", "space.loss: loss 'hinge' is not one of weighted_bce, bce, focal"),
+        (
+            "optimizer",
+            "[adam, rmsprop]",
+            "space.optimizer: optimizer 'rmsprop' is not one of adam, adamw, sgd",
+        ),
+        (
+            "loss",
+            "[focal, hinge]",
+            "space.loss: loss 'hinge' is not one of weighted_bce, bce, focal",
+        ),
         ("batch_size", "[16, 0]", "space.batch_size: batch_size must be > 0, got 0"),
         ("augment", "[true, 'no']", "space.augment: augment must be true or false, got 'no'"),
         ("batch_size", "[16, 16]", "space.batch_size: value 16 is listed twice"),
         ("dropout", "[]", "space.dropout: choice needs at least one value"),
     ],
     ids=["optimizer", "loss", "batch-size", "bool", "duplicate", "empty"],
-)  # fmt: skip
+)
 def test_illegal_choice_values_are_named(key: str, values: str, expected: str) -> None:
     assert only_problem(HEADER + f"space:\n  {key}: {{type: choice, values: {values}}}\n") == (
         f"sweep.yaml line 6: {expected}"
@@ -373,20 +486,35 @@ def test_a_key_in_both_trial_and_space_says_which_to_remove() -> None:
 @pytest.mark.parametrize(
     ("trial_epochs", "scheduler", "expected"),
     [
-        ("  epochs: 20\n", "  max_t: 30\n",
-         "sweep.yaml line 7: scheduler.max_t 30 is more than trial.epochs 20"),
-        ("", "  max_t: 30\n",
-         "sweep.yaml line 6: scheduler.max_t 30 is more than the default trial.epochs 10"),
-        ("  epochs: 20\n", "  max_t: 5\n  grace_period: 5\n",
-         "sweep.yaml line 8: scheduler.grace_period must be < max_t 5 (got 5)"),
-        ("  epochs: 3\n", "  grace_period: 3\n",
-         "sweep.yaml line 7: scheduler.grace_period must be < max_t 3 (trial.epochs) (got 3)"),
+        (
+            "  epochs: 20\n",
+            "  max_t: 30\n",
+            "sweep.yaml line 7: scheduler.max_t 30 is more than trial.epochs 20",
+        ),
+        (
+            "",
+            "  max_t: 30\n",
+            "sweep.yaml line 6: scheduler.max_t 30 is more than the default trial.epochs 10",
+        ),
+        (
+            "  epochs: 20\n",
+            "  max_t: 5\n  grace_period: 5\n",
+            "sweep.yaml line 8: scheduler.grace_period must be < max_t 5 (got 5)",
+        ),
+        (
+            "  epochs: 3\n",
+            "  grace_period: 3\n",
+            "sweep.yaml line 7: scheduler.grace_period must be < max_t 3 (trial.epochs) (got 3)",
+        ),
         # `scheduler:` left empty: the default grace period 1 leaves no room in 1 epoch
-        ("  epochs: 1\n", "",
-         "sweep.yaml line 6: scheduler.grace_period must be < max_t 1 (trial.epochs) (got 1)"),
+        (
+            "  epochs: 1\n",
+            "",
+            "sweep.yaml line 6: scheduler.grace_period must be < max_t 1 (trial.epochs) (got 1)",
+        ),
     ],
     ids=["max_t>epochs", "max_t>default", "grace=max_t", "grace=epochs", "default-grace"],
-)  # fmt: skip
+)
 def test_the_scheduler_must_fit_the_trials_epochs(
     trial_epochs: str, scheduler: str, expected: str
 ) -> None:
@@ -422,22 +550,37 @@ SPACE_FOR_POINTS = HEADER + textwrap.dedent("""\
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
-        ("dropout: 0.1", "search.points_to_evaluate[0]: 'dropout' is not in space; a starting "
-                         "point sets searched keys only (add dropout to space or drop it from "
-                         "the point)"),
-        ("learnig_rate: 0.001", "search.points_to_evaluate[0]: 'learnig_rate' is not a "
-                                "search-space key; did you mean 'learning_rate'?"),
-        ("rotation_deg: 10", "search.points_to_evaluate[0].rotation_deg: 10 is outside [0, 10) "
-                             "(randint's high is exclusive)"),
-        ("batch_size: 64", "search.points_to_evaluate[0].batch_size: 64 is not one of the "
-                           "choices [16, 32]"),
-        ("weight_decay: 0.00015", "search.points_to_evaluate[0].weight_decay: 0.00015 is not a "
-                                  "multiple of q 0.0001"),
-        ("learning_rate: 0.5", "search.points_to_evaluate[0].learning_rate: 0.5 is outside "
-                               "[0.0001, 0.01]"),
+        (
+            "dropout: 0.1",
+            "search.points_to_evaluate[0]: 'dropout' is not in space; a starting "
+            "point sets searched keys only (add dropout to space or drop it from "
+            "the point)",
+        ),
+        (
+            "learnig_rate: 0.001",
+            "search.points_to_evaluate[0]: 'learnig_rate' is not a "
+            "search-space key; did you mean 'learning_rate'?",
+        ),
+        (
+            "rotation_deg: 10",
+            "search.points_to_evaluate[0].rotation_deg: 10 is outside [0, 10) "
+            "(randint's high is exclusive)",
+        ),
+        (
+            "batch_size: 64",
+            "search.points_to_evaluate[0].batch_size: 64 is not one of the choices [16, 32]",
+        ),
+        (
+            "weight_decay: 0.00015",
+            "search.points_to_evaluate[0].weight_decay: 0.00015 is not a multiple of q 0.0001",
+        ),
+        (
+            "learning_rate: 0.5",
+            "search.points_to_evaluate[0].learning_rate: 0.5 is outside [0.0001, 0.01]",
+        ),
     ],
     ids=["not-in-space", "typo", "randint-high", "not-a-choice", "off-grid", "out-of-range"],
-)  # fmt: skip
+)
 def test_starting_points_must_lie_in_the_space(entry: str, expected: str) -> None:
     text = SPACE_FOR_POINTS
     if entry.startswith("learning_rate"):
@@ -482,13 +625,16 @@ def test_a_name_that_cannot_be_a_folder_name(name: str, suggested: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("dataset: s3://b/p\n", "sweep.yaml: missing required key 'name' (the sweep's name, "
-                                "e.g. `name: nih-densenet121-224`)"),
+        (
+            "dataset: s3://b/p\n",
+            "sweep.yaml: missing required key 'name' (the sweep's name, "
+            "e.g. `name: nih-densenet121-224`)",
+        ),
         ("name: t\n", "sweep.yaml: missing required key 'dataset' (a prepared dataset"),
         ("", "sweep.yaml: missing required key 'name'"),
     ],
     ids=["name", "dataset", "empty-file"],
-)  # fmt: skip
+)
 def test_missing_required_keys(text: str, expected: str) -> None:
     assert any(problem.startswith(expected) for problem in problems_of(text))
 
@@ -504,25 +650,53 @@ def test_a_misspelt_required_key_gets_both_the_suggestion_and_the_missing_key() 
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("metric: val_auc_marco", "sweep.yaml line 3: metric 'val_auc_marco' is not one trials "
-                                  "report; did you mean 'val_auc_macro'?"),
-        ("metric: val_loss", "sweep.yaml line 3: mode 'max' would pick the worst trial: val_loss "
-                             "is better when lower; use mode: min"),
-        ("mode: maximum", "sweep.yaml line 3: mode 'maximum' is not one of max, min; did you mean "
-                          "'max'?"),
-        ("storage: s3:///no-bucket", "sweep.yaml line 3: storage 's3:///no-bucket' names no "
-                                     "bucket; expected s3://BUCKET/PREFIX"),
-        ("max_retries: -1", "sweep.yaml line 3: max_retries must be greater than or equal to 0 "
-                            "(got -1)"),
-        ("resources: {cpus: 0}", "sweep.yaml line 3: resources.cpus must be greater than 0 (got 0)"),
-        ("search: {algorithm: hyperopt}", "sweep.yaml line 3: search.algorithm 'hyperopt' is not "
-                                          "one of optuna, random"),
-        ("scheduler: asha", "sweep.yaml line 3: scheduler must be a mapping of key: value, got "
-                            "'asha'"),
+        (
+            "metric: val_auc_marco",
+            "sweep.yaml line 3: metric 'val_auc_marco' is not one trials "
+            "report; did you mean 'val_auc_macro'?",
+        ),
+        (
+            "metric: val_loss",
+            "sweep.yaml line 3: mode 'max' would pick the worst trial: val_loss "
+            "is better when lower; use mode: min",
+        ),
+        (
+            "mode: maximum",
+            "sweep.yaml line 3: mode 'maximum' is not one of max, min; did you mean 'max'?",
+        ),
+        (
+            "storage: s3:///no-bucket",
+            "sweep.yaml line 3: storage 's3:///no-bucket' names no "
+            "bucket; expected s3://BUCKET/PREFIX",
+        ),
+        (
+            "max_retries: -1",
+            "sweep.yaml line 3: max_retries must be greater than or equal to 0 (got -1)",
+        ),
+        (
+            "resources: {cpus: 0}",
+            "sweep.yaml line 3: resources.cpus must be greater than 0 (got 0)",
+        ),
+        (
+            "search: {algorithm: hyperopt}",
+            "sweep.yaml line 3: search.algorithm 'hyperopt' is not one of optuna, random",
+        ),
+        (
+            "scheduler: asha",
+            "sweep.yaml line 3: scheduler must be a mapping of key: value, got 'asha'",
+        ),
     ],
-    ids=["metric-typo", "mode-vs-metric", "mode", "storage", "retries", "cpus", "algorithm",
-         "section-not-mapping"],
-)  # fmt: skip
+    ids=[
+        "metric-typo",
+        "mode-vs-metric",
+        "mode",
+        "storage",
+        "retries",
+        "cpus",
+        "algorithm",
+        "section-not-mapping",
+    ],
+)
 def test_other_top_level_mistakes(line: str, expected: str) -> None:
     assert problems_of(f"name: t\ndataset: s3://b/p\n{line}\n") == [expected]
 
@@ -555,8 +729,11 @@ def test_all_problems_are_reported_together_in_line_order() -> None:
         parse_spec(text, source="sweep.yaml")
     lines = str(caught.value).splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "sweep.yaml line 5", "sweep.yaml line 7", "sweep.yaml line 8", "sweep.yaml line 9",
-    ]  # fmt: skip
+        "sweep.yaml line 5",
+        "sweep.yaml line 7",
+        "sweep.yaml line 8",
+        "sweep.yaml line 9",
+    ]
     assert "trial.dropout: dropout must be in [0, 1), got 1.5" in lines[0]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.processes import free_port, stop_group
-from cluster.stack import StackOptions, start_mlflow
-from tests.conftest import REPO, RayCluster, SyntheticDataset, short_tmpdir
+from chestxpert.cluster.processes import free_port, stop_group
+from chestxpert.cluster.stack import StackOptions, start_mlflow
+from tests.conftest import CHESTXPERT_CLI, REPO, RayCluster, SyntheticDataset, short_tmpdir
 
 pytestmark = pytest.mark.services
 
@@ -43,15 +44,20 @@ def write_spec(path: Path, name: str, dataset: Path, **changes) -> Path:
 def sweep_env(
     cluster: RayCluster, s3_env: dict[str, str], mlflow_url: str, storage: str
 ) -> dict[str, str]:
-    return {**cluster.client_env(), **s3_env, "MLFLOW_TRACKING_URI": mlflow_url, "CHESTXPERT_STORAGE": storage,
-            "PYTHONPATH": str(REPO)}  # fmt: skip
+    return {
+        **cluster.client_env(),
+        **s3_env,
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "CHESTXPERT_STORAGE": storage,
+    }
 
 
 def chestxpert(
     *args: str, env: dict[str, str], cwd: Path, timeout: float = 900
 ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [CHESTXPERT_CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def status_json(name: str, env: dict[str, str], cwd: Path) -> dict:
@@ -69,8 +75,13 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     tmp_path: Path,
 ) -> None:
     name = "gpu-sweep"
-    spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared,
-                      resources={"cpus": 1, "gpus": 1}, search__max_concurrent=3)  # fmt: skip
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        resources={"cpus": 1, "gpus": 1},
+        search__max_concurrent=3,
+    )
     env = sweep_env(
         ray_cluster, s3_endpoint.env(), mlflow_server.url, f"s3://{s3_endpoint.bucket}/sweeps"
     )
@@ -82,8 +93,13 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     )
 
     # one GPU per trial and two GPUs: never more than two trials at once, on different nodes
-    keys = [o["Key"] for page in s3_client.get_paginator("list_objects_v2").paginate(
-        Bucket=s3_endpoint.bucket, Prefix=f"sweeps/{name}/") for o in page.get("Contents", [])]  # fmt: skip
+    keys = [
+        o["Key"]
+        for page in s3_client.get_paginator("list_objects_v2").paginate(
+            Bucket=s3_endpoint.bucket, Prefix=f"sweeps/{name}/"
+        )
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith("/model.keras") and "/checkpoint_" in k for k in keys), keys[:20]
     results_by_trial: dict[str, list[dict]] = {}
     for key in keys:
@@ -92,8 +108,14 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
             rows = [json.loads(line) for line in body.splitlines() if line.strip()]
             results_by_trial[rows[0]["trial_id"]] = rows
     assert len(results_by_trial) == 3
-    spans = sorted((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"], rows[0]["node_id"])
-                   for rows in results_by_trial.values())  # fmt: skip
+    spans = sorted(
+        (
+            rows[0]["timestamp"] - rows[0]["time_this_iter_s"],
+            rows[-1]["timestamp"],
+            rows[0]["node_id"],
+        )
+        for rows in results_by_trial.values()
+    )
     gpu_nodes = {rows[0]["node_id"] for rows in results_by_trial.values()}
     assert len(gpu_nodes) == 2, "trials must land on both GPU workers (the head has no GPU)"
     for start, _, _ in spans:
@@ -137,16 +159,32 @@ def test_driver_killed_mid_sweep_then_resumed(
 ) -> None:
     name = "resume-me"
     storage = tmp_path / "storage"
-    spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared,
-                      search__num_samples=4, search__max_concurrent=1, scheduler={"type": "none"})  # fmt: skip
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        search__num_samples=4,
+        search__max_concurrent=1,
+        scheduler={"type": "none"},
+    )
     env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
-    driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "sweep", "run", str(spec)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [CHESTXPERT_CLI, "sweep", "run", str(spec)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            done = [p for p in (storage / name).glob("train_*/result.json")
-                    if len(p.read_text().splitlines()) >= 2]  # fmt: skip
+            done = [
+                p
+                for p in (storage / name).glob("train_*/result.json")
+                if len(p.read_text().splitlines()) >= 2
+            ]
             if done:
                 break
             assert driver.poll() is None, driver.stdout.read()[-3000:]
@@ -177,12 +215,24 @@ def test_mlflow_outage_loses_no_metric(
     server = start_mlflow(opts, (ws / "artifacts").as_uri())
     name = "outage"
     storage = tmp_path / "storage"
-    spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared, search__num_samples=2,
-                      scheduler={"type": "none"}, trial__epochs=3)  # fmt: skip
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        search__num_samples=2,
+        scheduler={"type": "none"},
+        trial__epochs=3,
+    )
     env = sweep_env(ray_cluster, s3_endpoint.env(), server["url"], str(storage))
     try:
-        driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "sweep", "run", str(spec)], env=env,
-                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        driver = subprocess.Popen(
+            [CHESTXPERT_CLI, "sweep", "run", str(spec)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not list(
             (storage / name).glob("train_*/result.json")
@@ -199,8 +249,10 @@ def test_mlflow_outage_loses_no_metric(
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=server["url"])
-        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id],
-                                  filter_string="tags.`chestxpert.role` = 'trial'")  # fmt: skip
+        runs = client.search_runs(
+            [client.get_experiment_by_name(name).experiment_id],
+            filter_string="tags.`chestxpert.role` = 'trial'",
+        )
         assert len(runs) == 2
         for run in runs:
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
@@ -220,14 +272,32 @@ def test_sweep_submitted_through_the_jobs_api(
     mlflow_server,
     tmp_path: Path,
 ) -> None:
-    spec = write_spec(tmp_path / "submit.yaml", "submitted", synthetic_dataset.prepared,
-                      search__num_samples=1, trial__epochs=1, scheduler={"type": "none"})  # fmt: skip
+    spec = write_spec(
+        tmp_path / "submit.yaml",
+        "submitted",
+        synthetic_dataset.prepared,
+        search__num_samples=1,
+        trial__epochs=1,
+        scheduler={"type": "none"},
+    )
     env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(tmp_path / "storage"))
-    result = chestxpert("sweep", "submit", str(spec), "--address", ray_cluster.dashboard_url, "--follow",
-                        env=env, cwd=tmp_path)  # fmt: skip
+    result = chestxpert(
+        "sweep",
+        "submit",
+        str(spec),
+        "--address",
+        ray_cluster.dashboard_url,
+        "--follow",
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "submitted raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout
     assert "best trial" in result.stdout
+    # the job ran the code it shipped (Ray's py_modules copy), not the installed checkout
+    shipped = re.search(r"^chestxpert \S+ \((.+)\)$", result.stdout, re.M)
+    assert shipped and "py_modules" in shipped.group(1), result.stdout[-4000:]
+    assert not shipped.group(1).startswith(str(REPO))
     assert (tmp_path / "storage" / "submitted" / "chestxpert_summary.json").exists()
     # without the token the Jobs API refuses
     import requests
@@ -237,10 +307,17 @@ def test_sweep_submitted_through_the_jobs_api(
 
 def _node_of_temp_dir(cluster: RayCluster) -> dict[str, str]:
     """Ray node id -> the temp folder it was started with (which tells our node records apart)."""
-    code = ("import json, ray; ray.init(logging_level='ERROR', log_to_driver=False);"
-            "print(json.dumps({n['NodeID']: n['ObjectStoreSocketName'] for n in ray.nodes() if n['Alive']}))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env=cluster.client_env(), capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    code = (
+        "import json, ray; ray.init(logging_level='ERROR', log_to_driver=False);"
+        "print(json.dumps({n['NodeID']: n['ObjectStoreSocketName'] for n in ray.nodes() if n['Alive']}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=cluster.client_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -254,11 +331,24 @@ def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
     try:
         name = "node-loss"
         storage = tmp_path / "storage"
-        spec = write_spec(tmp_path / "spec.yaml", name, synthetic_dataset.prepared, resources={"cpus": 1, "gpus": 1},
-                          search__num_samples=1, trial__epochs=6, scheduler={"type": "none"})  # fmt: skip
+        spec = write_spec(
+            tmp_path / "spec.yaml",
+            name,
+            synthetic_dataset.prepared,
+            resources={"cpus": 1, "gpus": 1},
+            search__num_samples=1,
+            trial__epochs=6,
+            scheduler={"type": "none"},
+        )
         env = sweep_env(cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
-        driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "sweep", "run", str(spec)], env=env,
-                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        driver = subprocess.Popen(
+            [CHESTXPERT_CLI, "sweep", "run", str(spec)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         rows: list[dict] = []
         while time.monotonic() < deadline and len(rows) < 2:
@@ -296,18 +386,27 @@ def test_a_python_caller_gets_a_token_protected_in_process_ray(tmp_path: Path) -
     ws = short_tmpdir("cxpy")
     code = (
         "import os, sys\n"
-        "from cluster.endpoints import resolve\n"
-        "from sweeps.run import connect\n"
+        "from chestxpert.cluster.endpoints import resolve\n"
+        "from chestxpert.cluster.ray_driver import connect\n"
         "info = connect(resolve(workspace=sys.argv[1], environ={}))\n"
         "import ray\n"
         "print(os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN_PATH'], ray.cluster_resources()['CPU'])\n"
         "ray.shutdown()\n"
     )
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("RAY_", "CHESTXPERT_", "MLFLOW_", "AWS_"))}  # fmt: skip
-    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", code, str(ws)], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RAY_", "CHESTXPERT_", "MLFLOW_", "AWS_"))
+    }
+    env.update(HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(ws)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     mode, token_path, cpus = result.stdout.split()[-3:]
     assert (mode, token_path) == ("token", str(ws / "ray_auth_token"))

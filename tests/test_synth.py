@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import synth
-from datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.datasets import synth
+from chestxpert.datasets.schema import NIH_LABELS, DatasetError
 
 NAME = re.compile(r"^\d{8}_\d{3}\.png$")
 BOX_NAME_TO_LABEL = {spelling: label for label, spelling in synth.BOX_LABELS.items()}
@@ -48,8 +48,12 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
 def test_layout_and_headers_are_nih_shaped(dataset):
     out, summary = dataset
     assert sorted(p.name for p in out.iterdir()) == [
-        "BBox_List_2017.csv", "Data_Entry_2017.csv", "images_001", "test_list.txt", "train_val_list.txt",
-    ]  # fmt: skip
+        "BBox_List_2017.csv",
+        "Data_Entry_2017.csv",
+        "images_001",
+        "test_list.txt",
+        "train_val_list.txt",
+    ]
     header, rows = read_rows(out / "Data_Entry_2017.csv")
     assert header == (
         "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -86,9 +90,19 @@ def test_pandas_reads_it_like_the_real_file(dataset):
     pd = pytest.importorskip("pandas")
     out, _ = dataset
     entries = pd.read_csv(out / "Data_Entry_2017.csv")
-    assert list(entries.columns) == ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-                                     "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
-                                     "OriginalImagePixelSpacing[x", "y]"]  # fmt: skip
+    assert list(entries.columns) == [
+        "Image Index",
+        "Finding Labels",
+        "Follow-up #",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
+        "OriginalImage[Width",
+        "Height]",
+        "OriginalImagePixelSpacing[x",
+        "y]",
+    ]
     assert entries["Patient Age"].dtype.kind == "i" and entries["Patient ID"].dtype.kind == "i"
     boxes = pd.read_csv(out / "BBox_List_2017.csv")
     assert list(boxes.columns) == ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"]
@@ -235,10 +249,19 @@ def test_fills_an_existing_empty_out_dir(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("bad", [
-    {"images": 0}, {"size": 8}, {"seed": -1}, {"difficulty": 1.5}, {"label_noise": -0.1},
-    {"images_per_patient": 0.5}, {"rgba_fraction": 2.0}, {"workers": 0},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"images": 0},
+        {"size": 8},
+        {"seed": -1},
+        {"difficulty": 1.5},
+        {"label_noise": -0.1},
+        {"images_per_patient": 0.5},
+        {"rgba_fraction": 2.0},
+        {"workers": 0},
+    ],
+)
 def test_rejects_bad_arguments_with_a_dataset_error(tmp_path, bad):
     arguments = {"images": 4, "size": 32, "workers": 1, "progress": False} | bad
     with pytest.raises(DatasetError, match=next(iter(bad))):

@@ -11,7 +11,7 @@ import socket
 import threading
 from types import SimpleNamespace
 
-from sweeps.tracking import NestedMlflowCallback, ended_reason
+from chestxpert.sweeps.tracking import NestedMlflowCallback, ended_reason
 
 
 class HungServer:
@@ -103,7 +103,7 @@ def test_how_a_trial_ended_reads_as_users_expect() -> None:
 def test_a_local_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch) -> None:
     import mlflow
 
-    from cluster.endpoints import mlflow_experiment_id
+    from chestxpert.cluster.endpoints import mlflow_experiment_id
 
     monkeypatch.chdir(tmp_path)
     database = tmp_path / "ws" / "mlflow.db"

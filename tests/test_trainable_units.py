@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from trainable.config import ConfigError, TrialConfig
-from trainable.losses import EPSILON, make_loss
-from trainable.metrics import auc_metrics, metric_key
+from chestxpert.trainable.config import ConfigError, TrialConfig
+from chestxpert.trainable.losses import EPSILON, make_loss
+from chestxpert.trainable.metrics import auc_metrics, metric_key
 
 LABELS = 14
 
@@ -21,8 +21,10 @@ def reference_weighted_loss(y, p, pos_w, neg_w, mask=None):
     for i in range(y.shape[1]):
         terms = []
         for b in range(y.shape[0]):
-            term = -(pos_w[i] * y[b, i] * math.log(p[b, i] + EPSILON)
-                     + neg_w[i] * (1 - y[b, i]) * math.log(1 - p[b, i] + EPSILON))  # fmt: skip
+            term = -(
+                pos_w[i] * y[b, i] * math.log(p[b, i] + EPSILON)
+                + neg_w[i] * (1 - y[b, i]) * math.log(1 - p[b, i] + EPSILON)
+            )
             terms.append(term * (1.0 if mask is None else mask[b, i]))
         total += sum(terms) / y.shape[0]
     return total
@@ -32,8 +34,10 @@ def reference_focal_loss(y, p, gamma, mask):
     total = 0.0
     for b in range(y.shape[0]):
         for i in range(y.shape[1]):
-            term = -(y[b, i] * (1 - p[b, i]) ** gamma * math.log(p[b, i] + EPSILON)
-                     + (1 - y[b, i]) * p[b, i] ** gamma * math.log(1 - p[b, i] + EPSILON))  # fmt: skip
+            term = -(
+                y[b, i] * (1 - p[b, i]) ** gamma * math.log(p[b, i] + EPSILON)
+                + (1 - y[b, i]) * p[b, i] ** gamma * math.log(1 - p[b, i] + EPSILON)
+            )
             total += term * mask[b, i]
     return total / y.shape[0]
 
@@ -137,11 +141,20 @@ def test_config_coerces_plain_yaml_values() -> None:
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "plateau"])
 def test_optimizers_and_schedules_build(optimizer: str, schedule: str) -> None:
-    from trainable.optim import make_optimizer
+    from chestxpert.trainable.optim import make_optimizer
 
-    config = TrialConfig.from_dict({"dataset": "x", "optimizer": optimizer, "lr_schedule": schedule,
-                                    "learning_rate": 0.01, "epochs": 4, "warmup_epochs": 1.0,
-                                    "weight_decay": 1e-4, "clipnorm": 1.0})  # fmt: skip
+    config = TrialConfig.from_dict(
+        {
+            "dataset": "x",
+            "optimizer": optimizer,
+            "lr_schedule": schedule,
+            "learning_rate": 0.01,
+            "epochs": 4,
+            "warmup_epochs": 1.0,
+            "weight_decay": 1e-4,
+            "clipnorm": 1.0,
+        }
+    )
     opt = make_optimizer(config, steps_per_epoch=10)
     assert type(opt).__name__.lower() == optimizer
     assert opt.clipnorm == 1.0

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import SyntheticDataset
+from tests.conftest import CHESTXPERT_CLI, SyntheticDataset
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def chestxpert(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [CHESTXPERT_CLI, *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -37,14 +37,19 @@ def write_config(path: Path, **values) -> Path:
 def test_densenet121_trains_one_real_epoch(
     synthetic_dataset: SyntheticDataset, tmp_path: Path
 ) -> None:
-    from trainable.checkpoint import load_model, read_state
-    from trainable.config import TrialConfig
-    from trainable.train import run_trial
+    from chestxpert.trainable.checkpoint import load_model, read_state
+    from chestxpert.trainable.config import TrialConfig
+    from chestxpert.trainable.train import run_trial
 
-    config = TrialConfig.from_dict({
-        "dataset": str(synthetic_dataset.prepared), "backbone": "densenet121", "epochs": 1,
-        "batch_size": 16, "augment": True,
-    })  # fmt: skip
+    config = TrialConfig.from_dict(
+        {
+            "dataset": str(synthetic_dataset.prepared),
+            "backbone": "densenet121",
+            "epochs": 1,
+            "batch_size": 16,
+            "augment": True,
+        }
+    )
     reports = []
 
     def report(metrics, checkpoint_dir):
@@ -62,8 +67,15 @@ def test_densenet121_trains_one_real_epoch(
     run_trial(config, report)
     assert len(reports) == 1
     metrics = reports[0]
-    for key in ("train_loss", "val_loss", "val_auc_macro", "val_pr_auc_macro", "epoch_seconds",
-                "images_per_second", "startup_seconds"):  # fmt: skip
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_auc_macro",
+        "val_pr_auc_macro",
+        "epoch_seconds",
+        "images_per_second",
+        "startup_seconds",
+    ):
         assert np.isfinite(metrics[key]), key
     assert 0.0 <= metrics["val_auc_macro"] <= 1.0
     # start-up covers building DenseNet121 and its first step (tens of seconds), measured, not a placeholder
@@ -80,11 +92,16 @@ def test_densenet121_trains_one_real_epoch(
 def test_resume_in_a_new_process_continues_from_identical_weights(
     synthetic_dataset: SyntheticDataset, tmp_path: Path, mlflow_server
 ) -> None:
-    from trainable.checkpoint import load_model, read_state
-    from trainable.train import weights_digest
+    from chestxpert.trainable.checkpoint import load_model, read_state
+    from chestxpert.trainable.train import weights_digest
 
-    config = write_config(tmp_path / "tiny.yaml", dataset=str(synthetic_dataset.prepared),
-                          backbone="densenet_tiny", batch_size=32, learning_rate=0.001)  # fmt: skip
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        dataset=str(synthetic_dataset.prepared),
+        backbone="densenet_tiny",
+        batch_size=32,
+        learning_rate=0.001,
+    )
     out = tmp_path / "run"
     common = ["--mlflow-uri", mlflow_server.url, "--experiment", "resume-test"]
     first = chestxpert(
@@ -135,17 +152,23 @@ def test_resume_in_a_new_process_continues_from_identical_weights(
 def test_checkpoint_reloaded_in_a_fresh_process_predicts_the_same(
     synthetic_dataset: SyntheticDataset, tmp_path: Path
 ) -> None:
-    from trainable.config import TrialConfig
-    from trainable.local import train_local
+    from chestxpert.trainable.config import TrialConfig
+    from chestxpert.trainable.local import train_local
 
-    config = TrialConfig.from_dict({"dataset": str(synthetic_dataset.prepared), "backbone": "densenet_tiny",
-                                    "epochs": 1, "batch_size": 32})  # fmt: skip
+    config = TrialConfig.from_dict(
+        {
+            "dataset": str(synthetic_dataset.prepared),
+            "backbone": "densenet_tiny",
+            "epochs": 1,
+            "batch_size": 32,
+        }
+    )
     out = tmp_path / "run"
     train_local(config, out, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     code = (
         "import json, sys, numpy as np\n"
-        "from trainable.checkpoint import load_model\n"
-        "from datasets.reader import open_dataset, read_split\n"
+        "from chestxpert.trainable.checkpoint import load_model\n"
+        "from chestxpert.datasets.reader import open_dataset, read_split\n"
         f"model = load_model({str(out / 'checkpoint_0001')!r}, compile=False)\n"
         f"images = read_split(open_dataset({str(synthetic_dataset.prepared)!r}), 'test')['image']\n"
         "print(json.dumps(model.predict(images, verbose=0).tolist()))\n"
@@ -165,7 +188,7 @@ def test_checkpoint_reloaded_in_a_fresh_process_predicts_the_same(
 
 @pytest.mark.parametrize("intruder", ["payload.pkl", "model_code.py"])
 def test_checkpoint_with_unexpected_files_is_refused(tmp_path: Path, intruder: str) -> None:
-    from trainable.checkpoint import CheckpointError, check_checkpoint_files
+    from chestxpert.trainable.checkpoint import CheckpointError, check_checkpoint_files
 
     (tmp_path / "model.keras").write_bytes(b"PK")
     (tmp_path / "state.json").write_text("{}")
@@ -182,7 +205,7 @@ def test_trainable_runs_as_a_ray_tune_trial(
     driver.write_text(
         "import json, sys\n"
         "from ray import tune\n"
-        "from trainable.train import train\n"
+        "from chestxpert.trainable.train import train\n"
         f"config = {{'dataset': {str(synthetic_dataset.prepared)!r}, 'backbone': 'densenet_tiny', 'epochs': 2,"
         " 'batch_size': 32}\n"
         "trainable = tune.with_resources(train, {'cpu': 1})\n"
@@ -192,7 +215,7 @@ def test_trainable_runs_as_a_ray_tune_trial(
         "print(json.dumps({'epoch': result.metrics['epoch'], 'iters': result.metrics['training_iteration'],"
         " 'checkpoint': result.checkpoint.path, 'error': str(result.error)}))\n"
     )
-    env = {**ray_cluster.client_env(), "PYTHONPATH": str(REPO)}
+    env = ray_cluster.client_env()
     result = subprocess.run(
         [sys.executable, str(driver)],
         cwd=REPO,

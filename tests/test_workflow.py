@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,9 +19,9 @@ import pytest
 import requests
 import yaml
 
-from cluster.processes import free_port, stop_group
-from cluster.stack import StackOptions, start_mlflow
-from tests.conftest import REPO, short_tmpdir, start_cluster, stop_cluster
+from chestxpert.cluster.processes import free_port, stop_group
+from chestxpert.cluster.stack import StackOptions, start_mlflow
+from tests.conftest import CHESTXPERT_CLI, short_tmpdir, start_cluster, stop_cluster
 
 pytestmark = pytest.mark.services
 
@@ -32,8 +31,9 @@ FAKE_SECRET = "fake-secret-" + uuid.uuid4().hex
 
 
 def cli(*args: str, env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [CHESTXPERT_CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, (
         f"chestxpert {' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
@@ -65,23 +65,65 @@ def test_submit_watch_final_pull_predict_and_nothing_leaks(
     )
     cluster, records = start_cluster(secrets_env)
     try:
-        env = {**cluster.client_env(), **secrets_env, "MLFLOW_TRACKING_URI": mlflow["url"],
-               "CHESTXPERT_STORAGE": f"s3://{s3_endpoint.bucket}/workflow", "CHESTXPERT_WORKSPACE": str(tmp_path / "ws"),
-               "PYTHONPATH": str(REPO)}  # fmt: skip
+        env = {
+            **cluster.client_env(),
+            **secrets_env,
+            "MLFLOW_TRACKING_URI": mlflow["url"],
+            "CHESTXPERT_STORAGE": f"s3://{s3_endpoint.bucket}/workflow",
+            "CHESTXPERT_WORKSPACE": str(tmp_path / "ws"),
+            }
         dataset = f"s3://{s3_endpoint.bucket}/data/wf-64"
-        cli("data", "synth", "--out", str(tmp_path / "raw"), "--images", "400", "--size", "128", "--seed", "1",
-            env=env, cwd=tmp_path)  # fmt: skip
-        cli("data", "prepare", "--source", "nih", "--input", str(tmp_path / "raw"), "--out", dataset,
-            "--image-size", "64", "--split", "official", env=env, cwd=tmp_path)  # fmt: skip
-        spec = {"name": "workflow", "dataset": dataset, "model_name": "workflow-model",
-                "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
-                "resources": {"cpus": 1, "gpus": 1}, "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
-                "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3}},
-                "scheduler": {"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2}}  # fmt: skip
+        cli(
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "raw"),
+            "--images",
+            "400",
+            "--size",
+            "128",
+            "--seed",
+            "1",
+            env=env,
+            cwd=tmp_path,
+        )
+        cli(
+            "data",
+            "prepare",
+            "--source",
+            "nih",
+            "--input",
+            str(tmp_path / "raw"),
+            "--out",
+            dataset,
+            "--image-size",
+            "64",
+            "--split",
+            "official",
+            env=env,
+            cwd=tmp_path,
+        )
+        spec = {
+            "name": "workflow",
+            "dataset": dataset,
+            "model_name": "workflow-model",
+            "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
+            "resources": {"cpus": 1, "gpus": 1},
+            "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
+            "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3}},
+            "scheduler": {"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+        }
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
 
-        submitted = cli("sweep", "submit", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard_url,
-                        env=env, cwd=tmp_path)  # fmt: skip
+        submitted = cli(
+            "sweep",
+            "submit",
+            str(tmp_path / "spec.yaml"),
+            "--address",
+            cluster.dashboard_url,
+            env=env,
+            cwd=tmp_path,
+        )
         job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
         token = cluster.token_path.read_text().strip()
         auth = {"Authorization": f"Bearer {token}"}
@@ -158,8 +200,13 @@ def test_submit_watch_final_pull_predict_and_nothing_leaks(
             "the workspace (reports, caches) holds the secret"
         )
         assert grep_tree(ml_ws, needle) == [], "the MLflow store or its artifacts hold the secret"
-        objects = [o["Key"] for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=s3_endpoint.bucket)
-                   for o in page.get("Contents", [])]  # fmt: skip
+        objects = [
+            o["Key"]
+            for page in s3_client.get_paginator("list_objects_v2").paginate(
+                Bucket=s3_endpoint.bucket
+            )
+            for o in page.get("Contents", [])
+        ]
         leaked = [
             k
             for k in objects
@@ -181,7 +228,7 @@ def test_submit_watch_final_pull_predict_and_nothing_leaks(
 def test_lambda_layer_checkpoint_is_refused(tmp_path: Path) -> None:
     import keras
 
-    from trainable.checkpoint import CheckpointError, load_model
+    from chestxpert.trainable.checkpoint import CheckpointError, load_model
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)

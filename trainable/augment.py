@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from trainable.config import TrialConfig
+from chestxpert.trainable.config import TrialConfig
 
 
 def make_augmentation(config: TrialConfig) -> keras.Sequential | None:

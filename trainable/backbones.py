@@ -116,49 +116,73 @@ BACKBONES: dict[str, Backbone] = {
     entry.name: entry
     for entry in [
         Backbone(
-            "densenet121", min_size=32, last_conv_layer="relu", scaling="torch",
+            "densenet121",
+            min_size=32,
+            last_conv_layer="relu",
+            scaling="torch",
             builder=partial(_keras_application, keras.applications.DenseNet121),
             **_keras_notop("densenet/", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         Backbone(
-            "densenet169", min_size=32, last_conv_layer="relu", scaling="torch",
+            "densenet169",
+            min_size=32,
+            last_conv_layer="relu",
+            scaling="torch",
             builder=partial(_keras_application, keras.applications.DenseNet169),
             **_keras_notop("densenet/", "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         Backbone(
-            "densenet201", min_size=32, last_conv_layer="relu", scaling="torch",
+            "densenet201",
+            min_size=32,
+            last_conv_layer="relu",
+            scaling="torch",
             builder=partial(_keras_application, keras.applications.DenseNet201),
             **_keras_notop("densenet/", "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         # MobileNetV3 and EfficientNet carry their own Rescaling/Normalization layers and
         # expect 0..255 input (Keras 3 docs), hence "raw".
         Backbone(
-            "mobilenetv3small", min_size=32, last_conv_layer="conv_1_activation", scaling="raw",
+            "mobilenetv3small",
+            min_size=32,
+            last_conv_layer="conv_1_activation",
+            scaling="raw",
             builder=partial(_mobilenet_v3, keras.applications.MobileNetV3Small),
             **_keras_notop(
                 "mobilenet_v3/", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
             ),
         ),
         Backbone(
-            "mobilenetv3large", min_size=32, last_conv_layer="conv_1_activation", scaling="raw",
+            "mobilenetv3large",
+            min_size=32,
+            last_conv_layer="conv_1_activation",
+            scaling="raw",
             builder=partial(_mobilenet_v3, keras.applications.MobileNetV3Large),
             **_keras_notop(
                 "mobilenet_v3/", "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"
             ),
         ),
         Backbone(
-            "efficientnetb0", min_size=32, last_conv_layer="top_activation", scaling="raw",
+            "efficientnetb0",
+            min_size=32,
+            last_conv_layer="top_activation",
+            scaling="raw",
             builder=_efficientnet_b0,
             weights_file="efficientnetb0_notop.h5",
             weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
         ),
         Backbone(
-            "resnet50v2", min_size=32, last_conv_layer="post_relu", scaling="tf",
+            "resnet50v2",
+            min_size=32,
+            last_conv_layer="post_relu",
+            scaling="tf",
             builder=partial(_keras_application, keras.applications.ResNet50V2),
             **_keras_notop("resnet/", "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         Backbone(
-            "inceptionresnetv2", min_size=75, last_conv_layer="conv_7b_ac", scaling="tf",
+            "inceptionresnetv2",
+            min_size=75,
+            last_conv_layer="conv_7b_ac",
+            scaling="tf",
             builder=partial(_keras_application, keras.applications.InceptionResNetV2),
             **_keras_notop(
                 "inception_resnet_v2/",
@@ -167,11 +191,15 @@ BACKBONES: dict[str, Backbone] = {
         ),
         # For fast CPU runs and tests; there are no published weights for it.
         Backbone(
-            "densenet_tiny", min_size=32, last_conv_layer="relu", scaling="torch",
-            builder=partial(_keras_application, _densenet_tiny), weights_file=None,
+            "densenet_tiny",
+            min_size=32,
+            last_conv_layer="relu",
+            scaling="torch",
+            builder=partial(_keras_application, _densenet_tiny),
+            weights_file=None,
         ),
     ]
-}  # fmt: skip
+}
 
 
 def get_backbone(name: str) -> Backbone:

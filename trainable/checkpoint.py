@@ -85,7 +85,7 @@ def load_model(directory: Path, compile: bool = True):
     """Load a checkpoint's model with Keras safe mode (no Lambda layers, no arbitrary code)."""
     import keras
 
-    import trainable.losses  # noqa: F401  (registers the loss so a compiled model loads)
+    import chestxpert.trainable.losses  # noqa: F401  (registers the loss so a compiled model loads)
 
     check_checkpoint_files(directory)
     try:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.endpoints import resolve
-    from trainable.local import load_config_file, train_local
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.trainable.local import load_config_file, train_local
 
     config = load_config_file(Path(args.config), args.set)
     endpoints = resolve(mlflow_tracking_uri=args.mlflow_uri, workspace=args.workspace)
-    from cluster.endpoints import apply_client_environment
+    from chestxpert.cluster.endpoints import apply_client_environment
 
     apply_client_environment(endpoints)
     out = Path(args.out or (endpoints.workspace / "train" / Path(args.config).stem))

@@ -10,7 +10,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cluster.errors import UserError
+from chestxpert.cluster.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -95,8 +95,19 @@ class TrialConfig:
                 raise ConfigError(f"{where}: {key} must be > 0, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
-        for key in ("weight_decay", "clipnorm", "warmup_epochs", "focal_gamma", "rotation_deg",
-                    "shift", "zoom", "brightness", "contrast", "image_size", "cpus"):  # fmt: skip
+        for key in (
+            "weight_decay",
+            "clipnorm",
+            "warmup_epochs",
+            "focal_gamma",
+            "rotation_deg",
+            "shift",
+            "zoom",
+            "brightness",
+            "contrast",
+            "image_size",
+            "cpus",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from trainable.config import ConfigError, TrialConfig
+from chestxpert.trainable.config import ConfigError, TrialConfig
 
 log = logging.getLogger("chestxpert.train")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{4,})$")
@@ -50,16 +50,19 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def train_local(
-    config: TrialConfig, out_dir: Path, mlflow_tracking_uri: str | None = None,
-    experiment: str = "chestxpert-train", resume: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    config: TrialConfig,
+    out_dir: Path,
+    mlflow_tracking_uri: str | None = None,
+    experiment: str = "chestxpert-train",
+    resume: bool = False,
+) -> dict[str, Any]:
     """Run the trial loop here, checkpointing to `out_dir` and logging to MLflow; return the last metrics.
 
     With `resume`, continue from the newest checkpoint in `out_dir`. An MLflow
     server that does not answer costs a warning, not the run.
     """
-    from trainable.checkpoint import copy_checkpoint
-    from trainable.train import run_trial
+    from chestxpert.trainable.checkpoint import copy_checkpoint
+    from chestxpert.trainable.train import run_trial
 
     out_dir.mkdir(parents=True, exist_ok=True)
     restore = latest_checkpoint(out_dir) if resume else None
@@ -96,7 +99,7 @@ class _MlflowRun:
             import mlflow
 
             self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-            from cluster.endpoints import mlflow_experiment_id
+            from chestxpert.cluster.endpoints import mlflow_experiment_id
 
             self.run = self.client.create_run(
                 mlflow_experiment_id(self.client, experiment), run_name=f"train-{config.backbone}"

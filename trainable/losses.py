@@ -60,8 +60,10 @@ class MultiLabelLoss(keras.losses.Loss):
         log_p = ops.log(p + EPSILON)
         log_not_p = ops.log(1.0 - p + EPSILON)
         if self.kind == "focal":
-            element = -(labels * ops.power(1.0 - p, self.gamma) * log_p
-                        + (1.0 - labels) * ops.power(p, self.gamma) * log_not_p)  # fmt: skip
+            element = -(
+                labels * ops.power(1.0 - p, self.gamma) * log_p
+                + (1.0 - labels) * ops.power(p, self.gamma) * log_not_p
+            )
         else:
             pos_w = ops.convert_to_tensor(self.pos_weight, dtype="float32")
             neg_w = ops.convert_to_tensor(self.neg_weight, dtype="float32")
@@ -71,9 +73,12 @@ class MultiLabelLoss(keras.losses.Loss):
     def get_config(self) -> dict:
         return {
             **super().get_config(),
-            "kind": self.kind, "pos_weight": self.pos_weight, "neg_weight": self.neg_weight,
-            "gamma": self.gamma, "num_labels": self.num_labels,
-        }  # fmt: skip
+            "kind": self.kind,
+            "pos_weight": self.pos_weight,
+            "neg_weight": self.neg_weight,
+            "gamma": self.gamma,
+            "num_labels": self.num_labels,
+        }
 
 
 def make_loss(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from trainable.config import TrialConfig
+from chestxpert.trainable.config import TrialConfig
 
 
 def make_optimizer(config: TrialConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:

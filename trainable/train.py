@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from trainable.config import TrialConfig
+from chestxpert.trainable.config import TrialConfig
 
 # report(metrics, checkpoint_dir or None): where a trial's per-epoch results go.
 Reporter = Callable[[dict[str, float], Path | None], None]
@@ -66,9 +66,14 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
     np.random.seed(config.seed)
     keras.utils.set_random_seed(config.seed)
     # What TF runs with, which in a reused process may differ from what was asked (0 = TF's default).
-    return {"cpus": cpus, "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-            "gpus": len(gpus), "precision": policy, "niceness": os.nice(0)}  # fmt: skip
+    return {
+        "cpus": cpus,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "gpus": len(gpus),
+        "precision": policy,
+        "niceness": os.nice(0),
+    }
 
 
 def _trial_cpus(config: TrialConfig) -> int:
@@ -92,7 +97,7 @@ class _Data:
     def __init__(self, config: TrialConfig) -> None:
         import tensorflow as tf
 
-        from datasets.reader import make_tf_dataset, open_dataset, read_split
+        from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
 
         self.dataset = open_dataset(config.dataset)
         self.labels = self.dataset.labels
@@ -127,8 +132,14 @@ class _Data:
                 )
             return images, tf.concat([labels, mask], axis=-1)
 
-        pipeline = self._make(self.dataset, self.config.train_splits, self.config.batch_size, shuffle=True,
-                              seed=self.config.seed, start_epoch=start_epoch)  # fmt: skip
+        pipeline = self._make(
+            self.dataset,
+            self.config.train_splits,
+            self.config.batch_size,
+            shuffle=True,
+            seed=self.config.seed,
+            start_epoch=start_epoch,
+        )
         # The reader streams from a generator; telling Keras the epoch length
         # keeps it from guessing (and warning) at every epoch end.
         steps = tf.data.experimental.assert_cardinality(self.steps_per_epoch)
@@ -148,22 +159,31 @@ def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
 
 
 def _build_or_restore_here(config: TrialConfig, data: _Data, restore: Path | None):
-    from trainable.backbones import build_model, get_backbone
-    from trainable.checkpoint import load_model, read_state
-    from trainable.losses import make_loss
-    from trainable.optim import make_optimizer
+    from chestxpert.trainable.backbones import build_model, get_backbone
+    from chestxpert.trainable.checkpoint import load_model, read_state
+    from chestxpert.trainable.losses import make_loss
+    from chestxpert.trainable.optim import make_optimizer
 
     get_backbone(config.backbone)  # a name typo fails here, before anything is built
     if restore is not None:
         return load_model(restore, compile=True), read_state(restore)
-    from trainable.augment import make_augmentation
+    from chestxpert.trainable.augment import make_augmentation
 
     model = build_model(
-        config.backbone, data.image_size, len(data.labels), dropout=config.dropout,
-        weights=config.weights or None, augmentation=make_augmentation(config),
-    )  # fmt: skip
-    loss = make_loss(config.loss, len(data.labels), data.manifest.get("pos_weight"),
-                     data.manifest.get("neg_weight"), gamma=config.focal_gamma)  # fmt: skip
+        config.backbone,
+        data.image_size,
+        len(data.labels),
+        dropout=config.dropout,
+        weights=config.weights or None,
+        augmentation=make_augmentation(config),
+    )
+    loss = make_loss(
+        config.loss,
+        len(data.labels),
+        data.manifest.get("pos_weight"),
+        data.manifest.get("neg_weight"),
+        gamma=config.focal_gamma,
+    )
     model.compile(
         optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla
     )
@@ -181,8 +201,8 @@ def run_trial(
     """
     import keras
 
-    from trainable.checkpoint import write_checkpoint
-    from trainable.metrics import auc_metrics
+    from chestxpert.trainable.checkpoint import write_checkpoint
+    from chestxpert.trainable.metrics import auc_metrics
 
     global _PROCESS_HAS_RUN_A_TRIAL
     trial_started = time.monotonic()
@@ -246,13 +266,27 @@ def run_trial(
             done = epoch + 1 == config.epochs
             checkpoint_dir = None
             if done or (epoch + 1) % config.checkpoint_every == 0:
-                checkpoint_dir = write_checkpoint(model, {
-                    "epoch": epoch + 1, "metrics": metrics, "config": config.to_dict(), "labels": data.labels,
-                    "preprocessing": {"image_size": data.image_size, "channels": 1, "dtype": "uint8",
-                                      "gray": "PIL luminance; 16-bit min-max", "square": "pad centred, Lanczos"},
-                    "plateau": plateau, "history": history, "runtime": runtime,
-                    "dataset_digest": data.manifest.get("digest"), "weights_sha256": weights_digest(model),
-                })  # fmt: skip
+                checkpoint_dir = write_checkpoint(
+                    model,
+                    {
+                        "epoch": epoch + 1,
+                        "metrics": metrics,
+                        "config": config.to_dict(),
+                        "labels": data.labels,
+                        "preprocessing": {
+                            "image_size": data.image_size,
+                            "channels": 1,
+                            "dtype": "uint8",
+                            "gray": "PIL luminance; 16-bit min-max",
+                            "square": "pad centred, Lanczos",
+                        },
+                        "plateau": plateau,
+                        "history": history,
+                        "runtime": runtime,
+                        "dataset_digest": data.manifest.get("digest"),
+                        "weights_sha256": weights_digest(model),
+                    },
+                )
             try:
                 report(metrics, checkpoint_dir)
             finally:
@@ -262,9 +296,13 @@ def run_trial(
     if start_epoch >= config.epochs:
         return dict(state.get("metrics", {})) if state else {}
     model.fit(
-        data.train_pipeline(start_epoch), epochs=config.epochs, initial_epoch=start_epoch,
-        callbacks=[EpochReport()], verbose=0, shuffle=False,  # the reader shuffles
-    )  # fmt: skip
+        data.train_pipeline(start_epoch),
+        epochs=config.epochs,
+        initial_epoch=start_epoch,
+        callbacks=[EpochReport()],
+        verbose=0,
+        shuffle=False,  # the reader shuffles
+    )
     return last
 
 

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from cluster.stack import StackOptions, down, up
+from chestxpert.cluster.stack import StackOptions, down, up
 
 # 128 px so the report's Grad-CAM can localise (at 64 px DenseNet121's maps are too coarse);
 # 1,600 images keep the whole demo under 15 minutes on 2 cores at that size (14.1 measured).
@@ -20,14 +20,20 @@ DEMO_IMAGES = 1600
 DEMO_SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "examples" / "demo-cpu.yaml"
 
 
-def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: bool,
-             image_size: int = DEMO_IMAGE_SIZE) -> dict:  # fmt: skip
+def run_demo(
+    opts: StackOptions,
+    images: int,
+    samples: int,
+    epochs: int,
+    stop: bool,
+    image_size: int = DEMO_IMAGE_SIZE,
+) -> dict:
     """Start the stack, make and prepare synthetic data (once), run the demo sweep, print where to look."""
-    from cluster.endpoints import resolve
-    from datasets.prepare import PrepareOptions, prepare
-    from datasets.synth import generate
-    from sweeps.run import format_summary, run_sweep
-    from sweeps.spec import load_spec
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.datasets.prepare import PrepareOptions, prepare
+    from chestxpert.datasets.synth import generate
+    from chestxpert.sweeps.run import format_summary, run_sweep
+    from chestxpert.sweeps.spec import load_spec
 
     started = time.monotonic()
     state = up(opts)
@@ -55,9 +61,15 @@ def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: b
                 endpoints,
             )
         name = time.strftime("demo-%Y%m%d-%H%M%S")
-        overrides = {"name": name, "dataset": str(prepared), "search.num_samples": samples,
-                     "mlflow.experiment": "chestxpert-demo", "trial.epochs": epochs,
-                     "scheduler.max_t": epochs, "trial.image_size": image_size}  # fmt: skip
+        overrides = {
+            "name": name,
+            "dataset": str(prepared),
+            "search.num_samples": samples,
+            "mlflow.experiment": "chestxpert-demo",
+            "trial.epochs": epochs,
+            "scheduler.max_t": epochs,
+            "trial.image_size": image_size,
+        }
         if epochs < 2:  # one epoch leaves ASHA nothing to stop
             overrides.update({"scheduler.type": "none", "scheduler.max_t": None})
         spec = load_spec(DEMO_SPEC, overrides=overrides)
@@ -72,7 +84,7 @@ def run_demo(opts: StackOptions, images: int, samples: int, epochs: int, stop: b
             "\n[4/4] final: retrain the best configuration as a Ray task, evaluate on test, report ...",
             flush=True,
         )
-        from results.final import FinalOptions, run_final
+        from chestxpert.results.final import FinalOptions, run_final
 
         # The final job runs alone: it gets every CPU the stack's node has, not one trial's share.
         cpus = int(state["ray"].get("resources", {}).get("CPU") or os.cpu_count() or 1)

@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from cluster.demo import DEMO_IMAGE_SIZE, DEMO_IMAGES
-from cluster.errors import UserError
-from cluster.workspace import workspace_path
+from chestxpert import __version__
+from chestxpert.cluster.errors import UserError
+from chestxpert.cluster.workspace import workspace_path
+from chestxpert.demo import DEMO_IMAGE_SIZE, DEMO_IMAGES
 
 
 def _stack_options(args: argparse.Namespace):
-    from cluster.stack import StackOptions
+    from chestxpert.cluster.stack import StackOptions
 
     return StackOptions(
         workspace=workspace_path(args.workspace),
@@ -32,15 +34,15 @@ def _stack_options(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster.stack import up
+    from chestxpert.cluster.stack import up
 
     up(_stack_options(args))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster.endpoints import resolve
-    from cluster.stack import health
+    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.cluster.stack import health
 
     ws = workspace_path(args.workspace)
     rows = health(ws)
@@ -68,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from cluster.stack import down
+    from chestxpert.cluster.stack import down
 
     ws = workspace_path(args.workspace)
     stopped = down(ws)
@@ -78,7 +80,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job end to end on the embedded default."""
-    from cluster.demo import run_demo
+    from chestxpert.demo import run_demo
 
     summary = run_demo(
         _stack_options(args), args.images, args.samples, args.epochs, args.stop, args.image_size
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chestxpert",
         description="Hyperparameter sweeps for multi-label chest X-ray classification on Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"chestxpert {__version__}")
     parser.add_argument(
         "--workspace",
         default=os.environ.get("CHESTXPERT_WORKSPACE"),
@@ -157,16 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--stop", action="store_true", help="stop the services at the end")
     demo_parser.set_defaults(func=cmd_demo)
 
-    from datasets.cli import register as register_datasets
+    from chestxpert.datasets.cli import register as register_datasets
 
     register_datasets(sub)
-    from trainable.cli import register as register_trainable
+    from chestxpert.trainable.cli import register as register_trainable
 
     register_trainable(sub)
-    from sweeps.cli import register as register_sweeps
+    from chestxpert.sweeps.cli import register as register_sweeps
 
     register_sweeps(sub)
-    from results.cli import register as register_results
+    from chestxpert.results.cli import register as register_results
 
     register_results(sub)
     return parser
@@ -175,12 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chestxpert` console script."""
     args = build_parser().parse_args(argv)
-    from cluster.endpoints import prepare_ray_environment
+    from chestxpert.cluster.endpoints import prepare_ray_environment
 
     prepare_ray_environment(args.workspace)
-    os.environ.setdefault(
-        "TF_CPP_MIN_LOG_LEVEL", "2"
-    )  # TensorFlow's start-up chatter hides our output
+    # TensorFlow's start-up chatter hides our output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if getattr(args, "sweep_command", None) in ("run", "resume") and not getattr(
+        args, "dry_run", False
+    ):
+        # Which code runs matters on a cluster (a submitted job ships its own copy).
+        print(f"chestxpert {__version__} ({Path(__file__).resolve().parent})", flush=True)
     try:
         return args.func(args)
     except UserError as err:
@@ -189,7 +196,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,8 @@
+"""ChestXpert: hyperparameter sweeps for multi-label chest X-ray classification on Ray.
+
+The app layer: `chestxpert.cli` and `chestxpert.demo` wire the parts together. The parts
+live in the repository's top-level folders and import as `chestxpert.cluster`,
+`chestxpert.datasets`, `chestxpert.trainable`, `chestxpert.sweeps` and `chestxpert.results`.
+"""
+
+__version__ = "0.2.0"
