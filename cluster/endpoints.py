@@ -90,6 +90,7 @@ def resolve(
     s3_endpoint_url: str | None = None,
     workspace: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    read_workspace_state: bool = True,
 ) -> Endpoints:
     """Resolve every endpoint: explicit argument, then environment, then `chestxpert up` state, then default.
 
@@ -98,7 +99,7 @@ def resolve(
     """
     env = os.environ if environ is None else environ
     ws = workspace_path(workspace)
-    state = read_state(ws)
+    state = read_state(ws) if read_workspace_state else {}
     ray_state: dict[str, Any] = state.get("ray", {})
     mlflow_state: dict[str, Any] = state.get("mlflow", {})
     s3_state: dict[str, Any] = state.get("s3", {})
@@ -161,6 +162,13 @@ def resolve(
             "s3_endpoint_url": endpoint_src,
         },
     )
+
+
+def worker_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
+    """Endpoints as a Ray trial or task sees them: only its environment, which the driver's
+    runtime env filled in (`client_environment`). A `.chestxpert/` state file in whatever folder
+    the worker runs in is never read: it may belong to another stack."""
+    return resolve(environ=environ, read_workspace_state=False)
 
 
 def aws_credentials(endpoints: Endpoints) -> tuple[str | None, str | None, str | None]:
@@ -273,20 +281,3 @@ def s3_client(endpoints: Endpoints) -> Any:
         or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
     )
-
-
-def mlflow_experiment_id(client, name: str) -> str:
-    """The id of MLflow experiment `name`, created if missing.
-
-    With a local SQLite store (the workspace default, no server) MLflow would put the
-    experiment's artifacts in `./mlruns` under whatever directory the command ran in;
-    they go next to the database instead. A server decides its own artifact root.
-    """
-    found = client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:///"):
-        database = Path(client.tracking_uri[len("sqlite:///") :])
-        location = (database.parent / "mlflow-artifacts").absolute().as_uri()
-    return client.create_experiment(name, artifact_location=location)

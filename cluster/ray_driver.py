@@ -84,7 +84,6 @@ def connect(endpoints: Endpoints) -> dict[str, str]:
     }
 
 
-
 def package_for_workers(staging: Path) -> Path:
     """Copy the `chestxpert` package, laid out as it installs, into `staging/chestxpert`.
 

@@ -66,6 +66,19 @@ def square_resize(gray: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
     return np.asarray(image, dtype=np.uint8), Placement(scale, offset_x * scale, offset_y * scale)
 
 
+def resize_uint8(images, size: int):
+    """Resize a batch of uint8 images (N×S×S×C, array or tensor) to `size`×`size`, anti-aliased.
+
+    The one on-the-fly resize, for a trial or an evaluation at a smaller size than the
+    dataset was prepared at: eager on arrays (call `.numpy()` on the result) and inside a
+    tf.data map alike. Returns a uint8 tensor, rounded, never truncated.
+    """
+    import tensorflow as tf
+
+    resized = tf.image.resize(images, (size, size), antialias=True)
+    return tf.cast(tf.round(resized), tf.uint8)
+
+
 def load_gray_square(path: str | Path, size: int) -> tuple[np.ndarray, Placement]:
     """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) into a `size`×`size` uint8 array."""
     with Image.open(path) as image:

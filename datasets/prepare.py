@@ -36,13 +36,16 @@ from chestxpert.cluster.endpoints import (
     storage_filesystem,
 )
 from chestxpert.datasets.images import MIN_IMAGE_SIZE, load_gray_square
-from chestxpert.datasets.schema import DatasetError, SourceTable
+from chestxpert.datasets.schema import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SPLITS,
+    DatasetError,
+    SourceTable,
+)
 from chestxpert.datasets.validate import check_image
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 BAD_IMAGES_REPORT = "bad_images.csv"
-SPLITS = ("train", "val", "test")
 SOURCES = ("nih", "chexpert")
 
 

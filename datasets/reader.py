@@ -16,8 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from chestxpert.cluster.endpoints import Endpoints, resolve, storage_filesystem
-from chestxpert.datasets.prepare import MANIFEST, SCHEMA_VERSION, SPLITS
-from chestxpert.datasets.schema import DatasetError
+from chestxpert.datasets.schema import MANIFEST, SCHEMA_VERSION, SPLITS, DatasetError
 
 
 @dataclass(frozen=True)

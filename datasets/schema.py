@@ -12,6 +12,13 @@ import pandas as pd
 
 from chestxpert.cluster.errors import UserError
 
+# The prepared dataset (written by `prepare`, read by `reader`): a folder or object-store
+# prefix with MANIFEST, written last, and Parquet shards per split. SCHEMA_VERSION changes
+# whenever a reader could misread an older layout.
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
 # NIH ChestX-ray14 order, as in the label file ("Pleural_Thickening" keeps its underscore).
 NIH_LABELS: tuple[str, ...] = (
     "Atelectasis",

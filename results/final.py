@@ -16,10 +16,13 @@ import numpy as np
 
 from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
+from chestxpert.datasets.images import resize_uint8
+from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, locate
+from chestxpert.sweeps.spec import SweepSpec, spec_from_dict
 
 # DenseNet121's last map is 7×7 at the 224 px it was designed for; at 128 px it is 4×4 and
-# points at little (measured on the demo: pointing game 0.20 for Atelectasis against 0.77 on
-# the 8×8 map one dense block earlier). Smaller last maps step back to the deepest ≥ 7×7 one.
+# points at little (the README gives the demo's pointing-game figures for both maps).
+# Smaller last maps step back to the deepest ≥ 7×7 one.
 MIN_GRADCAM_MAP = 7
 
 
@@ -52,7 +55,9 @@ def _upload_folder(fs, local: Path, remote: str) -> None:
     )
 
 
-def retrain(config: dict[str, Any], fs, remote_model_dir: str) -> dict[str, float]:
+def retrain(
+    config: dict[str, Any], fs, remote_model_dir: str, endpoints: Endpoints | None = None
+) -> dict[str, float]:
     """Train `config` to the end and copy its last checkpoint to `remote_model_dir` on `fs`.
 
     Runs in this process or as a Ray task on a node with the trial's resources.
@@ -71,7 +76,7 @@ def retrain(config: dict[str, Any], fs, remote_model_dir: str) -> dict[str, floa
             _upload_folder(fs, checkpoint_dir, remote_model_dir)
             last.update(metrics)
 
-    run_trial(TrialConfig.from_dict(config), report)
+    run_trial(TrialConfig.from_dict(config), report, endpoints=endpoints)
     return last
 
 
@@ -121,8 +126,6 @@ def _readable_overlay(image: np.ndarray, heat: np.ndarray, box, title: str):
 
 def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, Any]:
     """The whole final job; returns the metrics dict also written as metrics.json."""
-    from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, locate
-
     started = time.monotonic()
     location = locate(endpoints, name)
     recorded, summary = location.read_json(SPEC_FILE), location.read_json(SUMMARY_FILE)
@@ -136,9 +139,9 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
         )
     if opts.train_on not in ("train", "train+val"):
         raise FinalError(f"--train-on {opts.train_on!r}: expected train or train+val")
-    raw = recorded["raw"]
+    spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
     config = dict(summary["best_config"])
-    config["epochs"] = opts.epochs or int(config.get("epochs") or raw["trial"].get("epochs", 10))
+    config["epochs"] = opts.epochs or int(config.get("epochs") or spec.epochs())
     config["train_splits"] = opts.train_on
     remote_model = f"{location.path}/final/model"
     work = Path(tempfile.mkdtemp(prefix="cx-final-"))
@@ -158,9 +161,8 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
 
             connect(endpoints)
             try:
-                resources = raw.get("resources", {})
-                cpus = opts.cpus if opts.cpus is not None else resources.get("cpus", 1)
-                gpus = opts.gpus if opts.gpus is not None else resources.get("gpus", 0)
+                cpus = opts.cpus if opts.cpus is not None else spec.resources.cpus
+                gpus = opts.gpus if opts.gpus is not None else spec.resources.gpus
                 nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
                 if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
                     sizes = ", ".join(
@@ -176,14 +178,14 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             finally:
                 ray.shutdown()
         else:
-            train_metrics = retrain(config, location.fs, remote_model)
+            train_metrics = retrain(config, location.fs, remote_model, endpoints)
         from chestxpert.results.pull import download_folder
 
         # checksum-verified: the model evaluated is the model published
         model_dir = download_folder(
             location.fs, remote_model, f"{location.uri}/final/model", work, progress=False
         )
-        metrics = evaluate_model(model_dir, config, raw, opts, endpoints, work / "report", name)
+        metrics = evaluate_model(model_dir, config, opts, endpoints, work / "report", name)
         metrics["final_training"] = train_metrics
         _publish(location, model_dir, work / "report", metrics)
         local_report = endpoints.workspace / "reports" / name
@@ -192,7 +194,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
         metrics["report_dir"] = str(local_report)
         metrics["storage_dir"] = f"{location.uri}/final"
         metrics["mlflow"] = _log_to_mlflow(
-            recorded, raw, name, model_dir, work / "report", metrics, endpoints
+            recorded, spec, model_dir, work / "report", metrics, endpoints
         )
         print(f"final job done in {(time.monotonic() - started) / 60:.1f} min")
         return metrics
@@ -203,7 +205,6 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
 def evaluate_model(
     model_dir: Path,
     config: dict,
-    raw: dict,
     opts: FinalOptions,
     endpoints: Endpoints,
     out: Path,
@@ -238,14 +239,8 @@ def evaluate_model(
         raise FinalError(f"{config['dataset']} has an empty test split; nothing to evaluate")
     size = state["preprocessing"]["image_size"]
     if size != dataset.image_size:
-        import tensorflow as tf
-
-        def resize(images):
-            return tf.cast(
-                tf.round(tf.image.resize(images, (size, size), antialias=True)), tf.uint8
-            ).numpy()
-
-        val["image"], test["image"] = resize(val["image"]), resize(test["image"])
+        val["image"] = resize_uint8(val["image"], size).numpy()
+        test["image"] = resize_uint8(test["image"], size).numpy()
     val_prob = model.predict(val["image"], batch_size=64, verbose=0)
     test_prob = model.predict(test["image"], batch_size=64, verbose=0)
     choice = choose_thresholds(
@@ -355,8 +350,7 @@ def _publish(location, model_dir: Path, report_dir: Path, metrics: dict) -> None
 
 def _log_to_mlflow(
     recorded: dict,
-    raw: dict,
-    name: str,
+    spec: SweepSpec,
     model_dir: Path,
     report_dir: Path,
     metrics: dict,
@@ -367,33 +361,15 @@ def _log_to_mlflow(
     import mlflow
     from mlflow.entities import Metric
 
-    from chestxpert.sweeps.tracking import (
-        PARENT_TAG,
-        SWEEP_TAG,
-        _client,
-        experiment_id,
-        plain_params,
-    )
+    from chestxpert.cluster import mlflow_runs
     from chestxpert.trainable.checkpoint import load_model
 
-    uri = (raw.get("mlflow") or {}).get("tracking_uri") or endpoints.mlflow_tracking_uri
-    experiment = (raw.get("mlflow") or {}).get("experiment") or name
-    model_name = raw.get("model_name") or name
-    client = _client(uri)
-    run = client.create_run(
-        experiment_id(client, experiment),
-        run_name=f"{name}-final",
-        tags={
-            PARENT_TAG: recorded.get("parent_run_id", ""),
-            SWEEP_TAG: name,
-            "chestxpert.role": "final",
-        },
-    )
-    run_id = run.info.run_id
-    from mlflow.entities import Param
-
-    client.log_batch(
-        run_id, params=[Param(k, v) for k, v in plain_params(metrics["config"]).items()]
+    uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
+    model_name = spec.model_name or spec.name
+    client = mlflow_runs.client(uri)
+    parent = recorded.get("parent_run_id", "")
+    run_id = mlflow_runs.final_run(
+        client, spec.mlflow.experiment or spec.name, spec.name, parent, metrics["config"]
     )
     ev = metrics["evaluation"]
     values = {

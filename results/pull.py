@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from chestxpert.cluster import mlflow_runs
 from chestxpert.cluster.endpoints import (
     Endpoints,
     apply_client_environment,
@@ -244,7 +245,7 @@ def _registry_model(model_ref: str, endpoints: Endpoints) -> Path:
     tracking_uri = endpoints.mlflow_tracking_uri
     if endpoints.s3_endpoint_url:
         apply_client_environment(endpoints)  # artifacts kept in S3-compatible storage
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_runs.client(tracking_uri)
     try:
         version = client.get_model_version_by_alias(name, alias)
     except MlflowException as err:

@@ -128,12 +128,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from chestxpert.cluster import mlflow_runs
     from chestxpert.sweeps.status import read_trials
-    from chestxpert.sweeps.tracking import _client, parent_run, sync_trial
+    from chestxpert.sweeps.tracking import sync_trial
 
     spec, endpoints, location, recorded = _recorded_spec(args)
     uri = args.mlflow_uri or spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
-    parent_id = parent_run(
+    parent_id = mlflow_runs.parent_run(
         uri,
         spec.mlflow.experiment,
         spec.name,
@@ -141,7 +142,7 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
         {},
         reuse=recorded.get("parent_run_id"),
     )
-    client = _client(uri)
+    client = mlflow_runs.client(uri)
     total = 0
     for trial in read_trials(
         location, spec.metric, spec.mode, spec.scheduler.max_t or spec.epochs()

@@ -122,7 +122,7 @@ def _tuner_parts(
 
 def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> dict[str, Any]:
     """Run (or, with `resume`, continue) the sweep and return its summary (best trial, config, checkpoint)."""
-    from chestxpert.sweeps.tracking import parent_run
+    from chestxpert.cluster.mlflow_runs import parent_run
 
     location = locate(endpoints, spec.name)
     recorded = location.read_json(SPEC_FILE)
@@ -230,9 +230,9 @@ def _summarise(
             best_checkpoint=_with_scheme(checkpoint.path if checkpoint else None, location),
         )
         try:
-            from chestxpert.sweeps.tracking import _client
+            from chestxpert.cluster import mlflow_runs
 
-            client = _client(mlflow_uri)
+            client = mlflow_runs.client(mlflow_uri)
             client.log_metric(parent_id, f"best_{spec.metric}", best_value)
             client.set_tag(parent_id, "chestxpert.best_trial_id", str(summary["best_trial_id"]))
             client.set_tag(parent_id, "chestxpert.best_checkpoint", str(summary["best_checkpoint"]))

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation
+from chestxpert.sweeps.spec import spec_from_dict
 from chestxpert.sweeps.tracking import ended_reason
 
 
@@ -93,11 +94,9 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
     recorded = location.read_json(SPEC_FILE)
     if recorded is None:
         return {}
-    raw = recorded["raw"]
-    metric, mode = raw.get("metric", "val_auc_macro"), raw.get("mode", "max")
-    max_epochs = int(
-        raw.get("scheduler", {}).get("max_t") or raw.get("trial", {}).get("epochs") or 10
-    )
+    spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
+    metric, mode = spec.metric, spec.mode
+    max_epochs = spec.scheduler.max_t or spec.epochs()
     trials = read_trials(location, metric, mode, max_epochs)
     scored = [t for t in trials if t.best is not None]
     best = (max if mode == "max" else min)(scored, key=lambda t: t.best) if scored else None
@@ -106,7 +105,7 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
         "storage": location.uri,
         "metric": metric,
         "mode": mode,
-        "num_samples": raw.get("search", {}).get("num_samples"),
+        "num_samples": spec.search.num_samples,
         "summary": location.read_json(SUMMARY_FILE),
         "best_so_far": {"trial_id": best.trial_id, "value": best.best, "config": best.config}
         if best

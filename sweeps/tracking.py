@@ -14,69 +14,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from chestxpert.cluster.endpoints import mlflow_experiment_id as experiment_id
-
-SWEEP_TAG = "chestxpert.sweep"
-TRIAL_TAG = "chestxpert.trial_id"
-ENDED_TAG = "chestxpert.ended"
-PARENT_TAG = "mlflow.parentRunId"
-
-
-def _client(tracking_uri: str):
-    import os
-
-    import mlflow
-
-    # A server that is down must cost seconds, not MLflow's default ~4 minutes of
-    # retries per call: the driver's event loop (and every trial's report) waits on it.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
-
-
-def find_run(client, experiment: str, tags: dict[str, str]):
-    """The newest run in `experiment` carrying all `tags`, or None."""
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    runs = client.search_runs(
-        [experiment], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
-    )
-    return runs[0] if runs else None
-
-
-def plain_params(values: dict[str, Any]) -> dict[str, str]:
-    """Config values as MLflow params (strings, at most 6000 characters each)."""
-    return {key: str(value)[:6000] for key, value in values.items()}
-
-
-def parent_run(
-    tracking_uri: str,
-    experiment: str,
-    sweep: str,
-    params: dict[str, Any],
-    tags: dict[str, str],
-    reuse: str | None = None,
-) -> str:
-    """Create the sweep's parent run and return its id; `reuse` (a recorded run id) is returned if it exists."""
-    client = _client(tracking_uri)
-    exp = experiment_id(client, experiment)
-    if reuse:
-        try:
-            return client.get_run(reuse).info.run_id
-        except Exception:
-            pass  # a different MLflow server than the sweep started with: make a parent there
-    run = client.create_run(
-        exp, run_name=sweep, tags={SWEEP_TAG: sweep, "chestxpert.role": "sweep", **tags}
-    )
-    _log_params(client, run.info.run_id, params)
-    return run.info.run_id
-
-
-def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(key, value) for key, value in plain_params(params).items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
+from chestxpert.cluster import mlflow_runs
+from chestxpert.cluster.mlflow_runs import ENDED_TAG, experiment_id, trial_run
 
 
 def ended_reason(last_epoch: int, max_epochs: int, errored: bool) -> str:
@@ -86,28 +25,6 @@ def ended_reason(last_epoch: int, max_epochs: int, errored: bool) -> str:
     if last_epoch >= max_epochs:
         return "completed"
     return f"stopped by ASHA at epoch {last_epoch}"
-
-
-def trial_run(
-    client, experiment: str, sweep: str, parent_run_id: str, trial_id: str, config: dict
-) -> str:
-    """The id of trial `trial_id`'s MLflow run, nested under the sweep's parent run; created (with the
-    trial's config as params) when no run of this sweep carries the trial's tag yet."""
-    existing = find_run(client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
-    if existing is not None:
-        return existing.info.run_id
-    run = client.create_run(
-        experiment,
-        run_name=f"{sweep}-{trial_id}",
-        tags={
-            PARENT_TAG: parent_run_id,
-            SWEEP_TAG: sweep,
-            TRIAL_TAG: trial_id,
-            "chestxpert.role": "trial",
-        },
-    )
-    _log_params(client, run.info.run_id, config)
-    return run.info.run_id
 
 
 class NestedMlflowCallback(Callback):
@@ -153,7 +70,7 @@ class NestedMlflowCallback(Callback):
     @property
     def client(self):
         if self._mlflow is None:
-            self._mlflow = _client(self.tracking_uri)
+            self._mlflow = mlflow_runs.client(self.tracking_uri)
         return self._mlflow
 
     def _run_for(self, trial_id: str, config: dict) -> str:

@@ -375,3 +375,23 @@ def test_free_ports_are_outside_the_ephemeral_range_and_free_on_every_interface(
         assert port in FREE_PORTS and not low <= port <= high
         with socket.socket() as server:
             server.bind(("0.0.0.0", port))  # free on every interface, not just loopback
+
+
+def test_a_trial_takes_storage_from_its_environment_never_from_its_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray worker may run in a folder holding another stack's `.chestxpert/services.json`;
+    the dataset's S3 endpoint must come from the environment the driver gave the trial."""
+    write_state(
+        tmp_path / ".chestxpert",
+        {"s3": {"url": "http://127.0.0.1:1"}, "storage_uri": "s3://someone-elses/bucket"},
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHESTXPERT_WORKSPACE", raising=False)
+    assert endpoints.resolve(environ={}).s3_endpoint_url == "http://127.0.0.1:1", (
+        "the CLI does read the workspace it runs in"
+    )
+    trial = endpoints.worker_endpoints(environ={"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
+    assert trial.s3_endpoint_url == "http://127.0.0.1:9"
+    assert trial.storage_uri != "s3://someone-elses/bucket"
+    assert endpoints.worker_endpoints(environ={}).s3_endpoint_url is None

@@ -103,7 +103,7 @@ def test_how_a_trial_ended_reads_as_users_expect() -> None:
 def test_a_local_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch) -> None:
     import mlflow
 
-    from chestxpert.cluster.endpoints import mlflow_experiment_id
+    from chestxpert.cluster.mlflow_runs import experiment_id as mlflow_experiment_id
 
     monkeypatch.chdir(tmp_path)
     database = tmp_path / "ws" / "mlflow.db"

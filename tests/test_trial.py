@@ -152,6 +152,7 @@ def test_resume_in_a_new_process_continues_from_identical_weights(
 def test_checkpoint_reloaded_in_a_fresh_process_predicts_the_same(
     synthetic_dataset: SyntheticDataset, tmp_path: Path
 ) -> None:
+    from chestxpert.cluster.endpoints import resolve
     from chestxpert.trainable.config import TrialConfig
     from chestxpert.trainable.local import train_local
 
@@ -164,7 +165,10 @@ def test_checkpoint_reloaded_in_a_fresh_process_predicts_the_same(
         }
     )
     out = tmp_path / "run"
-    train_local(config, out, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    endpoints = resolve(
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", workspace=tmp_path, environ={}
+    )
+    train_local(config, out, endpoints)
     code = (
         "import json, sys, numpy as np\n"
         "from chestxpert.trainable.checkpoint import load_model\n"

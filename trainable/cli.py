@@ -7,24 +7,22 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chestxpert.cluster.endpoints import resolve
+    from chestxpert.cluster.endpoints import apply_client_environment, resolve
     from chestxpert.trainable.local import load_config_file, train_local
 
     config = load_config_file(Path(args.config), args.set)
     endpoints = resolve(mlflow_tracking_uri=args.mlflow_uri, workspace=args.workspace)
-    from chestxpert.cluster.endpoints import apply_client_environment
-
     apply_client_environment(endpoints)
     out = Path(args.out or (endpoints.workspace / "train" / Path(args.config).stem))
     print(
-        f"training {config.backbone} on {config.dataset}; checkpoints in {out}; MLflow {endpoints.mlflow_tracking_uri}"
+        f"training {config.backbone} on {config.dataset}; checkpoints in {out}; "
+        f"MLflow {endpoints.mlflow_tracking_uri}"
     )
-    metrics = train_local(
-        config, out, endpoints.mlflow_tracking_uri, args.experiment, resume=args.resume
-    )
+    metrics = train_local(config, out, endpoints, args.experiment, resume=args.resume)
     if "val_auc_macro" in metrics:
         print(
-            f"done: val_auc_macro {metrics['val_auc_macro']:.4f} after {int(metrics['epoch'])} epochs"
+            f"done: val_auc_macro {metrics['val_auc_macro']:.4f} "
+            f"after {int(metrics['epoch'])} epochs"
         )
     return 0
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from chestxpert.cluster import mlflow_runs
+from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.trainable.config import ConfigError, TrialConfig
 
 log = logging.getLogger("chestxpert.train")
@@ -52,7 +54,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def train_local(
     config: TrialConfig,
     out_dir: Path,
-    mlflow_tracking_uri: str | None = None,
+    endpoints: Endpoints,
     experiment: str = "chestxpert-train",
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -68,11 +70,14 @@ def train_local(
     restore = latest_checkpoint(out_dir) if resume else None
     if resume and restore is None:
         print(f"no checkpoint in {out_dir}; starting from scratch")
-    tracker = _MlflowRun(mlflow_tracking_uri, experiment, config)
+    tracker = _MlflowRun(endpoints.mlflow_tracking_uri, experiment, config)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         epoch = int(metrics["epoch"])
-        line = f"epoch {epoch}/{config.epochs}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}"
+        line = (
+            f"epoch {epoch}/{config.epochs}  train_loss {metrics['train_loss']:.4f}"
+            f"  val_loss {metrics['val_loss']:.4f}"
+        )
         if "val_auc_macro" in metrics:
             line += f"  val_auc_macro {metrics['val_auc_macro']:.4f}"
         print(
@@ -84,7 +89,7 @@ def train_local(
             copy_checkpoint(checkpoint_dir, out_dir / f"checkpoint_{epoch:04d}")
 
     try:
-        return run_trial(config, report, restore=restore)
+        return run_trial(config, report, restore=restore, endpoints=endpoints)
     finally:
         tracker.close()
 
@@ -92,20 +97,14 @@ def train_local(
 class _MlflowRun:
     """One MLflow run for a local training; failures to log are warned about once and skipped."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str, config: TrialConfig) -> None:
-        self.run = None
+    def __init__(self, tracking_uri: str, experiment: str, config: TrialConfig) -> None:
+        self.run_id: str | None = None
         self.warned = False
         try:
-            import mlflow
-
-            self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-            from chestxpert.cluster.endpoints import mlflow_experiment_id
-
-            self.run = self.client.create_run(
-                mlflow_experiment_id(self.client, experiment), run_name=f"train-{config.backbone}"
+            self.client = mlflow_runs.client(tracking_uri)
+            self.run_id = mlflow_runs.train_run(
+                self.client, experiment, f"train-{config.backbone}", config.to_dict()
             )
-            for key, value in config.to_dict().items():
-                self.client.log_param(self.run.info.run_id, key, value)
         except Exception as err:
             self._warn(err)
 
@@ -115,7 +114,7 @@ class _MlflowRun:
             self.warned = True
 
     def log(self, metrics: dict[str, float], epoch: int) -> None:
-        if self.run is None:
+        if self.run_id is None:
             return
         try:
             import time
@@ -124,13 +123,13 @@ class _MlflowRun:
 
             now = int(time.time() * 1000)
             batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
-            self.client.log_batch(self.run.info.run_id, metrics=batch)
+            self.client.log_batch(self.run_id, metrics=batch)
         except Exception as err:
             self._warn(err)
 
     def close(self) -> None:
-        if self.run is not None:
+        if self.run_id is not None:
             try:
-                self.client.set_terminated(self.run.info.run_id)
+                self.client.set_terminated(self.run_id)
             except Exception as err:
                 self._warn(err)

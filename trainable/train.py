@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from chestxpert.cluster.endpoints import Endpoints, worker_endpoints
+from chestxpert.datasets.images import resize_uint8
 from chestxpert.trainable.config import TrialConfig
 
 # report(metrics, checkpoint_dir or None): where a trial's per-epoch results go.
@@ -94,12 +96,10 @@ def _trial_cpus(config: TrialConfig) -> int:
 class _Data:
     """The trial's view of a prepared dataset: a shuffled training pipeline and the whole validation split."""
 
-    def __init__(self, config: TrialConfig) -> None:
-        import tensorflow as tf
-
+    def __init__(self, config: TrialConfig, endpoints: Endpoints) -> None:
         from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
 
-        self.dataset = open_dataset(config.dataset)
+        self.dataset = open_dataset(config.dataset, endpoints)
         self.labels = self.dataset.labels
         self.manifest = self.dataset.manifest
         self.image_size = config.image_size or self.dataset.image_size
@@ -112,10 +112,7 @@ class _Data:
         self.val_labels = np.nan_to_num(val["labels"], nan=0.0)
         self.val_images = val["image"]
         if self.image_size != self.dataset.image_size:
-            self.val_images = tf.image.resize(
-                self.val_images, (self.image_size,) * 2, antialias=True
-            )
-            self.val_images = tf.cast(tf.round(self.val_images), tf.uint8).numpy()
+            self.val_images = resize_uint8(self.val_images, self.image_size).numpy()
         self._make = make_tf_dataset
         self.config = config
 
@@ -127,9 +124,7 @@ class _Data:
 
         def pack(images, labels, mask):
             if resize:
-                images = tf.cast(
-                    tf.round(tf.image.resize(images, (size, size), antialias=True)), tf.uint8
-                )
+                images = resize_uint8(images, size)
             return images, tf.concat([labels, mask], axis=-1)
 
         pipeline = self._make(
@@ -191,13 +186,18 @@ def _build_or_restore_here(config: TrialConfig, data: _Data, restore: Path | Non
 
 
 def run_trial(
-    config: TrialConfig, report: Reporter, restore: Path | None = None
+    config: TrialConfig,
+    report: Reporter,
+    restore: Path | None = None,
+    endpoints: Endpoints | None = None,
 ) -> dict[str, float]:
     """Train `config` from scratch or from the checkpoint folder `restore`; report after each epoch.
 
     Each report carries train/val loss, val AUC (macro, per label), PR AUC,
     epoch seconds, images per second and the start-up seconds of this process
     (interpreter, imports, model build and first step). Returns the last metrics.
+    `endpoints` say where the dataset's storage is; None (a Ray trial or task) takes them
+    from this process's environment, which the driver set, never from a workspace folder.
     """
     import keras
 
@@ -214,7 +214,7 @@ def run_trial(
         keras.backend.clear_session(free_memory=True)
     _PROCESS_HAS_RUN_A_TRIAL = True
     runtime = configure_runtime(config, _trial_cpus(config))
-    data = _Data(config)
+    data = _Data(config, endpoints or worker_endpoints())
     model, state = _build_or_restore(config, data, restore)
     start_epoch = int(state["epoch"]) if state else 0
     if state:

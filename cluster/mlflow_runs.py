@@ -1,0 +1,131 @@
+"""The one home of MLflow clients and of the runs ChestXpert makes: a parent run per sweep,
+a nested run per trial, a final run under the parent, and a run per `chestxpert train`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SWEEP_TAG = "chestxpert.sweep"
+TRIAL_TAG = "chestxpert.trial_id"
+ENDED_TAG = "chestxpert.ended"
+ROLE_TAG = "chestxpert.role"  # sweep | trial | final | train
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this run id
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+
+
+def client(tracking_uri: str):
+    """An `MlflowClient` for `tracking_uri` that gives up in seconds when the server is away.
+
+    MLflow's default is ~4 minutes of retries per call; the sweep driver (and so every
+    trial's report) would wait on it. A caller may still set the two variables itself.
+    """
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing.
+
+    With a local SQLite store (the workspace default, no server) MLflow would put the
+    experiment's artifacts in `./mlruns` under whatever directory the command ran in;
+    they go next to the database instead. A server decides its own artifact root.
+    """
+    found = mlflow_client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if mlflow_client.tracking_uri.startswith("sqlite:///"):
+        database = Path(mlflow_client.tracking_uri[len("sqlite:///") :])
+        location = (database.parent / "mlflow-artifacts").absolute().as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def find_run(mlflow_client, experiment: str, tags: dict[str, str]):
+    """The newest run in experiment id `experiment` carrying all `tags`, or None."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = mlflow_client.search_runs(
+        [experiment], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return runs[0] if runs else None
+
+
+def plain_params(values: dict[str, Any]) -> dict[str, str]:
+    """Config values as MLflow params (strings, at most MAX_PARAM_CHARS characters each)."""
+    return {key: str(value)[:MAX_PARAM_CHARS] for key, value in values.items()}
+
+
+def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
+    """Log `params` in batches of 100, MLflow's limit per call."""
+    from mlflow.entities import Param
+
+    items = [Param(key, value) for key, value in plain_params(params).items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def parent_run(
+    tracking_uri: str,
+    experiment: str,
+    sweep: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    reuse: str | None = None,
+) -> str:
+    """Create the sweep's parent run (the spec as params) and return its id.
+
+    `reuse`, a recorded run id, is returned instead when that run exists on this server.
+    """
+    mlflow_client = client(tracking_uri)
+    exp = experiment_id(mlflow_client, experiment)
+    if reuse:
+        try:
+            return mlflow_client.get_run(reuse).info.run_id
+        except Exception:
+            pass  # a different MLflow server than the sweep started with: make a parent there
+    run = mlflow_client.create_run(
+        exp, run_name=sweep, tags={SWEEP_TAG: sweep, ROLE_TAG: "sweep", **tags}
+    )
+    log_params(mlflow_client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def trial_run(
+    mlflow_client, experiment: str, sweep: str, parent_run_id: str, trial_id: str, config: dict
+) -> str:
+    """The id of trial `trial_id`'s run, nested under the sweep's parent run.
+
+    Created (with the trial's config as params) when no run of this sweep carries the
+    trial's tag yet, so a replay never makes a second run for one trial.
+    """
+    existing = find_run(mlflow_client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    if existing is not None:
+        return existing.info.run_id
+    tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+    run = mlflow_client.create_run(experiment, run_name=f"{sweep}-{trial_id}", tags=tags)
+    log_params(mlflow_client, run.info.run_id, config)
+    return run.info.run_id
+
+
+def final_run(mlflow_client, experiment: str, sweep: str, parent_run_id: str, config: dict) -> str:
+    """A new run for `chestxpert final`, nested under the sweep's parent; returns its id."""
+    tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, ROLE_TAG: "final"}
+    run = mlflow_client.create_run(
+        experiment_id(mlflow_client, experiment), run_name=f"{sweep}-final", tags=tags
+    )
+    log_params(mlflow_client, run.info.run_id, config)
+    return run.info.run_id
+
+
+def train_run(mlflow_client, experiment: str, run_name: str, config: dict) -> str:
+    """A new run for one `chestxpert train` (no sweep); returns its id."""
+    run = mlflow_client.create_run(
+        experiment_id(mlflow_client, experiment), run_name=run_name, tags={ROLE_TAG: "train"}
+    )
+    log_params(mlflow_client, run.info.run_id, config)
+    return run.info.run_id
