@@ -103,9 +103,9 @@ def test_the_gpu_examples_are_real_gpu_sweeps() -> None:
 def test_the_cpu_demo_is_sized_for_two_cores(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     spec = load_spec(EXAMPLES[0].parent / "demo-cpu.yaml")
-    # a relative dataset is made absolute against the directory the spec is read in,
-    # because trials run in other working directories
-    assert spec.dataset == str(tmp_path / ".chestxpert" / "data" / "synth-128")
+    # a relative dataset becomes a file:// URI, absolute against the directory the spec is
+    # read in, because trials run in other working directories
+    assert spec.dataset == (tmp_path / ".chestxpert" / "data" / "synth-128").as_uri()
     assert spec.trial == {
         "backbone": "densenet121",
         "image_size": 128,
@@ -699,6 +699,44 @@ def test_a_misspelt_required_key_gets_both_the_suggestion_and_the_missing_key() 
 )
 def test_other_top_level_mistakes(line: str, expected: str) -> None:
     assert problems_of(f"name: t\ndataset: s3://b/p\n{line}\n") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("prepared/nih-64", "file://{here}/prepared/nih-64"),
+        ("{here}/prepared/nih-64/", "file://{here}/prepared/nih-64"),
+        ("file://{here}/prepared/../prepared/nih-64", "file://{here}/prepared/nih-64"),
+        ("s3://bucket/prepared/nih-64/", "s3://bucket/prepared/nih-64"),
+    ],
+    ids=["relative", "absolute", "file-uri", "s3"],
+)
+def test_dataset_and_storage_are_spelt_as_storage_uris(
+    given: str, expected: str, monkeypatch, tmp_path: Path
+) -> None:
+    # the spelling cluster.endpoints gives every storage location, so a spec read back
+    # (`sweep resume`) or compared with a flag names the same place the same way
+    monkeypatch.chdir(tmp_path)
+    given, expected = (text.format(here=Path.cwd()) for text in (given, expected))
+    spec = parse_spec(f"name: t\ndataset: {given}\nstorage: {given}\n")
+    assert spec.dataset == spec.storage == expected
+    assert spec_from_dict(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "gs://b/p",
+            "dataset 'gs://b/p' has scheme 'gs'; expected a local folder, file:// or s3://",
+        ),
+        ("s3://", "dataset 's3://' names no bucket; expected s3://BUCKET/PREFIX"),
+        ("' '", "dataset is blank; give a local folder or an s3://bucket/prefix URI"),
+    ],
+    ids=["other-scheme", "no-bucket", "blank"],
+)
+def test_a_dataset_that_is_neither_a_folder_nor_an_s3_uri(value: str, expected: str) -> None:
+    assert problems_of(f"name: t\ndataset: {value}\n") == [f"sweep.yaml line 2: {expected}"]
 
 
 def test_a_label_auc_is_a_valid_metric() -> None:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import (
     BaseModel,
@@ -22,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from chestxpert.cluster.endpoints import normalize_storage_uri
 from chestxpert.sweeps.space import (
     DIMENSION_MODELS,
     NOT_SEARCHABLE,
@@ -151,10 +150,12 @@ class SweepSpec(_Section):
     @field_validator("dataset", "storage")
     @classmethod
     def _local_path_or_uri(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """As `s3://bucket/prefix` or `file:///absolute/path`: trials run in other working
+        directories, so a relative folder is made absolute against the one the spec is read in."""
         if value is None:
             return None
         try:
-            return absolute_location(value)
+            return normalize_storage_uri(value)
         except ValueError as err:
             fail_at((info.field_name,), f"{info.field_name} {err}")
 
@@ -383,29 +384,6 @@ def _input_size_problems(trial: dict[str, Any], space: dict[str, Any]) -> list[P
             )
             problems.append(((where, "image_size"), message))
     return problems
-
-
-def absolute_location(value: str) -> str:
-    """An `s3://bucket/prefix` or `file://` URI unchanged; a local path made absolute.
-
-    Trials run in other working directories, so a relative path is resolved once, against
-    the directory the spec is loaded in. Raises ValueError for a blank value, an s3:// URI
-    without a bucket or another scheme.
-    """
-    if not value.strip():
-        raise ValueError("is blank; give a local folder or an s3://bucket/prefix URI")
-    parsed = urlparse(value)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise ValueError(f"{value!r} names no bucket; expected s3://BUCKET/PREFIX")
-        return value.rstrip("/")
-    if parsed.scheme == "file":
-        return value
-    if len(parsed.scheme) > 1:  # one letter is a Windows drive
-        raise ValueError(
-            f"{value!r} has scheme {parsed.scheme!r}; expected a local folder, file:// or s3://"
-        )
-    return str(Path(value).expanduser().absolute())
 
 
 def known_keys(loc: tuple[Any, ...]) -> list[str]:
