@@ -148,7 +148,8 @@ def dimension_problems(key: str, dim: _Dimension) -> list[str]:
         problems.append(f"{where}: low must be < high{exclusive} (got {dim.low} >= {dim.high})")
     if isinstance(dim, LogUniform) and dim.low <= 0:
         problems.append(
-            f"{where}: loguniform needs low > 0 (got {dim.low}); use uniform or quniform to include 0"
+            f"{where}: loguniform needs low > 0 (got {dim.low}); "
+            "use uniform or quniform to include 0"
         )
     if isinstance(dim, QUniform) and (grid_problem := _grid_problem(key, dim, kind)):
         problems.append(grid_problem)
@@ -213,7 +214,8 @@ def _choice_problems(key: str, dim: Choice) -> list[str]:
 
 
 def value_problem(dim: _Dimension, value: Any) -> str | None:
-    """Why `value` is not one `dim` can draw (outside the range, off the grid, not a choice), or None."""
+    """Why `value` is not one `dim` can draw (outside the range, off the grid, not a choice),
+    or None."""
     if isinstance(dim, Choice):
         # 16 and 16.0 are the same batch size, but true is not 1
         if any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in dim.values):

@@ -1,19 +1,14 @@
-"""The sweep spec: one YAML file validated into a typed model before anything starts.
-
-Every problem is reported at once, each with its file, line and a suggestion; `param_space()`
-turns a valid spec into the fixed trial settings plus Ray Tune sampling objects.
+"""The sweep spec as a typed model: its sections, their defaults and every check on them,
+including those that need more than one field; `param_space()` turns a valid spec into the
+fixed trial settings plus Ray Tune sampling objects.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal, NoReturn
-from urllib.parse import urlparse
+from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,10 +20,9 @@ from pydantic import (
     model_validator,
 )
 
-from chestxpert.cluster.errors import UserError
+from chestxpert.cluster.endpoints import normalize_storage_uri
 from chestxpert.sweeps.space import (
     DIMENSION_MODELS,
-    DIMENSION_TYPES,
     NOT_SEARCHABLE,
     SETTING_KINDS,
     Choice,
@@ -39,9 +33,9 @@ from chestxpert.sweeps.space import (
     to_tune,
     value_problem,
 )
+from chestxpert.sweeps.spec.messages import Problem, fail_at, problems_of, raise_if_any
 from chestxpert.trainable.config import ConfigError, TrialConfig
 
-MAX_REPORTED = 10
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Metrics the trainable reports each epoch that are worth optimising, and which way is
 # better; one label's AUC (`val_auc_<label>`, higher is better) is allowed too.
@@ -54,36 +48,7 @@ METRIC_MODES = {
 LABEL_AUC = re.compile(r"^val_auc_(?!labels$)[A-Za-z0-9_]+$")
 
 _SECTIONS = ("mlflow", "trial", "resources", "space", "search", "scheduler")
-Problem = tuple[tuple[Any, ...], str]  # (key path in the YAML, message)
 _DIMENSION: TypeAdapter[Any] = TypeAdapter(Dimension)
-
-
-class SpecError(UserError, ValueError):
-    """A sweep spec that cannot run: one line per problem, each with file, line and what to do.
-
-    `problems` holds every problem found (the message shows the first MAX_REPORTED).
-    """
-
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems = problems if problems is not None else [message]
-
-
-class _Problems(ValueError):
-    """Problems found by one validator, each at its own key path so each gets its own line."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("; ".join(message for _, message in problems))
-        self.problems = problems
-
-
-def _raise_if(problems: list[Problem]) -> None:
-    if problems:
-        raise _Problems(problems)
-
-
-def _fail(path: tuple[Any, ...], message: str) -> NoReturn:
-    raise _Problems([(path, message)])
 
 
 class _Section(BaseModel):
@@ -179,24 +144,26 @@ class SweepSpec(_Section):
                 f"name {name!r} may only hold letters, digits, '_', '.' and '-' (it names "
                 f"the Tune experiment and its storage folder); try {fixed!r}"
             )
-            _fail(("name",), message)
+            fail_at(("name",), message)
         return name
 
     @field_validator("dataset", "storage")
     @classmethod
     def _local_path_or_uri(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """As `s3://bucket/prefix` or `file:///absolute/path`: trials run in other working
+        directories, so a relative folder is made absolute against the one the spec is read in."""
         if value is None:
             return None
         try:
-            return absolute_location(value)
+            return normalize_storage_uri(value)
         except ValueError as err:
-            _fail((info.field_name,), f"{info.field_name} {err}")
+            fail_at((info.field_name,), f"{info.field_name} {err}")
 
     @field_validator("model_name")
     @classmethod
     def _model_name_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            _fail(("model_name",), "model_name is blank; leave it out to use the sweep's name")
+            fail_at(("model_name",), "model_name is blank; leave it out to use the sweep's name")
         return value
 
     @field_validator("trial")
@@ -224,7 +191,7 @@ class SweepSpec(_Section):
             clean[key] = getattr(config, key)
             if key == "backbone" and (problem := backbone_problem(value, "trial.backbone")):
                 problems.append((path, problem))
-        _raise_if(problems)
+        raise_if_any(problems)
         return clean
 
     @field_validator("space", mode="before")
@@ -240,7 +207,7 @@ class SweepSpec(_Section):
             try:
                 parsed[key] = _DIMENSION.validate_python(raw)
             except ValidationError as err:
-                problems.extend(_problems_of(err, prefix=("space", key)))
+                problems.extend(problems_of(err, known_keys, prefix=("space", key)))
                 continue
             problems.extend(
                 (("space", key), message) for message in dimension_problems(key, parsed[key])
@@ -255,7 +222,7 @@ class SweepSpec(_Section):
                 problems.append((("space", key), message))
             if not problems:
                 problems.extend(_input_size_problems(trial, parsed))
-        _raise_if(problems)
+        raise_if_any(problems)
         return parsed
 
     @field_validator("search")
@@ -286,7 +253,7 @@ class SweepSpec(_Section):
                 else:
                     hint = did_you_mean(key, space or SETTING_KINDS)
                     problems.append((path, f"{where}: {key!r} is not a search-space key{hint}"))
-        _raise_if(problems)
+        raise_if_any(problems)
         return search
 
     @field_validator("scheduler")
@@ -312,7 +279,7 @@ class SweepSpec(_Section):
                 "needs room to stop trials early; lower grace_period or set scheduler.type: none"
             )
             problems.append((("scheduler", "grace_period"), message))
-        _raise_if(problems)
+        raise_if_any(problems)
         return scheduler
 
     @field_validator("metric")
@@ -326,7 +293,7 @@ class SweepSpec(_Section):
         hint = did_you_mean(metric, METRIC_MODES) or (
             f"; use one of {', '.join(METRIC_MODES)} or val_auc_<label>"
         )
-        _fail(("metric",), f"metric {metric!r} is not one trials report{hint}")
+        fail_at(("metric",), f"metric {metric!r} is not one trials report{hint}")
 
     @field_validator("mode")
     @classmethod
@@ -338,7 +305,7 @@ class SweepSpec(_Section):
                 f"mode {mode!r} would pick the worst trial: {metric} is better when "
                 f"{'higher' if better == 'max' else 'lower'}; use mode: {better}"
             )
-            _fail(("mode",), message)
+            fail_at(("mode",), message)
         return mode
 
     @model_validator(mode="after")
@@ -361,7 +328,8 @@ class SweepSpec(_Section):
         return {**self.trial, "dataset": self.dataset}
 
     def epochs(self) -> int:
-        """Epochs per trial: `trial.epochs`, or TrialConfig's default when the spec leaves it out."""
+        """Epochs per trial: `trial.epochs`, or TrialConfig's default when the spec leaves
+        it out."""
         return int(self.trial.get("epochs", TrialConfig.epochs))
 
     def param_space(self) -> dict[str, Any]:
@@ -418,102 +386,7 @@ def _input_size_problems(trial: dict[str, Any], space: dict[str, Any]) -> list[P
     return problems
 
 
-def absolute_location(value: str) -> str:
-    """An `s3://bucket/prefix` or `file://` URI unchanged; a local path made absolute.
-
-    Trials run in other working directories, so a relative path is resolved once, against
-    the directory the spec is loaded in. Raises ValueError for a blank value, an s3:// URI
-    without a bucket or another scheme.
-    """
-    if not value.strip():
-        raise ValueError("is blank; give a local folder or an s3://bucket/prefix URI")
-    parsed = urlparse(value)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise ValueError(f"{value!r} names no bucket; expected s3://BUCKET/PREFIX")
-        return value.rstrip("/")
-    if parsed.scheme == "file":
-        return value
-    if len(parsed.scheme) > 1:  # one letter is a Windows drive
-        raise ValueError(
-            f"{value!r} has scheme {parsed.scheme!r}; expected a local folder, file:// or s3://"
-        )
-    return str(Path(value).expanduser().absolute())
-
-
-# --- reading YAML with line numbers ----------------------------------------------------------
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, plus `1e-5` read as a float (as YAML 1.2 does) rather than text."""
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _compose(
-    text: str, source: str
-) -> tuple[Any, dict[tuple[Any, ...], int], list[tuple[int, str]]]:
-    """Parse YAML into plain data, a map from key path to its 1-based line, and a
-    (line, message) per duplicated key (PyYAML would silently keep the last)."""
-    loader = _SpecLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{source} line {mark.line + 1}" if mark else source
-        raise SpecError(f"{where}: not valid YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{source}: not valid YAML: {err}") from None
-    finally:
-        loader.dispose()
-    lines: dict[tuple[Any, ...], int] = {}
-    duplicates: list[tuple[int, str]] = []
-
-    def walk(current: yaml.Node | None, path: tuple[Any, ...]) -> None:
-        if isinstance(current, yaml.MappingNode):
-            for key_node, value_node in current.value:
-                key_path = path + (key_node.value,)
-                line = key_node.start_mark.line + 1
-                if key_path in lines:
-                    message = (
-                        f"{source} line {line}: duplicate key {key_node.value!r} (first on "
-                        f"line {lines[key_path]}); keep one"
-                    )
-                    duplicates.append((line, message))
-                    continue
-                lines[key_path] = line
-                walk(value_node, key_path)
-        elif isinstance(current, yaml.SequenceNode):
-            for index, item in enumerate(current.value):
-                lines[path + (index,)] = item.start_mark.line + 1
-                walk(item, path + (index,))
-
-    walk(node, ())
-    return data, lines, duplicates
-
-
-def _yaml_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A pydantic error location as a key path in the YAML: drops the dimension type that
-    pydantic inserts after `space.<key>`."""
-    if len(loc) >= 3 and loc[0] == "space" and loc[2] in DIMENSION_TYPES:
-        return loc[:2] + loc[3:]
-    return loc
-
-
-def _dotted(path: tuple[Any, ...]) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+def known_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping at pydantic location `loc` (for suggestions)."""
     sections = {
         "mlflow": MlflowSettings,
@@ -528,176 +401,3 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     if len(loc) == 3 and loc[0] == "space" and loc[2] in DIMENSION_MODELS:
         return list(DIMENSION_MODELS[loc[2]].model_fields)
     return []
-
-
-# Where to point when a problem's own key is not in the file (its default was used).
-_FALLBACK_PATHS = {("mode",): ("metric",), ("scheduler", "grace_period"): ("trial", "epochs")}
-
-_REQUIRED_HINTS = {
-    "name": " (the sweep's name, e.g. `name: nih-densenet121-224`)",
-    "dataset": " (a prepared dataset: the folder or s3:// URI `chestxpert data prepare` wrote)",
-}
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    """One pydantic error as a sentence a user can act on."""
-    loc = tuple(error["loc"])
-    path = _yaml_path(loc)
-    dotted, section = _dotted(path), _dotted(path[:-1])
-    inside = f" in {section}" if section else ""
-    kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
-    if kind == "extra_forbidden":
-        known = _known_keys(loc[:-1])
-        hint = did_you_mean(path[-1], known) or (f"; expected {', '.join(known)}" if known else "")
-        return f"unknown key {path[-1]!r}{inside}{hint}"
-    if kind == "missing":
-        if len(loc) == 4 and loc[0] == "space":
-            return f"{section}: {loc[2]} needs {path[-1]!r}"
-        hint = _REQUIRED_HINTS.get(path[-1], "") if not section else ""
-        return f"missing required key {path[-1]!r}{inside}{hint}"
-    if kind == "literal_error":
-        expected = re.findall(r"'([^']*)'", ctx.get("expected", ""))
-        hint = did_you_mean(given, expected)
-        return f"{dotted} {given!r} is not one of {', '.join(expected)}{hint}"
-    if kind == "union_tag_invalid":
-        hint = did_you_mean(ctx.get("tag"), DIMENSION_TYPES)
-        return f"{dotted}: type {ctx.get('tag')!r} is not one of {', '.join(DIMENSION_TYPES)}{hint}"
-    if kind == "union_tag_not_found":
-        return (
-            f"{dotted} needs a type, one of {', '.join(DIMENSION_TYPES)} "
-            "(e.g. {type: loguniform, low: 1.0e-5, high: 1.0e-2})"
-        )
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{dotted} must be a mapping of key: value, got {_shown(given)}"
-    if kind == "value_error":
-        cause = ctx.get("error") or error["msg"]
-        return f"{dotted}: {cause}" if dotted else str(cause)
-    message = error["msg"]
-    if message.startswith("Input should be"):
-        return f"{dotted} must be{message.removeprefix('Input should be')} (got {_shown(given)})"
-    return f"{dotted}: {message} (got {_shown(given)})"
-
-
-def _problems_of(err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Problem]:
-    """Every problem in a pydantic error, at its YAML path; `prefix` is where the validated
-    value sits in the spec."""
-    problems: list[Problem] = []
-    for error in err.errors():
-        cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, _Problems):
-            problems.extend(cause.problems)
-        else:
-            error = {**error, "loc": prefix + tuple(error["loc"])}
-            problems.append((_yaml_path(error["loc"]), _describe(error)))
-    return problems
-
-
-def _line_of(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
-    """The line of the deepest key of `path` that is in the file (None: top level)."""
-    found: tuple[Any, ...] = ()
-    for part in path:
-        if found + (part,) in lines:
-            found += (part,)
-        elif found + (str(part),) in lines:  # a YAML key that is not text, e.g. `1:`
-            found += (str(part),)
-        else:
-            break
-    return lines.get(found)
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> list[tuple[str, ...]]:
-    """Set `section.key` → value overrides into the parsed spec; return the overridden paths."""
-    paths = []
-    for dotted_key, value in overrides.items():
-        path = tuple(str(dotted_key).split("."))
-        target = data
-        for depth, part in enumerate(path[:-1]):
-            if target.get(part) is None:
-                target[part] = {}
-            if not isinstance(target[part], dict):
-                where = ".".join(path[: depth + 1])
-                raise SpecError(
-                    f"override {dotted_key!r}: {where} is {target[part]!r}, not a section"
-                )
-            target = target[part]
-        target[path[-1]] = value
-        paths.append(path)
-    return paths
-
-
-def parse_spec(
-    text: str, source: str = "<spec>", overrides: Mapping[str, Any] | None = None
-) -> SweepSpec:
-    """Validate YAML text as a sweep spec; `source` names it in messages (the file name).
-
-    `overrides` maps dotted keys (`name`, `trial.epochs`, `search.num_samples`) to plain
-    values that replace the file's. Raises SpecError listing every problem found, sorted by
-    line, one per line as `<source> line N: <what is wrong>; <what to do>` (the first
-    MAX_REPORTED of them; all are in `SpecError.problems`).
-    """
-    data, lines, duplicates = _compose(text, source)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SpecError(
-            f"{source}: expected a mapping of spec keys (name, dataset, trial, space, ...), "
-            f"got {type(data).__name__}"
-        )
-    overridden = _apply_overrides(data, overrides or {})
-    return _validate(data, source, lines, duplicates, overridden)
-
-
-def spec_from_dict(data: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
-    """Validate an already-parsed spec (e.g. the copy a sweep records in its storage),
-    raising SpecError with the same messages as `parse_spec`, without line numbers."""
-    return _validate(dict(data), source, {}, [], [])
-
-
-def _validate(
-    data: dict[str, Any],
-    source: str,
-    lines: dict[tuple[Any, ...], int],
-    duplicates: list[tuple[int, str]],
-    overridden: list[tuple[str, ...]],
-) -> SweepSpec:
-    try:
-        spec = SweepSpec.model_validate(data)
-        problems: list[Problem] = []
-    except ValidationError as err:
-        problems = _problems_of(err)
-    if not problems and not duplicates:
-        return spec
-    located = list(duplicates)
-    for path, message in problems:
-        override = next((o for o in overridden if tuple(map(str, path[: len(o)])) == o), None)
-        line = None if override else _line_of(path, lines)
-        if not override and line is None and path in _FALLBACK_PATHS:
-            line = _line_of(_FALLBACK_PATHS[path], lines)
-        if override:
-            located.append((0, f"{source} (override {'.'.join(override)}): {message}"))
-        elif line:
-            located.append((line, f"{source} line {line}: {message}"))
-        else:
-            located.append((0, f"{source}: {message}"))
-    ordered = list(dict.fromkeys(message for _, message in sorted(located, key=lambda x: x[0])))
-    shown = ordered[:MAX_REPORTED]
-    if len(ordered) > MAX_REPORTED:
-        shown.append(f"... and {len(ordered) - MAX_REPORTED} more; fix these first")
-    raise SpecError("\n".join(shown), problems=ordered)
-
-
-def load_spec(path: Path | str, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
-    """Read and validate a sweep spec file; see `parse_spec` for `overrides` and errors."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file; example specs are in sweeps/examples/") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a folder; give the sweep spec's YAML file") from None
-    return parse_spec(text, source=str(path), overrides=overrides)
