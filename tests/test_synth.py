@@ -14,6 +14,8 @@ from PIL import Image
 
 from chestxpert.datasets import synth
 from chestxpert.datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.datasets.synth import plan as plan_module
+from chestxpert.datasets.synth import write as write_module
 
 NAME = re.compile(r"^\d{8}_\d{3}\.png$")
 BOX_NAME_TO_LABEL = {spelling: label for label, spelling in synth.BOX_LABELS.items()}
@@ -173,7 +175,7 @@ def test_boxes_record_drawn_findings_even_when_the_label_was_dropped(tmp_path):
 
 
 def test_folders_hold_at_most_images_per_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "IMAGES_PER_FOLDER", 12)
+    monkeypatch.setattr(plan_module, "IMAGES_PER_FOLDER", 12)
     synth.generate(tmp_path / "ds", images=30, size=32, seed=0, workers=1, progress=False)
     folders = sorted(p.name for p in (tmp_path / "ds").glob("images_*"))
     assert folders == ["images_001", "images_002", "images_003"]
@@ -224,7 +226,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
             raise RuntimeError("injected failure")
         return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "draw_radiograph", draw_then_fail)
+    monkeypatch.setattr(write_module, "draw_radiograph", draw_then_fail)
     with pytest.raises(RuntimeError, match="injected failure"):
         synth.generate(tmp_path / "ds", images=20, size=32, seed=0, workers=1, progress=False)
     assert len(calls) == 7
