@@ -25,19 +25,24 @@ import pytest
 import requests
 from PIL import Image
 
-from chestxpert.datasets import download
 from chestxpert.datasets.download import (
+    NIH_BOX_FOLDER,
     NIH_FILES,
     KaggleCredentials,
     NihFile,
+    archives,
     download_nih_full,
     download_nih_sample,
     fetch,
+    http,
     kaggle_credentials,
     unpack_kaggle_sample,
     unpack_nih_archive,
     verify_archive,
 )
+from chestxpert.datasets.download import nih_release as nih_release_module
+from chestxpert.datasets.download.credentials import KAGGLE_CREDENTIAL_VARIABLES
+from chestxpert.datasets.download.kaggle import KAGGLE_SAMPLE_PAGE
 from chestxpert.datasets.nih import BBOX_FILE, LABEL_FILES, OFFICIAL_LISTS, read_nih
 from chestxpert.datasets.schema import DatasetError
 
@@ -202,8 +207,9 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     cwd.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(download, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(download, "RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(http, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(archives, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(http, "RETRY_PAUSE_S", 0.0)
     return home
 
 
@@ -439,7 +445,7 @@ def nih_release(tmp_path: Path, server: LocalServer, monkeypatch: pytest.MonkeyP
         server.files[f"/{name}"] = Served(body)
         entries.append(NihFile(name, server.url(f"/{name}"), md5_of(body)))
     entries += [NihFile(LABEL_FILES[0], None), NihFile(OFFICIAL_LISTS["test"], None)]
-    monkeypatch.setattr(download, "NIH_FILES", tuple(entries))
+    monkeypatch.setattr(nih_release_module, "NIH_FILES", tuple(entries))
     return contents
 
 
@@ -488,7 +494,7 @@ def test_download_nih_full_uses_archives_placed_by_hand_without_network(
     (to / LABEL_FILES[0]).write_text("\n".join([NIH_HEADER, *label_rows(first + second)]) + "\n")
     offline = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setattr(
-        download,
+        nih_release_module,
         "NIH_FILES",
         (
             NihFile("images_001.tar.gz", f"{offline}/1.gz"),
@@ -509,7 +515,7 @@ def test_download_nih_full_offline_lists_the_archives_to_fetch_by_hand(
     nih_tar(to / "images_001.tar.gz", image_names(1, 2))
     offline = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setattr(
-        download,
+        nih_release_module,
         "NIH_FILES",
         tuple(NihFile(f"images_{n:03d}.tar.gz", f"{offline}/{n}.gz") for n in (1, 2, 3)),
     )
@@ -521,8 +527,7 @@ def test_download_nih_full_offline_lists_the_archives_to_fetch_by_hand(
     assert message.startswith("could not reach 127.0.0.1: ")
     assert "internet access for `chestxpert data download`" in message
     assert (
-        f"(images_002.tar.gz, images_003.tar.gz) by hand from {download.NIH_BOX_FOLDER} into {to}"
-        in message
+        f"(images_002.tar.gz, images_003.tar.gz) by hand from {NIH_BOX_FOLDER} into {to}" in message
     )
     assert "they will be checked and unpacked" in message
     assert (to / "images_001" / "images").is_dir()  # what could be done offline was done
@@ -563,7 +568,7 @@ def test_download_nih_full_without_label_file_says_where_to_get_it(
     with pytest.raises(DatasetError) as caught:
         download_nih_full(to, progress=False)
     message = str(caught.value)
-    assert f"{LABEL_FILES[0]}" in message and download.NIH_BOX_FOLDER in message
+    assert f"{LABEL_FILES[0]}" in message and NIH_BOX_FOLDER in message
     assert "no image is downloaded again" in message
     assert {"images_001", "images_002"} <= {path.name for path in to.iterdir()}
 
@@ -654,9 +659,7 @@ def install_fake_kaggle(
 
     class KaggleApi:
         def authenticate(self) -> None:
-            calls.append(
-                {name: os.environ.get(name) for name in download.KAGGLE_CREDENTIAL_VARIABLES}
-            )
+            calls.append({name: os.environ.get(name) for name in KAGGLE_CREDENTIAL_VARIABLES})
 
         def dataset_download_files(self, dataset: str, path: str, unzip: bool, quiet: bool) -> None:
             calls.append(dataset)
@@ -911,7 +914,7 @@ def test_missing_credentials_in_download_also_offer_the_manual_route(tmp_path: P
         download_nih_sample(to)
     message = str(caught.value)
     assert "no Kaggle credentials found" in message
-    assert f"download sample.zip by hand from {download.KAGGLE_SAMPLE_PAGE} into {to}" in message
+    assert f"download sample.zip by hand from {KAGGLE_SAMPLE_PAGE} into {to}" in message
 
 
 @pytest.mark.parametrize(
