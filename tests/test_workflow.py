@@ -71,7 +71,7 @@ def test_submit_watch_final_pull_predict_and_nothing_leaks(
             "MLFLOW_TRACKING_URI": mlflow["url"],
             "CHESTXPERT_STORAGE": f"s3://{s3_endpoint.bucket}/workflow",
             "CHESTXPERT_WORKSPACE": str(tmp_path / "ws"),
-            }
+        }
         dataset = f"s3://{s3_endpoint.bucket}/data/wf-64"
         cli(
             "data",
