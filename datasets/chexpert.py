@@ -26,7 +26,8 @@ from chestxpert.datasets.validate import (
 CSV_SPLITS: dict[str, str] = {"train.csv": "train_val", "valid.csv": "test"}
 UNCERTAIN_POLICIES: dict[str, float] = {"ones": 1.0, "zeros": 0.0, "ignore": math.nan}
 KNOWN_VIEWS = ("PA", "AP", "LL", "RL")
-# Blank means the report did not mention the observation; CheXpert's convention reads that as negative.
+# Blank means the report did not mention the observation; CheXpert's convention reads that as
+# negative.
 BLANK_VALUE = 0.0
 
 REQUIRED_COLUMNS: dict[str, str] = {
@@ -64,9 +65,11 @@ def read_chexpert(
     wanted_views = _wanted_views(views)
     data_dir = _find_data_dir(Path(root).expanduser().absolute())
     notes = [
-        f"uncertain (-1) labels → {uncertain} ({UNCERTAIN_POLICIES[uncertain]}); blank labels → 0.0 "
+        f"uncertain (-1) labels → {uncertain} ({UNCERTAIN_POLICIES[uncertain]}); "
+        "blank labels → 0.0 "
         "(CheXpert convention: an observation the report does not mention is negative).",
-        "official_split: train.csv rows are 'train_val', valid.csv rows (radiologist-labelled) are 'test'.",
+        "official_split: train.csv rows are 'train_val', "
+        "valid.csv rows (radiologist-labelled) are 'test'.",
     ]
     rows: list[dict] = []
     for csv_name, split in CSV_SPLITS.items():
@@ -79,13 +82,14 @@ def read_chexpert(
         kept = [row for row in read if row["view"] in wanted_views]
         if len(kept) < len(read):
             notes.append(
-                f"{len(read) - len(kept)} of {len(read)} rows of {csv_name} dropped: view not in {', '.join(views)}."
+                f"{len(read) - len(kept)} of {len(read)} rows of {csv_name} dropped: "
+                f"view not in {', '.join(views)}."
             )
         rows += kept
     if not rows:
         raise DatasetError(
-            f"no images left in {data_dir}: no row of train.csv/valid.csv has a view in {', '.join(views)}; "
-            "ask for other views (e.g. views=('PA', 'AP', 'Lateral'))."
+            f"no images left in {data_dir}: no row of train.csv/valid.csv has a view in "
+            f"{', '.join(views)}; ask for other views (e.g. views=('PA', 'AP', 'Lateral'))."
         )
     _check_unique(rows, data_dir)
 
@@ -104,7 +108,8 @@ def read_chexpert(
     )
     notes.insert(
         0,
-        f"CheXpert from {data_dir}: {len(images)} images of {images['patient_id'].nunique()} patients.",
+        f"CheXpert from {data_dir}: {len(images)} images of "
+        f"{images['patient_id'].nunique()} patients.",
     )
     return SourceTable(
         source="chexpert", labels=CHEXPERT_LABELS, images=images, notes=notes, missing=missing
@@ -123,7 +128,8 @@ def _wanted_views(views: tuple[str, ...]) -> set[str]:
             wanted.add(name)
         else:
             raise DatasetError(
-                f"views: {view!r} is not a view; expected some of {', '.join(KNOWN_VIEWS)} or Lateral."
+                f"views: {view!r} is not a view; "
+                f"expected some of {', '.join(KNOWN_VIEWS)} or Lateral."
             )
     return wanted
 
@@ -145,16 +151,18 @@ def _find_data_dir(root: Path) -> Path:
         return candidates[0]
     if candidates:
         raise DatasetError(
-            f"{root} holds several CheXpert folders ({', '.join(c.name for c in candidates)}); point at one of them."
+            f"{root} holds several CheXpert folders "
+            f"({', '.join(c.name for c in candidates)}); point at one of them."
         )
     raise DatasetError(
-        f"no train.csv or valid.csv in {root} or its subfolders; point at the CheXpert-v1.0-small folder "
+        f"no train.csv or valid.csv in {root} or its subfolders; "
+        "point at the CheXpert-v1.0-small folder "
         "(the one holding train.csv, valid.csv, train/ and valid/)."
     )
 
 
 def _read_rows(table: LabelCsv, data_dir: Path, uncertain_value: float, split: str) -> list[dict]:
-    """One dict per CSV row with IMAGE_COLUMNS, the labels, and `where` (file and line) for messages."""
+    """One dict per CSV row: IMAGE_COLUMNS, the labels, and `where` (file and line) for messages."""
     label_positions = [table.index[column_key(label)] for label in CHEXPERT_LABELS]
     rows = []
     for line, values in table.rows:
@@ -163,7 +171,8 @@ def _read_rows(table: LabelCsv, data_dir: Path, uncertain_value: float, split: s
         patient = next((part for part in relative.parts if _PATIENT.match(part)), None)
         if patient is None:
             raise DatasetError(
-                f"{where}: Path {relative} names no patient folder; expected …/patient00001/study1/…."
+                f"{where}: Path {relative} names no patient folder; "
+                "expected …/patient00001/study1/…."
             )
         try:
             age_years = parse_age_years(table.get(values, "age"))
@@ -191,7 +200,9 @@ def _read_rows(table: LabelCsv, data_dir: Path, uncertain_value: float, split: s
 
 
 def _relative_path(text: str, where: str) -> PurePosixPath:
-    """'CheXpert-v1.0-small/train/patient1/study1/view1_frontal.jpg' → 'train/patient1/study1/view1_frontal.jpg'.
+    """A CSV Path below the dataset folder, cut at the split folder: for example
+    'CheXpert-v1.0-small/train/patient1/study1/view1_frontal.jpg' gives
+    'train/patient1/study1/view1_frontal.jpg'.
 
     Cutting at the split folder rather than at a known dataset name makes a renamed dataset
     folder (or an absolute path) resolve too.
@@ -199,7 +210,8 @@ def _relative_path(text: str, where: str) -> PurePosixPath:
     parts = PurePosixPath(text.replace("\\", "/")).parts
     if not parts:
         raise DatasetError(
-            f"{where}: column 'Path' is blank; expected e.g. CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg."
+            f"{where}: column 'Path' is blank; expected e.g. "
+            "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg."
         )
     for index, part in enumerate(parts):
         if part in ("train", "valid", "test"):
@@ -211,7 +223,8 @@ def _view(frontal_lateral: str, ap_pa: str, where: str) -> str | None:
     orientation, projection = frontal_lateral.lower(), ap_pa.upper()
     if orientation not in ("frontal", "lateral"):
         raise DatasetError(
-            f"{where}: column 'Frontal/Lateral' is {frontal_lateral!r}; expected Frontal or Lateral."
+            f"{where}: column 'Frontal/Lateral' is {frontal_lateral!r}; "
+            "expected Frontal or Lateral."
         )
     if orientation == "lateral":
         return projection if projection in ("LL", "RL") else "LL"
@@ -235,20 +248,22 @@ def _label_value(text: str, uncertain_value: float, where: str, label: str) -> f
 
 
 def _check_unique(rows: list[dict], data_dir: Path) -> None:
-    """One row per image, and no patient in both train.csv and valid.csv (that would leak into the test)."""
+    """One row per image, and no patient in both train.csv and valid.csv (that would leak into
+    the test)."""
     where_by_image: dict[str, str] = {}
     first_by_patient: dict[str, dict] = {}
     for row in rows:
         earlier = where_by_image.setdefault(row["image_id"], row["where"])
         if earlier != row["where"]:
             raise DatasetError(
-                f"{data_dir / row['where']}: {row['image_id']} is listed again (first on {earlier}); "
-                "each image must appear once — delete one of the rows."
+                f"{data_dir / row['where']}: {row['image_id']} is listed again "
+                f"(first on {earlier}); each image must appear once — delete one of the rows."
             )
         first = first_by_patient.setdefault(row["patient_id"], row)
         if first["official_split"] != row["official_split"]:
             raise DatasetError(
-                f"patient {row['patient_id']} is in both train.csv ({first['where']}) and valid.csv "
-                f"({row['where']}) of {data_dir}; all images of a patient must be in one file, or the test set "
-                "leaks into training. Remove the patient from one of them."
+                f"patient {row['patient_id']} is in both train.csv ({first['where']}) "
+                f"and valid.csv ({row['where']}) of {data_dir}; all images of a patient must be "
+                "in one file, or the test set leaks into training. "
+                "Remove the patient from one of them."
             )

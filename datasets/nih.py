@@ -98,7 +98,8 @@ def read_nih(root: Path, skip_missing: bool = False) -> SourceTable:
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise DatasetError(
-            f"{root} is not a folder; point at the folder that holds {LABEL_FILES[0]} and the images."
+            f"{root} is not a folder; "
+            f"point at the folder that holds {LABEL_FILES[0]} and the images."
         )
     label_file, notes = _find_label_file(root)
     files_by_name, searched, scan_notes = _scan_image_folders(root)
@@ -131,8 +132,8 @@ def read_nih(root: Path, skip_missing: bool = False) -> SourceTable:
     layout = "Kaggle NIH sample" if label_file.name == "sample_labels.csv" else "NIH ChestX-ray14"
     notes.insert(
         0,
-        f"{layout} from {label_file}: {len(images)} images of {images['patient_id'].nunique()} patients, "
-        f"{len(boxes)} boxes.",
+        f"{layout} from {label_file}: {len(images)} images of "
+        f"{images['patient_id'].nunique()} patients, {len(boxes)} boxes.",
     )
     return SourceTable(
         source="nih",
@@ -150,7 +151,8 @@ def _find_label_file(root: Path) -> tuple[Path, list[str]]:
         found = sorted(entry.name for entry in root.iterdir())[:20]
         raise DatasetError(
             f"no NIH label file in {root}: expected one of {', '.join(LABEL_FILES)}; "
-            f"found {', '.join(found) or 'nothing'}. Point at the folder you extracted the dataset into."
+            f"found {', '.join(found) or 'nothing'}. "
+            "Point at the folder you extracted the dataset into."
         )
     notes = (
         [f"used {present[0].name}; ignored {', '.join(p.name for p in present[1:])}."]
@@ -187,7 +189,8 @@ def _scan_image_folders(root: Path) -> tuple[dict[str, str], str, list[str]]:
         looked_in = ", ".join(str(folder) for folder in existing) or "none of them exists"
         raise DatasetError(
             f"no images (.png/.jpg) found: searched {searched} ({looked_in}). Extract the image "
-            "archives so the PNGs sit in images_001/images/ … or, for the Kaggle sample, in images/."
+            "archives so the PNGs sit in images_001/images/ … "
+            "or, for the Kaggle sample, in images/."
         )
     notes = (
         [f"{duplicates} image file names occur in more than one folder; the first was used."]
@@ -213,9 +216,9 @@ def _read_label_rows(label_file: Path) -> tuple[list[tuple[int, _LabelRow]], lis
             differing = first.differences(row)
             if differing:
                 raise DatasetError(
-                    f"{label_file} line {line}: image {row.image_id} is listed again with a different "
-                    f"{', '.join(differing)} than on line {first_line}. Each image must appear once; "
-                    "delete the wrong row."
+                    f"{label_file} line {line}: image {row.image_id} is listed again "
+                    f"with a different {', '.join(differing)} than on line {first_line}. "
+                    "Each image must appear once; delete the wrong row."
                 )
             collapsed += 1
             continue
@@ -224,12 +227,13 @@ def _read_label_rows(label_file: Path) -> tuple[list[tuple[int, _LabelRow]], lis
     notes = []
     if collapsed:
         notes.append(
-            f"{collapsed} rows of {label_file.name} repeated an earlier row exactly and were collapsed."
+            f"{collapsed} rows of {label_file.name} repeated an earlier row exactly "
+            "and were collapsed."
         )
     if implausible_ages:
         notes.append(
-            f"{len(implausible_ages)} ages in {label_file.name} are outside 0–120 years and were set to "
-            f"unknown ({', '.join(implausible_ages[:5])})."
+            f"{len(implausible_ages)} ages in {label_file.name} are outside 0–120 years "
+            f"and were set to unknown ({', '.join(implausible_ages[:5])})."
         )
     return rows, notes
 
@@ -270,7 +274,8 @@ def _parse_findings(text: str, where: str, image_id: str) -> frozenset[str]:
     """'Cardiomegaly|Effusion' → {Cardiomegaly, Effusion}; 'No Finding' → the empty set."""
     if not text.strip():
         raise DatasetError(
-            f"{where}: 'Finding Labels' of {image_id} is blank; expected 'No Finding' or findings joined by '|'."
+            f"{where}: 'Finding Labels' of {image_id} is blank; "
+            "expected 'No Finding' or findings joined by '|'."
         )
     if text.strip() == NO_FINDING:
         return frozenset()
@@ -284,7 +289,8 @@ def _parse_findings(text: str, where: str, image_id: str) -> frozenset[str]:
         if name not in NIH_LABELS:
             shown = repr(name) if name else "'' (a stray '|')"
             raise DatasetError(
-                f"{where}: unknown finding {shown} for {image_id}{did_you_mean(name, (*NIH_LABELS, NO_FINDING))}. "
+                f"{where}: unknown finding {shown} for {image_id}"
+                f"{did_you_mean(name, (*NIH_LABELS, NO_FINDING))}. "
                 f"Expected 'No Finding' or labels from {', '.join(NIH_LABELS)} joined by '|'."
             )
     return frozenset(names)
@@ -332,8 +338,9 @@ def _check_patients_within_one_list(
         if seen[0] != split:
             raise DatasetError(
                 f"patient {row.patient_id} is on both official lists: {seen[1]} and "
-                f"{row.image_id} on {list_name} line {line}. All images of a patient must be on one "
-                "list; fix the lists or remove them to split by patient instead."
+                f"{row.image_id} on {list_name} line {line}. "
+                "All images of a patient must be on one list; "
+                "fix the lists or remove them to split by patient instead."
             )
 
 
@@ -368,7 +375,8 @@ def _images_frame(
 def _read_boxes(
     bbox_file: Path, rows_by_image: dict[str, _LabelRow]
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Boxes of the images in the table, labels mapped to the label file's names (Infiltrate → Infiltration)."""
+    """Boxes of the images in the table, labels mapped to the label file's names
+    (Infiltrate → Infiltration)."""
     table = read_label_csv(bbox_file, REQUIRED_BOX_COLUMNS)
     records: list[tuple[str, str, float, float, float, float]] = []
     not_in_table, not_among_findings = 0, 0
@@ -393,7 +401,8 @@ def _read_boxes(
                 ) from None
         if coordinates[2] <= 0 or coordinates[3] <= 0:
             raise DatasetError(
-                f"{where}: box of {image_id} has width/height {coordinates[2]:g}/{coordinates[3]:g}; expected both > 0."
+                f"{where}: box of {image_id} has width/height "
+                f"{coordinates[2]:g}/{coordinates[3]:g}; expected both > 0."
             )
         if image_id not in rows_by_image:
             not_in_table += 1
@@ -404,7 +413,8 @@ def _read_boxes(
     notes = []
     if not_in_table:
         notes.append(
-            f"{not_in_table} boxes in {bbox_file.name} belong to images not in the table and were left out."
+            f"{not_in_table} boxes in {bbox_file.name} belong to images not in the table "
+            "and were left out."
         )
     if not_among_findings:
         notes.append(

@@ -23,7 +23,8 @@ from chestxpert.datasets.schema import IMAGE_COLUMNS, DatasetError
 # Ages outside this range are data-entry errors (the Kaggle sample has a "411Y"); they become NaN.
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)
 
-# DICOM age strings: a number and a unit (Y years, M months, W weeks, D days); a bare number is years.
+# DICOM age strings: a number and a unit (Y years, M months, W weeks, D days); a bare number is
+# years.
 _AGE_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
@@ -45,7 +46,7 @@ class LabelCsv:
     index: dict[str, int] = field(default_factory=dict)
 
     def get(self, values: list[str], key: str) -> str:
-        """The stripped value of column `key` (normalized name) in one row, "" if the column is absent."""
+        """The stripped value of column `key` (normalized name) in one row; "" if it is absent."""
         position = self.index.get(key)
         return values[position].strip() if position is not None else ""
 
@@ -67,7 +68,8 @@ def conform_images(images: pd.DataFrame, labels: tuple[str, ...]) -> pd.DataFram
 
 
 def column_key(name: str) -> str:
-    """Normalize a header name so spelling variants match: "Patient ID" and "patient_id" both give "patientid"."""
+    """Normalize a header name so spelling variants match: "Patient ID" and "patient_id" both
+    give "patientid"."""
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
@@ -103,7 +105,8 @@ def read_label_csv(path: Path, required: Mapping[str, str]) -> LabelCsv:
     if absent:
         raise DatasetError(
             f"{path} line {header_line}: missing column(s) {', '.join(map(repr, absent))}; "
-            f"found {', '.join(map(repr, columns))}. Expected at least {', '.join(required.values())} "
+            f"found {', '.join(map(repr, columns))}. "
+            f"Expected at least {', '.join(required.values())} "
             "— is this the right file, with its original header?"
         )
     rows: list[tuple[int, list[str]]] = []
@@ -114,7 +117,8 @@ def read_label_csv(path: Path, required: Mapping[str, str]) -> LabelCsv:
         if len(values) != len(columns):
             raise DatasetError(
                 f"{path} line {line}: {len(values)} values, expected {len(columns)} "
-                f"(one per column: {', '.join(columns)}). Look for an unquoted comma or a cut-off line."
+                f"(one per column: {', '.join(columns)}). "
+                "Look for an unquoted comma or a cut-off line."
             )
         rows.append((line, values))
     if not rows:
@@ -123,7 +127,7 @@ def read_label_csv(path: Path, required: Mapping[str, str]) -> LabelCsv:
 
 
 def _read_rows(path: Path) -> Iterable[tuple[int, list[str]]]:
-    """Yield `(line_number, values)` for every CSV record, turning decode errors into DatasetError."""
+    """Yield `(line_number, values)` for every CSV record; decode errors become DatasetError."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
@@ -188,7 +192,7 @@ def parse_age_years(text: str) -> float:
 
 
 def plausible_age(age_years: float) -> bool:
-    """True when an age lies in PLAUSIBLE_AGE_YEARS (NaN counts as plausible: it is simply unknown)."""
+    """True when an age lies in PLAUSIBLE_AGE_YEARS (NaN counts as plausible: it is unknown)."""
     low, high = PLAUSIBLE_AGE_YEARS
     return math.isnan(age_years) or low <= age_years <= high
 
@@ -251,12 +255,14 @@ def missing_images_notes(
     if len(missing) == listed:
         raise DatasetError(
             f"none of the {listed} images listed in {listed_in} was found under {searched} "
-            f"(first: {examples}). Point at the folder that holds both the label file and the images."
+            f"(first: {examples}). "
+            "Point at the folder that holds both the label file and the images."
         )
     if not skip_missing:
         raise DatasetError(
-            f"{len(missing)} of {listed} images listed in {listed_in} have no file under {searched} "
-            f"(first: {examples}). Download or extract the missing images, or ask to skip them "
+            f"{len(missing)} of {listed} images listed in {listed_in} have no file under "
+            f"{searched} (first: {examples}). "
+            "Download or extract the missing images, or ask to skip them "
             "(skip_missing=True) to leave those rows out."
         )
     return [

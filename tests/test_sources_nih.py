@@ -1,6 +1,6 @@
-"""The dataset source adapters (NIH full release, Kaggle NIH sample, CheXpert) on small real-format
-fixtures, and every bad input a user can hand them: each error must name the file, the row and
-what was expected.
+"""The NIH adapter (datasets.nih) on small real-format fixtures of the full release and the Kaggle
+sample, and every bad input a user can hand it: each error must name the file, the row and what
+was expected.
 """
 
 from __future__ import annotations
@@ -14,32 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chestxpert.datasets.chexpert import read_chexpert
 from chestxpert.datasets.nih import read_nih
-from chestxpert.datasets.schema import CHEXPERT_LABELS, IMAGE_COLUMNS, NIH_LABELS, DatasetError
+from chestxpert.datasets.schema import IMAGE_COLUMNS, NIH_LABELS, DatasetError
 from chestxpert.datasets.validate import check_image, parse_age_years
+from tests.source_helpers import NIH_FULL, NIH_SAMPLE, copy_fixture, edit_lines, labels_of
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-NIH_FULL = FIXTURES / "nih_full"
-NIH_SAMPLE = FIXTURES / "nih_sample"
-CHEXPERT = FIXTURES / "chexpert"
 DATA_ENTRY = "Data_Entry_2017_v2020.csv"
-
-
-def copy_fixture(source: Path, tmp_path: Path) -> Path:
-    """A writable copy of a fixture tree, so a test can break it."""
-    return Path(shutil.copytree(source, tmp_path / source.name))
-
-
-def edit_lines(path: Path, edit) -> None:
-    """Rewrite a text file through `edit(list_of_lines) -> list_of_lines`."""
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(edit(lines)) + "\n")
-
-
-def labels_of(table, image_id: str) -> dict[str, float]:
-    row = table.images.set_index("image_id").loc[image_id]
-    return {label: float(row[label]) for label in table.labels}
 
 
 def positives(labels: dict[str, float]) -> set[str]:
@@ -344,7 +324,8 @@ def test_nih_row_with_wrong_number_of_values(tmp_path: Path) -> None:
 
 def test_nih_patient_in_both_official_lists(tmp_path: Path) -> None:
     root = copy_fixture(NIH_FULL, tmp_path)
-    # A second image of patient 129, whose first image is on train_val_list.txt, put on test_list.txt.
+    # A second image of patient 129, whose first image is on train_val_list.txt, goes on
+    # test_list.txt.
     edit_lines(
         root / DATA_ENTRY,
         lambda lines: [*lines, lines[1].replace("00000129_000.png", "00000129_001.png")],
@@ -384,239 +365,3 @@ def test_nih_unknown_box_label_suggests_the_closest(tmp_path: Path) -> None:
         read_nih(root)
     message = str(raised.value)
     assert "BBox_List_2017.csv line 5" in message and "did you mean 'Pneumonia'?" in message
-
-
-# --- check_image --------------------------------------------------------------------------
-
-
-def write_png(path: Path, mode: str) -> Path:
-    if mode == "I;16":
-        Image.fromarray(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).save(path)
-    else:
-        Image.new(mode, (32, 32)).save(path)
-    return path
-
-
-@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "RGBA"])
-def test_check_image_accepts_png_modes(tmp_path: Path, mode: str) -> None:
-    path = write_png(tmp_path / "image.png", mode)
-    with Image.open(path) as image:
-        assert image.mode == mode
-    assert check_image(path) is None
-
-
-@pytest.mark.parametrize(
-    "fixture_image",
-    [
-        NIH_FULL / "images_001/images/00000129_000.png",
-        NIH_FULL / "images_001/images/00001369_000.png",
-        CHEXPERT / "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
-    ],
-    ids=["grayscale-png", "rgba-png", "jpeg"],
-)
-def test_check_image_accepts_fixture_images(fixture_image: Path) -> None:
-    assert check_image(fixture_image) is None
-
-
-def zero_byte(path: Path) -> None:
-    path.write_bytes(b"")
-
-
-def truncated(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def not_an_image(path: Path) -> None:
-    path.write_text("<html>404 Not Found</html>")
-
-
-@pytest.mark.parametrize(
-    ("source", "damage", "expected"),
-    [
-        (NIH_FULL / "images_001/images/00000129_000.png", zero_byte, "zero-byte"),
-        (NIH_FULL / "images_001/images/00000129_000.png", truncated, "truncated"),
-        (NIH_FULL / "images_001/images/00001369_000.png", truncated, "truncated"),
-        (NIH_FULL / "images_001/images/00000129_000.png", not_an_image, "not an image"),
-        (
-            CHEXPERT / "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
-            truncated,
-            "truncated JPEG",
-        ),
-    ],
-    ids=["zero-byte", "truncated-png", "truncated-rgba-png", "text-named-png", "truncated-jpeg"],
-)
-def test_check_image_names_the_problem(tmp_path: Path, source: Path, damage, expected: str) -> None:
-    path = tmp_path / source.name
-    shutil.copy(source, path)
-    damage(path)
-
-    problem = check_image(path)
-
-    assert problem is not None and expected in problem
-    assert "expected" in problem or "re-download" in problem, "the message says what to do"
-
-
-# --- CheXpert -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "root", [CHEXPERT, CHEXPERT / "CheXpert-v1.0-small"], ids=["parent", "dataset-folder"]
-)
-def test_chexpert_resolves_paths_from_either_root(root: Path) -> None:
-    table = read_chexpert(root)
-
-    assert table.source == "chexpert"
-    assert table.labels == CHEXPERT_LABELS
-    assert list(table.images.columns) == [*IMAGE_COLUMNS, *CHEXPERT_LABELS]
-    assert all(Path(path).is_absolute() and Path(path).is_file() for path in table.images["path"])
-    assert table.missing == []
-
-
-def test_chexpert_ids_demographics_and_official_split() -> None:
-    table = read_chexpert(CHEXPERT)
-    images = table.images.set_index("image_id")
-
-    row = images.loc["train/patient00003/study1/view1_frontal.jpg"]
-    assert (row["patient_id"], row["age_years"], row["sex"], row["view"]) == (
-        "patient00003",
-        41.0,
-        "M",
-        "PA",
-    )
-    assert set(images.loc[images.index.str.startswith("train/"), "official_split"]) == {"train_val"}
-    assert set(images.loc[images.index.str.startswith("valid/"), "official_split"]) == {"test"}
-    assert any("valid.csv" in note and "'test'" in note for note in table.notes)
-
-
-@pytest.mark.parametrize(
-    ("policy", "uncertain_value"), [("ones", 1.0), ("zeros", 0.0), ("ignore", math.nan)]
-)
-def test_chexpert_uncertainty_policy(policy: str, uncertain_value: float) -> None:
-    table = read_chexpert(CHEXPERT, uncertain=policy)
-    labels = labels_of(table, "train/patient00002/study2/view1_frontal.jpg")
-
-    # The CSV row: Cardiomegaly -1, Lung Opacity 1, Edema -1, Fracture 1, Pneumothorax blank.
-    assert labels["Cardiomegaly"] == pytest.approx(uncertain_value, nan_ok=True)
-    assert labels["Edema"] == pytest.approx(uncertain_value, nan_ok=True)
-    assert labels["Lung Opacity"] == 1.0 and labels["Fracture"] == 1.0
-    assert labels["Pneumothorax"] == 0.0, "blank (not mentioned) is negative whatever the policy"
-    assert labels_of(table, "train/patient00001/study1/view1_frontal.jpg")["No Finding"] == 1.0
-
-
-def test_chexpert_unknown_uncertainty_policy() -> None:
-    with pytest.raises(
-        DatasetError, match=r"uncertain='maybe': expected one of ones, zeros, ignore"
-    ):
-        read_chexpert(CHEXPERT, uncertain="maybe")
-
-
-@pytest.mark.parametrize(
-    ("views", "expected_views", "rows"),
-    [
-        (("PA", "AP"), {"PA", "AP"}, 6),
-        (("PA",), {"PA"}, 2),
-        (("Lateral",), {"LL"}, 2),
-        (("PA", "AP", "LL"), {"PA", "AP", "LL"}, 8),
-    ],
-)
-def test_chexpert_view_filter(views: tuple[str, ...], expected_views: set[str], rows: int) -> None:
-    images = read_chexpert(CHEXPERT, views=views).images
-
-    assert len(images) == rows
-    assert set(images["view"]) == expected_views
-
-
-def test_chexpert_unknown_view() -> None:
-    with pytest.raises(
-        DatasetError,
-        match=r"views: 'Oblique' is not a view; expected some of PA, AP, LL, RL or Lateral",
-    ):
-        read_chexpert(CHEXPERT, views=("PA", "Oblique"))
-
-
-@pytest.mark.parametrize("bad_value", ["2", "yes", "0.5"])
-def test_chexpert_value_outside_the_allowed_set(tmp_path: Path, bad_value: str) -> None:
-    root = copy_fixture(CHEXPERT, tmp_path)
-    train_csv = root / "CheXpert-v1.0-small" / "train.csv"
-
-    def set_edema(lines: list[str]) -> list[str]:
-        values = lines[5].split(",")
-        values[5 + CHEXPERT_LABELS.index("Edema")] = bad_value
-        return [*lines[:5], ",".join(values), *lines[6:]]
-
-    edit_lines(train_csv, set_edema)
-
-    with pytest.raises(DatasetError) as raised:
-        read_chexpert(root)
-    message = str(raised.value)
-    assert f"{train_csv} line 6" in message
-    assert f"column 'Edema' is '{bad_value}'" in message
-    assert "expected 1, 0, -1 (uncertain) or blank" in message
-
-
-def test_chexpert_missing_image_is_an_error_or_reported(tmp_path: Path) -> None:
-    root = copy_fixture(CHEXPERT, tmp_path)
-    (root / "CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.jpg").unlink()
-
-    with pytest.raises(DatasetError) as raised:
-        read_chexpert(root)
-    assert "train/patient00003/study1/view1_frontal.jpg" in str(raised.value)
-    assert "train.csv line 6" in str(raised.value)
-
-    table = read_chexpert(root, skip_missing=True)
-    assert table.missing == ["train/patient00003/study1/view1_frontal.jpg"]
-    assert len(table.images) == 5
-
-
-def test_chexpert_patient_in_train_and_valid(tmp_path: Path) -> None:
-    root = copy_fixture(CHEXPERT, tmp_path)
-    data_dir = root / "CheXpert-v1.0-small"
-    edit_lines(
-        data_dir / "valid.csv",
-        lambda lines: [*lines, lines[1].replace("valid/patient64541", "valid/patient00001")],
-    )
-    (data_dir / "valid/patient00001/study1").mkdir(parents=True)
-    shutil.copy(
-        data_dir / "valid/patient64541/study1/view1_frontal.jpg",
-        data_dir / "valid/patient00001/study1/",
-    )
-
-    with pytest.raises(DatasetError) as raised:
-        read_chexpert(root)
-    message = str(raised.value)
-    assert "patient patient00001 is in both train.csv" in message
-    assert "train.csv line 2" in message and "valid.csv line 5" in message
-
-
-def test_chexpert_missing_required_column(tmp_path: Path) -> None:
-    root = copy_fixture(CHEXPERT, tmp_path)
-    train_csv = root / "CheXpert-v1.0-small" / "train.csv"
-    edit_lines(train_csv, lambda lines: [lines[0].replace("AP/PA", "View"), *lines[1:]])
-
-    with pytest.raises(DatasetError) as raised:
-        read_chexpert(root)
-    message = str(raised.value)
-    assert f"{train_csv} line 1: missing column(s) 'AP/PA'" in message and "'View'" in message
-
-
-def test_chexpert_no_csv_found(tmp_path: Path) -> None:
-    with pytest.raises(
-        DatasetError,
-        match=r"no train\.csv or valid\.csv in .* point at the CheXpert-v1\.0-small folder",
-    ):
-        read_chexpert(tmp_path)
-
-
-def test_chexpert_same_image_twice(tmp_path: Path) -> None:
-    root = copy_fixture(CHEXPERT, tmp_path)
-    data_dir = root / "CheXpert-v1.0-small"
-    edit_lines(data_dir / "train.csv", lambda lines: [*lines, lines[1]])
-
-    with pytest.raises(DatasetError) as raised:
-        read_chexpert(root)
-    message = str(raised.value)
-    assert f"{data_dir / 'train.csv'} line 7" in message
-    assert (
-        "train/patient00001/study1/view1_frontal.jpg is listed again (first on train.csv line 2)"
-        in message
-    )
