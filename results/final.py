@@ -212,12 +212,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Thresholds on validation, metrics on test, figures, Grad-CAM and the report files into `out`."""
     from chestxpert.datasets.reader import open_dataset, read_split
-    from chestxpert.results.evaluate import (
-        choose_thresholds,
-        curves_figure,
-        evaluate,
-        reliability_figure,
-    )
+    from chestxpert.results.evaluate import choose_thresholds, evaluate
+    from chestxpert.results.figures import curves_figure, reliability_figure
     from chestxpert.results.gradcam import (
         GradCam,
         heatmaps_for_boxes,

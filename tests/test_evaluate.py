@@ -10,20 +10,18 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from chestxpert.datasets.schema import NIH_LABELS
 from chestxpert.results import evaluate as ev
+from chestxpert.results.bootstrap import bootstrap_auc_ci, patient_bootstrap_weights
 from chestxpert.results.evaluate import (
     CHEXNET_REFERENCE_AUROC,
-    EvaluationError,
     ThresholdChoice,
-    bootstrap_auc_ci,
     calibration,
     choose_thresholds,
     curves,
-    curves_figure,
     evaluate,
     operating_point_metrics,
-    patient_bootstrap_weights,
-    reliability_figure,
 )
+from chestxpert.results.figures import curves_figure, reliability_figure
+from chestxpert.results.inputs import EvaluationError
 
 
 def column(values) -> np.ndarray:
