@@ -2,7 +2,7 @@
 # cluster.yaml, and the pods of cluster/kuberay/. Build and push it as cluster/README.md says.
 #
 # Base: TensorFlow's own GPU image at the version pyproject.toml allows
-# (tensorflow>=2.21,<2.22; tests/test_deploy_files.py keeps the two in step). It holds the
+# (tensorflow>=2.21,<2.22; tests/test_deploy_docker.py keeps the two in step). It holds the
 # CUDA 12 / cuDNN 9 user-space libraries this TensorFlow wheel was built against (the exact
 # pair is in TensorFlow's "tested build configurations" table; the built image prints it,
 # see the check below). The host needs only an NVIDIA driver new enough for that CUDA and
