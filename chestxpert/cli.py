@@ -60,11 +60,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     endpoints = resolve(workspace=ws)
     print(f"storage {endpoints.storage_uri}  (from {endpoints.sources['storage']})")
     print(
-        f"mlflow  {endpoints.mlflow_tracking_uri}  (from {endpoints.sources['mlflow_tracking_uri']})"
+        f"mlflow  {endpoints.mlflow_tracking_uri}  "
+        f"(from {endpoints.sources['mlflow_tracking_uri']})"
     )
     if endpoints.ray_auth_token_path:
         print(
-            f"ray token: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={endpoints.ray_auth_token_path}"
+            "ray token: export RAY_AUTH_MODE=token "
+            f"RAY_AUTH_TOKEN_PATH={endpoints.ray_auth_token_path}"
         )
     return 0 if all(row["healthy"] for row in rows) else 1
 

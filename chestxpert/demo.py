@@ -31,7 +31,10 @@ def run_demo(
     stop: bool,
     image_size: int = DEMO_IMAGE_SIZE,
 ) -> dict:
-    """Start the stack, make and prepare synthetic data (once), run the demo sweep, print where to look."""
+    """Start the stack, make and prepare synthetic data (once), run the demo sweep.
+
+    Prints where to look at the end.
+    """
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.datasets.prepare import PrepareOptions, prepare
     from chestxpert.datasets.synth import generate
@@ -77,14 +80,16 @@ def run_demo(
             overrides.update({"scheduler.type": "none", "scheduler.max_t": None})
         spec = load_spec(DEMO_SPEC, overrides=overrides)
         print(
-            f"\n[3/4] sweep {name}: {samples} DenseNet121 trials, up to {epochs} epochs, OptunaSearch + ASHA",
+            f"\n[3/4] sweep {name}: {samples} DenseNet121 trials, up to {epochs} epochs, "
+            "OptunaSearch + ASHA",
             flush=True,
         )
         summary = run_sweep(spec, endpoints)
         print()
         print(format_summary(summary), end="")
         print(
-            "\n[4/4] final: retrain the best configuration as a Ray task, evaluate on test, report ...",
+            "\n[4/4] final: retrain the best configuration as a Ray task, evaluate on test, "
+            "report ...",
             flush=True,
         )
         from chestxpert.results.final import FinalOptions, run_final
@@ -96,14 +101,16 @@ def run_demo(
         minutes = (time.monotonic() - started) / 60
         print(f"\ndemo finished in {minutes:.1f} min. Where to look:")
         print(
-            f"  Ray dashboard   {state['ray']['dashboard_url']}  (token: {state['ray']['auth_token_path']})"
+            f"  Ray dashboard   {state['ray']['dashboard_url']}  "
+            f"(token: {state['ray']['auth_token_path']})"
         )
         print(f"  MLflow          {state['mlflow']['url']}  experiment {spec.mlflow.experiment!r}")
         print(f"  storage         {endpoints.storage_uri}/{name}")
         print(f"  sweep status    .venv/bin/chestxpert sweep status {name}")
         print(f"  report          {final['report_dir']}/report.html")
         print(
-            f"  model           {final['mlflow']['uri']}  (or .venv/bin/chestxpert pull-best {name} --final --to DIR)"
+            f"  model           {final['mlflow']['uri']}  "
+            f"(or .venv/bin/chestxpert pull-best {name} --final --to DIR)"
         )
         if not stop:
             print("  stop services   .venv/bin/chestxpert down")

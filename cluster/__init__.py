@@ -1,4 +1,4 @@
-"""Service discovery and the local stack: where Ray, MLflow and object storage are, and starting them.
+"""Service discovery and the local stack: where Ray, MLflow and object storage are; starting them.
 
 `chestxpert.cluster.endpoints.resolve` is the one resolver every other package uses.
 """

@@ -92,7 +92,7 @@ def resolve(
     environ: Mapping[str, str] | None = None,
     read_workspace_state: bool = True,
 ) -> Endpoints:
-    """Resolve every endpoint: explicit argument, then environment, then `chestxpert up` state, then default.
+    """Resolve every endpoint: argument, then environment, then `chestxpert up` state, then default.
 
     Defaults are local and need no server: Ray started in-process, an MLflow
     SQLite store in the workspace, and a storage folder in the workspace.

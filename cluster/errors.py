@@ -1,4 +1,4 @@
-"""The base of every error a user can cause and fix; the CLI prints these as one line, no traceback."""
+"""The base of every error a user can cause and fix: the CLI prints it as one line, no traceback."""
 
 
 class UserError(Exception):

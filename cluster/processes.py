@@ -131,7 +131,7 @@ def wait_until(
     log_path: Path,
     timeout_s: float,
 ) -> None:
-    """Poll `check` until it is true; fail with the log tail if the process dies or time runs out."""
+    """Poll `check` until true; fail with the log tail if the process dies or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _reap(leader_pid)

@@ -39,7 +39,10 @@ def worker_environment(endpoints: Endpoints) -> dict[str, str]:
 
 
 def connect(endpoints: Endpoints) -> dict[str, str]:
-    """Connect this driver to Ray (the resolved address, else an in-process local Ray); return what it found."""
+    """Connect this driver to Ray and return what it found.
+
+    It connects to the resolved address, else to an in-process local Ray.
+    """
     # Token auth and the token's path, for callers that did not come through the CLI
     # (which sets them first thing); a no-op when they are already set.
     prepare_ray_environment(endpoints.workspace)

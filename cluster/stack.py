@@ -1,4 +1,4 @@
-"""The local service stack: a Ray head with its dashboard, an MLflow server and an optional S3 endpoint.
+"""The local service stack: a Ray head and its dashboard, an MLflow server, an optional S3 endpoint.
 
 `up` starts what is missing and waits for health, `status` reports, `down`
 stops exactly the process groups that `up` recorded in the workspace.
@@ -86,7 +86,7 @@ def ray_temp_dir(workspace: Path) -> Path:
 
 
 def ensure_ray_token(workspace: Path) -> Path:
-    """Create (once) the workspace's Ray auth token, readable by its owner only, and return its path."""
+    """Create (once) the workspace's Ray auth token, readable by its owner only; return its path."""
     token_path = workspace / "ray_auth_token"
     if not token_path.exists():
         workspace.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,10 @@ def ensure_ray_token(workspace: Path) -> Path:
 
 
 def ray_node_env(token_path: Path, temp_dir: Path) -> dict[str, str]:
-    """Environment for every Ray process we start: token auth on, usage stats off, temp files kept in our folder."""
+    """Environment for every Ray process we start.
+
+    Token auth on, usage stats off, temp files kept in our folder.
+    """
     return {
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
@@ -171,7 +174,8 @@ def ray_client_check(address: str, token_path: Path, timeout_s: float = 60.0) ->
 
     code = (
         "import json, ray\n"
-        f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False, configure_logging=False)\n"
+        f"ray.init(address={address!r}, logging_level='ERROR', "
+        "log_to_driver=False, configure_logging=False)\n"
         "r = ray.cluster_resources()\n"
         "n = [x for x in ray.nodes() if x.get('Alive')]\n"
         "print(json.dumps({'nodes': len(n), 'CPU': r.get('CPU', 0.0), 'GPU': r.get('GPU', 0.0)}))\n"
@@ -262,7 +266,7 @@ def start_ray_head(opts: StackOptions, extra_env: dict[str, str] | None = None) 
 def start_mlflow(
     opts: StackOptions, storage_uri: str, s3_url: str | None = None, job_runner: bool = False
 ) -> dict[str, Any]:
-    """Start an MLflow tracking server (SQLite store in the workspace, artifacts under `storage_uri`).
+    """Start an MLflow server (SQLite store in the workspace, artifacts under `storage_uri`).
 
     MLflow's job runner (seven worker processes, unused here) is off unless `job_runner`.
     """
@@ -307,7 +311,10 @@ def start_mlflow(
 
 
 def start_s3(opts: StackOptions) -> dict[str, Any]:
-    """Start moto's S3-compatible server (in memory, for trials only) and create the `chestxpert` bucket."""
+    """Start moto's S3-compatible server and create the `chestxpert` bucket.
+
+    The server keeps everything in memory: it is for trials only.
+    """
     log_path = opts.workspace / "logs" / "s3.log"
     url = f"http://{opts.host}:{opts.s3_port}"
     cmd = [sys.executable, "-m", "moto.server", "-H", opts.host, "-p", str(opts.s3_port)]
@@ -375,12 +382,14 @@ def up(opts: StackOptions) -> dict[str, Any]:
             state["storage_uri"] = normalize_storage_uri(opts.storage or default_storage)
         if "ray" in wanted:
             _say(
-                f"starting Ray head on {opts.host}:{opts.ray_port} (dashboard port {opts.dashboard_port}) ..."
+                f"starting Ray head on {opts.host}:{opts.ray_port} "
+                f"(dashboard port {opts.dashboard_port}) ..."
             )
             state["ray"] = start_ray_head(opts)
             started.append("ray")
             _say(
-                f"ray     ready  {state['ray']['address']}  dashboard {state['ray']['dashboard_url']}"
+                f"ray     ready  {state['ray']['address']}  "
+                f"dashboard {state['ray']['dashboard_url']}"
             )
         if "mlflow" in wanted:
             _say(f"starting MLflow server on {opts.host}:{opts.mlflow_port} ...")
@@ -407,7 +416,7 @@ def up(opts: StackOptions) -> dict[str, Any]:
 
 
 def health(workspace: Path) -> list[dict[str, Any]]:
-    """One row per recorded service: name, URL, whether its process lives, and whether it answers."""
+    """One row per recorded service: name, URL, whether its process lives and whether it answers."""
     state = read_state(workspace)
     rows = []
     for name in SERVICE_ORDER:
@@ -422,7 +431,10 @@ def health(workspace: Path) -> list[dict[str, Any]]:
                 if name == "ray":
                     answering = _http_ok(f"{record['dashboard_url']}/api/gcs_healthz", "success")
                     resources = record.get("resources", {})
-                    detail = f"GCS {record['address']}, CPU {resources.get('CPU', '?')}, GPU {resources.get('GPU', 0)}"
+                    detail = (
+                        f"GCS {record['address']}, CPU {resources.get('CPU', '?')}, "
+                        f"GPU {resources.get('GPU', 0)}"
+                    )
                 elif name == "mlflow":
                     answering = _http_ok(f"{record['url']}/health")
                 else:

@@ -18,7 +18,7 @@ STATE_FILE = "services.json"
 
 
 def workspace_path(flag: str | os.PathLike[str] | None = None) -> Path:
-    """Return the absolute workspace folder: the flag, else `$CHESTXPERT_WORKSPACE`, else `./.chestxpert`.
+    """The absolute workspace folder: the flag, else `$CHESTXPERT_WORKSPACE`, else `./.chestxpert`.
 
     The folder is not created here; writers create what they need.
     """
