@@ -36,7 +36,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     else:
         root = download.download_nih_full(Path(args.to), keep_archives=args.keep_archives)
     print(
-        f"{args.dataset} is ready in {root}; next: chestxpert data prepare --source nih --input {root} --out OUT"
+        f"{args.dataset} is ready in {root}; "
+        f"next: chestxpert data prepare --source nih --input {root} --out OUT"
     )
     return 0
 
@@ -64,7 +65,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"prepared {args.out}: {json.dumps(counts)} images, digest {manifest['digest'][:12]}")
     if manifest.get("bad_images"):
         print(
-            f"{manifest['bad_images']} bad image(s) skipped; see {args.out}/{manifest['bad_images_report']}"
+            f"{manifest['bad_images']} bad image(s) skipped; "
+            f"see {args.out}/{manifest['bad_images_report']}"
         )
     return 0
 

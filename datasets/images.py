@@ -18,7 +18,7 @@ MIN_IMAGE_SIZE = 32
 
 @dataclass(frozen=True)
 class Placement:
-    """How an original image maps into the prepared square: `prepared = original * scale + offset`."""
+    """How an original image maps to the prepared square: `prepared = original * scale + offset`."""
 
     scale: float
     offset_x: float
@@ -80,7 +80,7 @@ def resize_uint8(images, size: int):
 
 
 def load_gray_square(path: str | Path, size: int) -> tuple[np.ndarray, Placement]:
-    """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) into a `size`×`size` uint8 array."""
+    """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) as a `size`×`size` uint8 array."""
     with Image.open(path) as image:
         image.load()
         gray = to_gray_uint8(image)

@@ -100,7 +100,10 @@ def check_options(opts: PrepareOptions) -> None:
 
 
 def read_source(opts: PrepareOptions, input_dir: Path) -> SourceTable:
-    """Read a local source folder with its adapter (images listed but absent are skipped or fatal)."""
+    """Read a local source folder with its adapter.
+
+    Images the source lists but does not hold are skipped or fatal, as `opts.on_bad_image` says.
+    """
     skip = opts.on_bad_image == "skip"
     if opts.source == "nih":
         from chestxpert.datasets.nih import read_nih
@@ -464,7 +467,8 @@ def _prepare_into(
             return existing
         if not opts.force:
             raise DatasetError(
-                f"{output.uri} already holds a different dataset (digest {existing.get('digest', '?')[:12]}, "
+                f"{output.uri} already holds a different dataset "
+                f"(digest {existing.get('digest', '?')[:12]}, "
                 f"this one {digest[:12]}); pass --force to replace it or choose another --out"
             )
     output.clear_target()

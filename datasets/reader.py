@@ -54,7 +54,7 @@ class PreparedDataset:
 
 
 def open_dataset(uri: str, endpoints: Endpoints | None = None) -> PreparedDataset:
-    """Open a prepared dataset by URI (folder or `s3://` prefix); fails clearly if it is incomplete."""
+    """Open a prepared dataset by URI (folder or `s3://` prefix); fails clearly if incomplete."""
     endpoints = endpoints or resolve()
     fs, root = storage_filesystem(endpoints, uri)
     path = f"{root}/{MANIFEST}"
@@ -68,7 +68,8 @@ def open_dataset(uri: str, endpoints: Endpoints | None = None) -> PreparedDatase
         ) from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(
-            f"{uri}/{MANIFEST} has schema version {manifest.get('schema_version')}, this ChestXpert "
+            f"{uri}/{MANIFEST} has schema version "
+            f"{manifest.get('schema_version')}, this ChestXpert "
             f"reads version {SCHEMA_VERSION}; prepare the dataset again"
         )
     return PreparedDataset(uri=uri, manifest=manifest, fs=fs, root=root)
@@ -83,7 +84,7 @@ def iter_batches(
     shuffle_seed: int | None = None,
     columns: tuple[str, ...] = ("image", "labels"),
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield column batches of one split as numpy arrays (image: N×S×S×1 uint8, labels: N×L float32).
+    """Yield column batches of a split as numpy arrays (image: N×S×S×1 uint8, labels: N×L float32).
 
     Files are dealt round-robin to `num_shards` workers; `shuffle_seed` shuffles
     the file order (row order within a file is kept; the tf.data buffer mixes further).

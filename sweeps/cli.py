@@ -74,7 +74,8 @@ def _recorded_spec(args: argparse.Namespace):
     recorded = location.read_json(SPEC_FILE)
     if recorded is None:
         raise SweepError(
-            f"no sweep named {args.name!r} in {endpoints.storage_uri} (pass --storage if it is elsewhere)"
+            f"no sweep named {args.name!r} in {endpoints.storage_uri} "
+            "(pass --storage if it is elsewhere)"
         )
     spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
     return spec, endpoints, location, recorded
@@ -99,13 +100,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, default=str))
         return 0
     print(
-        f"sweep {status['name']}  ({status['storage']})  metric {status['metric']} ({status['mode']})"
+        f"sweep {status['name']}  ({status['storage']})  "
+        f"metric {status['metric']} ({status['mode']})"
     )
     print(f"{'trial':12s} {'state':11s} {'epochs':>6s} {'best':>8s}  ended")
     for trial in status["trials"]:
         best = f"{trial['best']:.4f}" if trial["best"] is not None else "-"
         print(
-            f"{trial['trial_id']:12s} {trial['state']:11s} {trial['epochs']:6d} {best:>8s}  {trial['ended']}"
+            f"{trial['trial_id']:12s} {trial['state']:11s} {trial['epochs']:6d} "
+            f"{best:>8s}  {trial['ended']}"
         )
     print(f"{len(status['trials'])} of {status['num_samples']} trials")
     if status["best_so_far"]:
@@ -164,7 +167,8 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
 
 def ray_token(endpoints, address: str) -> str | None:
     """The Ray auth token to send to `address`: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (the user's
-    choice for any cluster), else the workspace's token, but only for the workspace's own dashboard."""
+    choice for any cluster), else the workspace's token, but only for the workspace's own
+    dashboard."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")

@@ -1,4 +1,4 @@
-"""`chestxpert sweep run|resume`: a sweep spec to a Ray Tune sweep, read top to bottom like the spec.
+"""`chestxpert sweep run|resume`: a sweep spec to a Tune sweep, read top to bottom like the spec.
 
 OptunaSearch (TPE) proposes configurations, ASHA stops weak trials, each trial
 checkpoints to the sweep's storage and streams metrics to MLflow.
@@ -41,7 +41,7 @@ def _git_commit() -> str:
 
 
 def trial_folder_name(trial) -> str:
-    """`train_<trial id>`: Tune's default folder name repeats the whole config (the dataset path too)."""
+    """`train_<trial id>`: Tune's default name repeats the whole config (the dataset path too)."""
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
@@ -121,14 +121,18 @@ def _tuner_parts(
 
 
 def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> dict[str, Any]:
-    """Run (or, with `resume`, continue) the sweep and return its summary (best trial, config, checkpoint)."""
+    """Run (or, with `resume`, continue) the sweep and return its summary.
+
+    The summary holds the best trial, its config and its checkpoint.
+    """
     from chestxpert.cluster.mlflow_runs import parent_run
 
     location = locate(endpoints, spec.name)
     recorded = location.read_json(SPEC_FILE)
     if resume and recorded is None:
         raise SweepError(
-            f"no sweep named {spec.name!r} in {endpoints.storage_uri}; start it with `chestxpert sweep run`"
+            f"no sweep named {spec.name!r} in {endpoints.storage_uri}; "
+            "start it with `chestxpert sweep run`"
         )
     if not resume and recorded is not None:
         raise SweepError(
@@ -176,8 +180,9 @@ def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> di
         if resume:
             if not tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
                 raise SweepError(
-                    f"{location.uri} has the sweep's spec but no Tune state: the driver stopped before the "
-                    f"first trial started. Start it again with `chestxpert sweep run` under a new --name"
+                    f"{location.uri} has the sweep's spec but no Tune state: the driver stopped "
+                    "before the first trial started. Start it again with `chestxpert sweep run` "
+                    "under a new --name"
                 )
             tuner = tune.Tuner.restore(
                 location.path,
@@ -264,7 +269,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.write(f"sweep {summary['name']}: {summary['trials']} trials, {summary['errors']} errored\n")
     if summary.get("best_trial_id"):
         out.write(
-            f"best trial {summary['best_trial_id']}: {summary['metric']} = {summary['best_metric']:.4f}\n"
+            f"best trial {summary['best_trial_id']}: "
+            f"{summary['metric']} = {summary['best_metric']:.4f}\n"
         )
         out.write(f"best config: {json.dumps(summary['best_config'], default=str)}\n")
         out.write(f"best checkpoint: {summary['best_checkpoint']}\n")

@@ -1,4 +1,4 @@
-"""`chestxpert sweep status|list`: what a sweep did, read from its storage alone (no cluster needed)."""
+"""`chestxpert sweep status|list`: what a sweep did, from its storage alone (no cluster needed)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int
 
 
 def sweep_status(location: SweepLocation) -> dict[str, Any]:
-    """The sweep's spec, summary (if finished) and trials, as plain values for printing or `--json`."""
+    """The sweep's spec, summary (if finished) and trials: plain values for printing or `--json`."""
     recorded = location.read_json(SPEC_FILE)
     if recorded is None:
         return {}

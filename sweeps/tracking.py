@@ -28,7 +28,7 @@ def ended_reason(last_epoch: int, max_epochs: int, errored: bool) -> str:
 
 
 class NestedMlflowCallback(Callback):
-    """Tune callback: a nested MLflow run per trial, its config as params, metrics per epoch (step = epoch).
+    """Tune callback: a nested MLflow run per trial, its config as params, metrics at step = epoch.
 
     Tune's events only queue the calls; a background thread sends them, so a slow
     or absent server never holds up the driver's event loop (and the trials'
@@ -113,7 +113,7 @@ class NestedMlflowCallback(Callback):
                     return
 
     def flush(self) -> bool:
-        """Send what is queued, oldest first; stop at the first refusal. True when the queue is empty."""
+        """Send the queue oldest first, stopping at the first refusal; True when it is empty."""
         while self.pending:
             action, args = self.pending[0]
             try:
@@ -176,7 +176,8 @@ class NestedMlflowCallback(Callback):
             if attempt + 1 < attempts:
                 time.sleep(pause)
         print(
-            f"{len(self.pending)} MLflow call(s) could not be sent; run `chestxpert sweep mlflow-sync {self.sweep}`"
+            f"{len(self.pending)} MLflow call(s) could not be sent; "
+            f"run `chestxpert sweep mlflow-sync {self.sweep}`"
         )
 
 
@@ -210,7 +211,10 @@ def sync_trial(
     results: list[dict],
     reason: str | None,
 ) -> int:
-    """Make one trial's MLflow run hold every result from storage; return how many metric values were added."""
+    """Make one trial's MLflow run hold every result from storage.
+
+    Returns how many metric values were added.
+    """
     from mlflow.entities import Metric
 
     run_id = trial_run(

@@ -12,7 +12,7 @@ from chestxpert.trainable.config import TrialConfig
 
 
 def make_augmentation(config: TrialConfig) -> keras.Sequential | None:
-    """Keras preprocessing layers (active in training only) for gray images valued 0..255, or None."""
+    """Keras preprocessing layers (active in training only) for gray images in 0..255, or None."""
     if not config.augment:
         return None
     seed = config.seed

@@ -68,7 +68,8 @@ def check_checkpoint_files(directory: Path) -> None:
         ):
             raise CheckpointError(
                 f"{directory} holds an unexpected file {path.relative_to(directory)}; "
-                "ChestXpert checkpoints contain only model.keras and state.json — refusing to load it"
+                "ChestXpert checkpoints contain only model.keras and state.json "
+                "— refusing to load it"
             )
     model_path = directory / MODEL_FILE
     if not model_path.exists():
@@ -77,7 +78,8 @@ def check_checkpoint_files(directory: Path) -> None:
         for name in archive.namelist():
             if name not in ALLOWED_ARCHIVE_MEMBERS and not name.startswith("assets/"):
                 raise CheckpointError(
-                    f"{model_path} contains {name!r}, which Keras model files never hold; refusing to load it"
+                    f"{model_path} contains {name!r}, which Keras model files never hold; "
+                    "refusing to load it"
                 )
 
 
@@ -95,7 +97,8 @@ def load_model(directory: Path, compile: bool = True):
     except ValueError as err:
         if "safe_mode" in str(err) or "Lambda" in str(err):
             raise CheckpointError(
-                f"{directory}: the model holds a Lambda layer or custom code; refusing to load it ({err})"
+                f"{directory}: the model holds a Lambda layer or custom code; "
+                f"refusing to load it ({err})"
             ) from None
         raise
 

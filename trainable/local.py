@@ -31,7 +31,8 @@ def load_config_file(path: Path, overrides: list[str] | None = None) -> TrialCon
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
         raise ConfigError(
-            f"{path}: expected a mapping of trial settings (key: value), got {type(values).__name__}"
+            f"{path}: expected a mapping of trial settings (key: value), "
+            f"got {type(values).__name__}"
         )
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -58,7 +59,7 @@ def train_local(
     experiment: str = "chestxpert-train",
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the trial loop here, checkpointing to `out_dir` and logging to MLflow; return the last metrics.
+    """Run the trial loop here, checkpoint to `out_dir`, log to MLflow; return the last metrics.
 
     With `resume`, continue from the newest checkpoint in `out_dir`. An MLflow
     server that does not answer costs a warning, not the run.

@@ -67,7 +67,8 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
     random.seed(config.seed)
     np.random.seed(config.seed)
     keras.utils.set_random_seed(config.seed)
-    # What TF runs with, which in a reused process may differ from what was asked (0 = TF's default).
+    # What TF runs with, which in a reused process may differ from what was asked
+    # (0 = TF's default).
     return {
         "cpus": cpus,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
@@ -94,7 +95,7 @@ def _trial_cpus(config: TrialConfig) -> int:
 
 
 class _Data:
-    """The trial's view of a prepared dataset: a shuffled training pipeline and the whole validation split."""
+    """The trial's prepared dataset: a shuffled training pipeline and the whole validation split."""
 
     def __init__(self, config: TrialConfig, endpoints: Endpoints) -> None:
         from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
@@ -219,7 +220,8 @@ def run_trial(
     start_epoch = int(state["epoch"]) if state else 0
     if state:
         print(
-            f"resumed at epoch {start_epoch} from {restore} (weights sha256 {weights_digest(model)[:16]}, "
+            f"resumed at epoch {start_epoch} from {restore} "
+            f"(weights sha256 {weights_digest(model)[:16]}, "
             f"optimizer step {int(model.optimizer.iterations.numpy())})",
             flush=True,
         )
