@@ -28,8 +28,9 @@ _BOOT_CHUNK_ENTRIES = 5_000_000
 class AucInterval(NamedTuple):
     """A label's AUC on the whole split and its bootstrap percentile interval.
 
-    All three are None when the label has no positives or no negatives; `low`/`high` are None when no
-    resample had both classes. `n_used` is how many resamples had both classes and entered the interval.
+    All three are None when the label has no positives or no negatives; `low`/`high` are None
+    when no resample had both classes. `n_used` is how many resamples had both classes and
+    entered the interval.
     """
 
     auc: float | None
@@ -41,9 +42,9 @@ class AucInterval(NamedTuple):
 def patient_bootstrap_weights(patient_ids: Sequence[Any], n_boot: int, seed: int = 0) -> np.ndarray:
     """How many times each image appears in each patient-level bootstrap resample (n_boot × N ints).
 
-    Each resample draws as many patients as there are, with replacement, and takes all images of every
-    drawn patient: all images of one patient share one count (0 when the patient was not drawn).
-    `bootstrap_auc_ci` uses exactly these draws for the same seed.
+    Each resample draws as many patients as there are, with replacement, and takes all images of
+    every drawn patient: all images of one patient share one count (0 when the patient was not
+    drawn). `bootstrap_auc_ci` uses exactly these draws for the same seed.
     """
     patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
     return patient_counts[:, patient_codes]
@@ -59,13 +60,13 @@ def bootstrap_auc_ci(
     *,
     labels: Sequence[str] | None = None,
 ) -> dict[Any, AucInterval]:
-    """ROC AUC per label with a (1 - alpha) percentile interval from a patient-level (cluster) bootstrap.
+    """ROC AUC per label with a (1 - alpha) percentile interval from a patient (cluster) bootstrap.
 
-    Resamples patients, not images (see `patient_bootstrap_weights`), so images of one patient move
-    together. The point estimate is sklearn's roc_auc_score on the whole split; resample AUCs are the
-    same statistic with each image weighted by its resample count, computed with ranks in numpy.
-    A resample where a label has only one class is skipped for that label (`n_used` counts the rest).
-    Keys are `labels` when given, else column indices.
+    Resamples patients, not images (see `patient_bootstrap_weights`), so images of one patient
+    move together. The point estimate is sklearn's roc_auc_score on the whole split; resample
+    AUCs are the same statistic with each image weighted by its resample count, computed with
+    ranks in numpy. A resample where a label has only one class is skipped for that label
+    (`n_used` counts the rest). Keys are `labels` when given, else column indices.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     names: Sequence[Any] = labels if labels is not None else range(y_true.shape[1])
@@ -103,7 +104,7 @@ def bootstrap_auc_ci(
 def _draw_patients(
     patient_ids: Sequence[Any], n_boot: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's patient index (N,) and how often each patient is drawn per resample (n_boot × P)."""
+    """Each image's patient index (N,) and each patient's draw count per resample (n_boot × P)."""
     _, patient_codes = np.unique(np.asarray(patient_ids), return_inverse=True)
     n_patients = int(patient_codes.max()) + 1 if patient_codes.size else 0
     draws = rng.integers(0, n_patients, size=(n_boot, n_patients))
@@ -113,9 +114,9 @@ def _draw_patients(
 
 
 def _weighted_auc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row of `weights` (B × n image weights): weighted Mann-Whitney, ties count half.
+    """ROC AUC of each row of `weights` (B × n image weights) by weighted Mann-Whitney.
 
-    NaN for a row whose positives or negatives all have zero weight.
+    Ties count half; NaN for a row whose positives or negatives all have zero weight.
     """
     if truth.size == 0:
         return np.full(len(weights), np.nan)

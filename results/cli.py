@@ -37,7 +37,8 @@ def cmd_final(args: argparse.Namespace) -> int:
     metrics = run_final(args.name, opts, _endpoints(args))
     ev = metrics["evaluation"]
     print(
-        f"test macro AUC {ev['auc_macro']:.4f} (micro {ev['auc_micro']:.4f}) on {ev['counts']['images']} images"
+        f"test macro AUC {ev['auc_macro']:.4f} (micro {ev['auc_micro']:.4f}) "
+        f"on {ev['counts']['images']} images"
     )
     print(f"report: {metrics['report_dir']}/report.html   storage: {metrics['storage_dir']}")
     print(f"registered: {metrics['mlflow']['uri']} (version {metrics['mlflow']['version']})")

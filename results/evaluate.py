@@ -31,9 +31,9 @@ from chestxpert.results.inputs import (
 )
 
 # CheXNet's per-class test AUROCs (Rajpurkar et al. 2017, arXiv:1711.05225, the 14-pathology
-# comparison with Wang et al. and Yao et al.: Table 2 in v3, "CheXNet" column). They were measured on
-# CheXNet's own random 70/10/20 patient split, not on NIH's official test list nor on our split, so
-# they are a point of reference, not a like-for-like comparison.
+# comparison with Wang et al. and Yao et al.: Table 2 in v3, "CheXNet" column). They were measured
+# on CheXNet's own random 70/10/20 patient split, not on NIH's official test list nor on our split,
+# so they are a point of reference, not a like-for-like comparison.
 CHEXNET_REFERENCE_AUROC: dict[str, float] = {
     "Atelectasis": 0.8094,
     "Cardiomegaly": 0.9248,
@@ -83,9 +83,9 @@ def choose_thresholds(
     `y_true` is N×L of 1/0/NaN (NaN = unknown, ignored), `y_prob` N×L probabilities in [0, 1].
     method="youden" takes the ROC threshold maximising sensitivity + specificity - 1 (the highest
     such threshold on ties); method="sensitivity" takes the highest threshold whose validation
-    sensitivity is >= `target_sensitivity` (in (0, 1]), i.e. the one that costs the least specificity.
-    Thresholds are predicted probabilities, compared with >=. Labels with no positives or no negatives
-    get 0.5 and are listed in `defaulted`.
+    sensitivity is >= `target_sensitivity` (in (0, 1]), i.e. the one that costs the least
+    specificity. Thresholds are predicted probabilities, compared with >=. Labels with no
+    positives or no negatives get 0.5 and are listed in `defaulted`.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     if method not in THRESHOLD_METHODS:
@@ -95,7 +95,8 @@ def choose_thresholds(
     if method == "sensitivity":
         if target_sensitivity is None or not 0.0 < target_sensitivity <= 1.0:
             raise EvaluationError(
-                f"method='sensitivity' needs target_sensitivity in (0, 1], got {target_sensitivity!r}"
+                "method='sensitivity' needs target_sensitivity in (0, 1], "
+                f"got {target_sensitivity!r}"
             )
     elif target_sensitivity is not None:
         raise EvaluationError(
@@ -116,7 +117,8 @@ def choose_thresholds(
         if method == "youden":
             best = int(np.argmax(tpr - fpr))
         else:
-            # tpr rises as the threshold falls; the first index reaching the target has the lowest fpr.
+            # tpr rises as the threshold falls; the first index reaching the target has the
+            # lowest fpr.
             best = int(np.argmax(tpr >= target_sensitivity - 1e-12))
         choice.thresholds[name] = float(candidates[best])
     return choice
@@ -128,7 +130,7 @@ def operating_point_metrics(
     thresholds: Mapping[str, float] | ThresholdChoice,
     labels: Sequence[str],
 ) -> dict[str, dict[str, Any]]:
-    """Confusion counts and rates per label at the given thresholds (positive when prob >= threshold).
+    """Confusion counts and rates per label at given thresholds (positive when prob >= threshold).
 
     Returns {label: {sensitivity, specificity, ppv, npv, f1, tp, fp, tn, fn, threshold}} over the
     label's known values; counts are ints, a rate whose denominator is zero is NaN.
@@ -171,8 +173,8 @@ def calibration(
     Bins are `n_bins` equal-width probability intervals on [0, 1] (the last one closed); ECE is the
     count-weighted mean of |frac_pos - mean_pred| over non-empty bins. Returns
     {"labels": {label: {ece, bins}}, "pooled": {ece, bins}} with bins [{low, high, mean_pred,
-    frac_pos, count}]; an empty bin has NaN mean_pred/frac_pos, a label with no known values NaN ece.
-    Keys are `labels` when given, else column indices.
+    frac_pos, count}]; an empty bin has NaN mean_pred/frac_pos, a label with no known values NaN
+    ece. Keys are `labels` when given, else column indices.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     names: Sequence[Any] = labels if labels is not None else range(y_true.shape[1])
@@ -194,8 +196,8 @@ def curves(
 ) -> dict[str, dict[str, Any]]:
     """ROC and precision-recall curves per label, each thinned to at most `max_points` points.
 
-    Returns {label: {"roc": {"fpr", "tpr"}, "pr": {"precision", "recall"}}} as lists of floats (first
-    and last points always kept); both are None for a label without positives and negatives.
+    Returns {label: {"roc": {"fpr", "tpr"}, "pr": {"precision", "recall"}}} as lists of floats
+    (first and last points always kept); both are None for a label without positives and negatives.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     out: dict[str, dict[str, Any]] = {}
@@ -286,7 +288,7 @@ def evaluate(
 
 
 def to_json_ready(value: Any) -> Any:
-    """`value` with numpy scalars/arrays turned into Python ones and NaN/±inf into None, recursively."""
+    """`value`, recursively, with numpy scalars/arrays as Python ones and NaN/±inf as None."""
     if isinstance(value, Mapping):
         return {str(key): to_json_ready(item) for key, item in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
@@ -300,7 +302,7 @@ def to_json_ready(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _threshold_map(
@@ -310,7 +312,8 @@ def _threshold_map(
     missing = [name for name in labels if name not in threshold_of]
     if missing:
         raise EvaluationError(
-            f"no threshold for {missing}; choose them on the validation split with choose_thresholds()"
+            f"no threshold for {missing}; "
+            "choose them on the validation split with choose_thresholds()"
         )
     return threshold_of
 

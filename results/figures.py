@@ -15,7 +15,7 @@ from chestxpert.results.inputs import EvaluationError
 
 
 def reliability_figure(calib: Mapping[str, Any], path: str | Path) -> Path:
-    """Save a PNG of reliability diagrams (pooled first, then each label) from `calibration()` output.
+    """Save a PNG of reliability diagrams (pooled, then each label) from `calibration()` output.
 
     Accepts the output either as returned or after `evaluate`'s JSON conversion (None for NaN).
     """
@@ -34,7 +34,7 @@ def reliability_figure(calib: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def curves_figure(curves_by_label: Mapping[str, Any], path: str | Path, kind: str = "roc") -> Path:
-    """Save a PNG with one small ROC (kind="roc") or precision-recall (kind="pr") panel per label."""
+    """Save a PNG of one small ROC (kind="roc") or precision-recall (kind="pr") panel per label."""
     if kind not in ("roc", "pr"):
         raise EvaluationError(f"curve kind {kind!r} is unknown; use 'roc' or 'pr'")
     x_key, y_key = ("fpr", "tpr") if kind == "roc" else ("recall", "precision")

@@ -69,7 +69,8 @@ def retrain(
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         print(
-            f"final: epoch {int(metrics['epoch'])}  val_auc_macro {metrics.get('val_auc_macro', float('nan')):.4f}",
+            f"final: epoch {int(metrics['epoch'])}  "
+            f"val_auc_macro {metrics.get('val_auc_macro', float('nan')):.4f}",
             flush=True,
         )
         if checkpoint_dir is not None:
@@ -92,8 +93,8 @@ def _gradcam_layer(model, preferred: str, chosen: str | None) -> tuple[str, str 
         shape = layer.output.shape
         if len(shape) == 4 and shape[1] and shape[1] >= MIN_GRADCAM_MAP and "relu" in layer.name:
             note = (
-                f"Grad-CAM uses layer {layer.name} ({shape[1]}×{shape[2]}): the last convolutional layer "
-                f"{preferred} is only {side}×{side} at this image size (7×7 at 224 px); "
+                f"Grad-CAM uses layer {layer.name} ({shape[1]}×{shape[2]}): the last convolutional "
+                f"layer {preferred} is only {side}×{side} at this image size (7×7 at 224 px); "
                 f"`--gradcam-layer` chooses another."
             )
             return layer.name, note
@@ -131,7 +132,8 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
     recorded, summary = location.read_json(SPEC_FILE), location.read_json(SUMMARY_FILE)
     if recorded is None:
         raise FinalError(
-            f"no sweep named {name!r} in {endpoints.storage_uri}; `chestxpert sweep list` shows them"
+            f"no sweep named {name!r} in {endpoints.storage_uri}; "
+            "`chestxpert sweep list` shows them"
         )
     if not summary or not summary.get("best_config"):
         raise FinalError(
@@ -150,7 +152,8 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             endpoints.ray_address is not None if opts.on_cluster is None else opts.on_cluster
         )
         print(
-            f"retraining the best configuration of {name} for {config['epochs']} epochs on {opts.train_on} "
+            f"retraining the best configuration of {name} for {config['epochs']} epochs "
+            f"on {opts.train_on} "
             f"({'a Ray task on the cluster' if on_cluster else 'this machine'}) ...",
             flush=True,
         )
@@ -210,7 +213,7 @@ def evaluate_model(
     out: Path,
     name: str,
 ) -> dict[str, Any]:
-    """Thresholds on validation, metrics on test, figures, Grad-CAM and the report files into `out`."""
+    """Thresholds on validation, metrics on test, figures, Grad-CAM, the report files into `out`."""
     from chestxpert.datasets.reader import open_dataset, read_split
     from chestxpert.results.evaluate import choose_thresholds, evaluate
     from chestxpert.results.figures import curves_figure, reliability_figure
@@ -352,8 +355,11 @@ def _log_to_mlflow(
     metrics: dict,
     endpoints: Endpoints,
 ) -> dict[str, str]:
-    """A run nested under the sweep's parent run: test metrics, report, the model (logged with its input
-    signature and registered under the spec's model name with alias `champion`)."""
+    """A run nested under the sweep's parent run: test metrics, report, the model.
+
+    The model is logged with its input signature and registered under the spec's model name
+    with alias `champion`.
+    """
     import mlflow
     from mlflow.entities import Metric
 

@@ -150,7 +150,8 @@ class GradCam:
             images = images[..., np.newaxis]
         if images.shape[1:] != self.image_shape:
             raise ValueError(
-                f"images have shape {images.shape}; the model takes (N, {', '.join(map(str, self.image_shape))})."
+                f"images have shape {images.shape}; "
+                f"the model takes (N, {', '.join(map(str, self.image_shape))})."
             )
         if images.dtype != self.image_dtype:
             if not np.can_cast(images.dtype, self.image_dtype, casting="safe"):
@@ -193,7 +194,8 @@ def overlay(
     heat = np.asarray(heatmap, dtype=np.float32)
     if gray.ndim != 2 or gray.shape != heat.shape:
         raise ValueError(
-            f"overlay needs an (S, S) image and an (S, S) heatmap; got {gray.shape} and {heat.shape}."
+            "overlay needs an (S, S) image and an (S, S) heatmap; "
+            f"got {gray.shape} and {heat.shape}."
         )
     colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]
     gray_rgb = np.repeat(gray.astype(np.float32)[..., np.newaxis] / 255.0, 3, axis=-1)

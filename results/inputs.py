@@ -15,7 +15,7 @@ from chestxpert.cluster.errors import UserError
 
 
 class EvaluationError(UserError, ValueError):
-    """Predictions, labels or thresholds that do not fit together; the message says which and how."""
+    """Predictions, labels or thresholds that do not match; the message says which and how."""
 
 
 def check_arrays(

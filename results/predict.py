@@ -1,4 +1,4 @@
-"""`chestxpert predict`: findings for a few radiographs from a checkpoint folder, with optional Grad-CAM.
+"""`chestxpert predict`: findings for a few radiographs from a checkpoint folder, Grad-CAM optional.
 
 Images go through `datasets.images` exactly as in training; the model loads in Keras safe
 mode; each finding is called positive at the operating threshold the final job chose.
@@ -153,7 +153,8 @@ def _read_model_state(model_dir: Path) -> dict[str, Any]:
     for key in ("labels", "preprocessing"):
         if key not in state:
             raise PredictError(
-                f"{model_dir / STATE_FILE} has no {key!r}; it was not written by ChestXpert training"
+                f"{model_dir / STATE_FILE} has no {key!r}; "
+                "it was not written by ChestXpert training"
             )
     if "image_size" not in state["preprocessing"]:
         raise PredictError(f"{model_dir / STATE_FILE} has no preprocessing.image_size")
@@ -173,7 +174,8 @@ def _load_model(model_dir: Path, size: int, num_labels: int):
     if got_input != expected_input or got_output != expected_output:
         raise PredictError(
             f"{model_dir}: the model takes {got_input} and predicts {got_output} labels, but "
-            f"{STATE_FILE} says {expected_input} and {expected_output} labels; the folder is mixed up"
+            f"{STATE_FILE} says {expected_input} and {expected_output} labels; "
+            "the folder is mixed up"
         )
     return model
 

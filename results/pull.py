@@ -1,4 +1,4 @@
-"""`chestxpert pull-best` and the MODEL argument of `predict`: a checkpoint folder out of storage or MLflow.
+"""`chestxpert pull-best` and `predict MODEL`: a checkpoint folder out of storage or MLflow.
 
 Every download lands in a hidden sibling folder first and is renamed into place only once
 complete and checksum-verified, so a folder that exists is a whole model.
@@ -178,7 +178,8 @@ def _require_sweep(location: SweepLocation) -> None:
     there = f"sweeps there: {', '.join(known)}" if known else "it holds no sweeps"
     raise PullError(
         f"no sweep named {location.name!r}: looked for {location.uri} ({there}). Check the name "
-        f"with `chestxpert sweep list`, or point --storage / CHESTXPERT_STORAGE at the sweep's storage"
+        "with `chestxpert sweep list`, or point --storage / CHESTXPERT_STORAGE at the sweep's "
+        "storage"
     )
 
 

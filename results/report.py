@@ -1,4 +1,4 @@
-"""The clinical-style report: report.md and a self-contained report.html from metrics.json and figures.
+"""The clinical-style report: report.md and a standalone report.html from metrics.json and figures.
 
 What a team shows a radiologist: the Pathology | AUC (95% CI) | Sensitivity |
 Specificity table, calibration, curves, localisation against a baseline, Grad-CAM examples.
@@ -17,7 +17,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """One row per label: pathology, AUC (95% CI), sensitivity, specificity, threshold, positives, CheXNet."""
+    """One row of the headline table per label.
+
+    Columns: pathology, AUC (95% CI), sensitivity, specificity, threshold, positives, CheXNet.
+    """
     rows = []
     for label, item in metrics["evaluation"]["per_label"].items():
         op = item.get("operating_point") or {}
@@ -56,13 +59,15 @@ def _notes(metrics: dict[str, Any]) -> list[str]:
     ev = metrics["evaluation"]
     notes = [
         f"Test split: {ev['counts']['images']} images of {ev['counts']['patients']} patients; "
-        f"95% CIs from {metrics['bootstrap_resamples']} bootstrap resamples of patients (not images).",
+        f"95% CIs from {metrics['bootstrap_resamples']} bootstrap resamples of patients "
+        "(not images).",
         f"Operating thresholds chosen on the validation split ({metrics['threshold_method']}); "
         "test labels were used for nothing but scoring.",
-        f"Model: {metrics['config'].get('backbone')} at {metrics['image_size']}×{metrics['image_size']}, "
+        f"Model: {metrics['config'].get('backbone')} at "
+        f"{metrics['image_size']}×{metrics['image_size']}, "
         f"trained {metrics['epochs']} epochs on {metrics['train_splits']}.",
-        "† CheXNet (Rajpurkar et al., 2017) per-class AUROCs, measured on CheXNet's own split of NIH "
-        "ChestX-ray14: a reference point, not a comparison on the same images.",
+        "† CheXNet (Rajpurkar et al., 2017) per-class AUROCs, measured on CheXNet's own split of "
+        "NIH ChestX-ray14: a reference point, not a comparison on the same images.",
     ]
     if metrics.get("thresholds_defaulted"):
         notes.append(
@@ -100,13 +105,16 @@ def write_markdown(metrics: dict[str, Any], figures: dict[str, str], path: Path)
             "",
             f"## Localisation (Grad-CAM layer `{metrics['gradcam_layer']}`)",
             "",
-            "| Finding | Boxes | Pointing game | Mean IoU | Centre baseline: pointing | Centre baseline: IoU |",
+            "| Finding | Boxes | Pointing game | Mean IoU "
+            "| Centre baseline: pointing | Centre baseline: IoU |",
             "|---|---|---|---|---|---|",
         ]
         for label, item in metrics["localization"].items():
             lines.append(
-                f"| {label} | {item['n']} | {_fmt(item['pointing_hit_rate'], 2)} | {_fmt(item['mean_iou'], 2)} "
-                f"| {_fmt(item['baseline_pointing_hit_rate'], 2)} | {_fmt(item['baseline_mean_iou'], 2)} |"
+                f"| {label} | {item['n']} | {_fmt(item['pointing_hit_rate'], 2)} "
+                f"| {_fmt(item['mean_iou'], 2)} "
+                f"| {_fmt(item['baseline_pointing_hit_rate'], 2)} "
+                f"| {_fmt(item['baseline_mean_iou'], 2)} |"
             )
     lines += ["", "## Figures", ""] + [f"![{name}]({rel})" for name, rel in figures.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -121,14 +129,16 @@ def write_html(metrics: dict[str, Any], figures: dict[str, str], root: Path, pat
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>ChestXpert report: {esc(metrics['sweep'])}</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:4px}"
         ".gallery img{width:180px}</style></head><body>",
         f"<h1>ChestXpert report: {esc(metrics['sweep'])}</h1><ul>",
     ]
     parts += [f"<li>{esc(note)}</li>" for note in _notes(metrics)] + ["</ul>"]
     parts.append(
-        f"<p><b>Macro AUC</b> {_fmt(ev.get('auc_macro'))} · <b>micro AUC</b> {_fmt(ev.get('auc_micro'))} · "
+        f"<p><b>Macro AUC</b> {_fmt(ev.get('auc_macro'))} · "
+        f"<b>micro AUC</b> {_fmt(ev.get('auc_micro'))} · "
         f"<b>macro PR AUC</b> {_fmt(ev.get('pr_auc_macro'))} · <b>ECE (pooled)</b> "
         f"{_fmt(ev['calibration']['pooled'].get('ece'))}</p>"
     )
@@ -140,7 +150,8 @@ def write_html(metrics: dict[str, Any], figures: dict[str, str], root: Path, pat
     parts.append("</table>")
     if metrics.get("localization"):
         parts.append(
-            f"<h2>Localisation (Grad-CAM layer <code>{esc(metrics['gradcam_layer'])}</code>)</h2><table>"
+            f"<h2>Localisation (Grad-CAM layer <code>{esc(metrics['gradcam_layer'])}</code>)</h2>"
+            "<table>"
             "<tr><th>Finding</th><th>Boxes</th><th>Pointing game</th><th>Mean IoU</th>"
             "<th>Centre baseline: pointing</th><th>Centre baseline: IoU</th></tr>"
         )
