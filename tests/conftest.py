@@ -74,7 +74,7 @@ class RayCluster:
 
 
 def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
-    """Head (1 CPU, no GPU) plus two worker nodes (1 CPU, 1 logical GPU each), nodes with `node_env`."""
+    """Head (1 CPU, no GPU) plus two workers (1 CPU, 1 logical GPU each), nodes with `node_env`."""
     ws = short_tmpdir("cxr")
     opts = StackOptions(
         workspace=ws,
@@ -117,7 +117,10 @@ def stop_cluster(records: list[dict] | tuple[dict, ...]) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint) -> Iterator[RayCluster]:
-    """The shared three-node cluster; its nodes carry the S3 test endpoint and keys, as a real cluster's would."""
+    """The shared three-node cluster.
+
+    Its nodes carry the S3 test endpoint and keys, as a real cluster's would.
+    """
     cluster, records = start_cluster(s3_endpoint.env())
     try:
         yield cluster

@@ -1,4 +1,4 @@
-"""The local service stack (`chestxpert up/status/down`), process control, and endpoint resolution."""
+"""The local stack (`chestxpert up/status/down`), process control, and endpoint resolution."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def run_cli(*args: str, workspace: Path, timeout: float = 180) -> subprocess.Com
 
 
 def listening_addresses(port: int) -> set[str]:
-    """IPv4 addresses with a socket listening on `port`, read from /proc/net/tcp (no traffic sent)."""
+    """IPv4 addresses listening on `port`, read from /proc/net/tcp (no traffic sent)."""
     found = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         local, state = line.split()[1], line.split()[3]
@@ -154,7 +154,8 @@ def test_stop_group_stops_the_whole_session_and_nothing_else(tmp_path: Path) -> 
     # A leader whose child opens its own process group, as Ray's workers do.
     code = (
         "import subprocess, sys, time, os;"
-        "subprocess.Popen([sys.executable, '-c', 'import os, time; os.setpgrp(); time.sleep(600)']);"
+        "subprocess.Popen([sys.executable, '-c', "
+        "'import os, time; os.setpgrp(); time.sleep(600)']);"
         "time.sleep(600)"
     )
     leader = spawn([sys.executable, "-c", code], tmp_path / "leader.log")

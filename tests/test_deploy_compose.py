@@ -30,7 +30,10 @@ _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
-    """Compose's interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $$."""
+    """Compose's interpolation of `value` with the variables in `env`.
+
+    Forms: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $$.
+    """
 
     def substitute(match: re.Match[str]) -> str:
         name, op, arg = match["name"], match["op"], match["arg"]

@@ -1,4 +1,7 @@
-"""Test-split evaluation: validation-only thresholds, patient bootstrap, operating points, calibration, report JSON."""
+"""Test-split evaluation: validation-only thresholds, patient bootstrap, operating points.
+
+Also calibration, the report JSON and the figures.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def synthetic_split(n_images=300, n_labels=3, n_patients=80, seed=0):
     return y_true, y_prob, patient_ids, labels
 
 
-# --- thresholds (validation split only) -------------------------------------------------------------
+# --- thresholds (validation split only) -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,7 @@ def test_evaluate_accepts_a_threshold_choice_and_rejects_missing_labels():
         evaluate(y_true, y_prob, patient_ids, labels, {"L0": 0.5, "L1": 0.5}, n_boot=10)
 
 
-# --- patient bootstrap ------------------------------------------------------------------------------
+# --- patient bootstrap ----------------------------------------------------------------------------
 
 
 def test_resamples_hold_every_image_of_each_drawn_patient():
@@ -228,7 +231,7 @@ def test_resamples_with_one_class_are_skipped_and_counted():
     assert 0 < got.n_used < n_boot
 
 
-# --- per-label metrics ------------------------------------------------------------------------------
+# --- per-label metrics ----------------------------------------------------------------------------
 
 
 def test_label_without_positives_has_no_auc_and_stays_out_of_the_macro_mean():
@@ -274,7 +277,7 @@ def test_undefined_rates_are_nan_not_zero():
     assert got["specificity"] == 1.0 and got["npv"] == 1.0
 
 
-# --- calibration ------------------------------------------------------------------------------------
+# --- calibration ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -308,7 +311,7 @@ def test_calibration_bins_match_a_hand_count():
     assert got["ece"] == pytest.approx((2 * 0.4 + 2 * 0.025) / 4)
 
 
-# --- pooled results ---------------------------------------------------------------------------------
+# --- pooled results -------------------------------------------------------------------------------
 
 
 def test_micro_auc_pools_entries_while_macro_averages_labels():
@@ -362,7 +365,7 @@ def test_inputs_that_do_not_fit_are_user_errors(y_true, y_prob, message):
         operating_point_metrics(y_true, y_prob, dict.fromkeys("abc", 0.5), list("abc"))
 
 
-# --- figures ----------------------------------------------------------------------------------------
+# --- figures --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("figure", ["reliability", "roc", "pr"])

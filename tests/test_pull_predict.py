@@ -100,7 +100,7 @@ def sample_images(tmp_path_factory) -> list[Path]:
 def lay_out_sweep(
     storage: Path, checkpoint: Path, final: Path | None, best: str | None = None
 ) -> Path:
-    """`<storage>/pneumo/` as a finished sweep: spec, summary, the best trial's checkpoint, final model."""
+    """`<storage>/pneumo/` as a finished sweep: spec, summary, the best checkpoint, final model."""
     sweep = storage / SWEEP
     best_folder = sweep / TRIAL / CHECKPOINT
     shutil.copytree(checkpoint, best_folder)
@@ -236,7 +236,8 @@ def _deleted_checkpoint(sweep: Path) -> str:
         (
             _missing_state,
             False,
-            r"not a complete checkpoint: missing state.json \(found model.keras, model.keras.sha256\)",
+            r"not a complete checkpoint: missing state.json "
+            r"\(found model.keras, model.keras.sha256\)",
         ),
         (
             _deleted_checkpoint,
@@ -246,7 +247,8 @@ def _deleted_checkpoint(sweep: Path) -> str:
         (
             lambda sweep: SWEEP,
             True,
-            r"no final model yet \(looked in .*/pneumo/final/model\); run `chestxpert final pneumo` first",
+            r"no final model yet \(looked in .*/pneumo/final/model\); "
+            r"run `chestxpert final pneumo` first",
         ),
     ],
     ids=["unknown-sweep", "unfinished", "missing-file", "deleted-checkpoint", "no-final"],

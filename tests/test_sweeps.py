@@ -1,4 +1,4 @@
-"""Sweeps against real services: a multi-node Ray cluster, the S3 test endpoint and an MLflow server."""
+"""Sweeps on real services: a multi-node Ray cluster, the S3 test endpoint and an MLflow server."""
 
 from __future__ import annotations
 
@@ -309,7 +309,8 @@ def _node_of_temp_dir(cluster: RayCluster) -> dict[str, str]:
     """Ray node id -> the temp folder it was started with (which tells our node records apart)."""
     code = (
         "import json, ray; ray.init(logging_level='ERROR', log_to_driver=False);"
-        "print(json.dumps({n['NodeID']: n['ObjectStoreSocketName'] for n in ray.nodes() if n['Alive']}))"
+        "print(json.dumps({n['NodeID']: n['ObjectStoreSocketName'] "
+        "for n in ray.nodes() if n['Alive']}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -390,7 +391,8 @@ def test_a_python_caller_gets_a_token_protected_in_process_ray(tmp_path: Path) -
         "from chestxpert.cluster.ray_driver import connect\n"
         "info = connect(resolve(workspace=sys.argv[1], environ={}))\n"
         "import ray\n"
-        "print(os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN_PATH'], ray.cluster_resources()['CPU'])\n"
+        "print(os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN_PATH'], "
+        "ray.cluster_resources()['CPU'])\n"
         "ray.shutdown()\n"
     )
     env = {

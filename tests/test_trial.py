@@ -1,4 +1,7 @@
-"""The trial loop for real: DenseNet121 for an epoch, resume in a new process, reload predictions, Tune."""
+"""The trial loop for real: DenseNet121 for an epoch, resume in a new process, Tune.
+
+Also a checkpoint reloaded elsewhere predicts the same, and one with stray files is refused.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ def test_densenet121_trains_one_real_epoch(
     ):
         assert np.isfinite(metrics[key]), key
     assert 0.0 <= metrics["val_auc_macro"] <= 1.0
-    # start-up covers building DenseNet121 and its first step (tens of seconds), measured, not a placeholder
+    # start-up covers building DenseNet121 and its first step (tens of seconds), measured, not a
+    # placeholder
     assert metrics["startup_seconds"] > 5.0
     per_label = [
         k
@@ -210,13 +214,15 @@ def test_trainable_runs_as_a_ray_tune_trial(
         "import json, sys\n"
         "from ray import tune\n"
         "from chestxpert.trainable.train import train\n"
-        f"config = {{'dataset': {str(synthetic_dataset.prepared)!r}, 'backbone': 'densenet_tiny', 'epochs': 2,"
+        f"config = {{'dataset': {str(synthetic_dataset.prepared)!r}, "
+        "'backbone': 'densenet_tiny', 'epochs': 2,"
         " 'batch_size': 32}\n"
         "trainable = tune.with_resources(train, {'cpu': 1})\n"
         f"tuner = tune.Tuner(trainable, param_space=config, run_config=tune.RunConfig(name='one', "
         f"storage_path={str(tmp_path / 'storage')!r}, verbose=0))\n"
         "result = tuner.fit().get_best_result(metric='val_auc_macro', mode='max')\n"
-        "print(json.dumps({'epoch': result.metrics['epoch'], 'iters': result.metrics['training_iteration'],"
+        "print(json.dumps({'epoch': result.metrics['epoch'], "
+        "'iters': result.metrics['training_iteration'],"
         " 'checkpoint': result.checkpoint.path, 'error': str(result.error)}))\n"
     )
     env = ray_cluster.client_env()

@@ -1,4 +1,4 @@
-"""The users' whole day on a real multi-node cluster, through the CLI only, and what must never leak.
+"""The users' whole day on a real multi-node cluster through the CLI only, and what must never leak.
 
 Synthetic data → prepare into the S3 bucket → `sweep submit` through the Jobs API
 (trials visible in the dashboard's API while running) → `sweep status` → `final`
