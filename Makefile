@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean clean-workspace
 
 install: $(STAMP)
 
@@ -33,5 +33,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
+# Build and tool caches only: the workspace (.chestxpert: sweeps, the MLflow database,
+# reports, prepared data) is never touched by `clean`.
 clean:
-	rm -rf $(VENV) .chestxpert .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
+
+# Deletes the workspace, after stopping its services. Explicit on purpose:
+# `make clean-workspace CONFIRM=yes`.
+clean-workspace:
+	@if [ "$(CONFIRM)" != "yes" ]; then \
+	  echo "this deletes .chestxpert (sweeps, MLflow runs, reports, prepared data);"; \
+	  echo "run: make clean-workspace CONFIRM=yes"; exit 2; fi
+	@if [ -x $(BIN)/chestxpert ]; then $(BIN)/chestxpert down; fi
+	rm -rf .chestxpert

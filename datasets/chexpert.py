@@ -215,7 +215,14 @@ def _relative_path(text: str, where: str) -> PurePosixPath:
         )
     for index, part in enumerate(parts):
         if part in ("train", "valid", "test"):
-            return PurePosixPath(*parts[index:])
+            parts = parts[index:]
+            break
+    if parts[0] == "/" or ".." in parts:
+        # A label file must not make prepare read (and copy into a dataset) files elsewhere.
+        raise DatasetError(
+            f"{where}: Path {text!r} points outside the dataset folder; expected a path "
+            "below it, e.g. CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg."
+        )
     return PurePosixPath(*parts)
 
 

@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The largest image we decode: far above any radiograph (a 43×43 cm detector at 100 µm is
+# 18 MP) and far below what would exhaust memory. Pillow's own guard stops at 89 MP with a
+# warning and raises only at twice that; a file declaring more than this is refused unread.
+MAX_IMAGE_PIXELS = 50_000_000
+
 # The smallest input any registered backbone accepts (DenseNet121 and MobileNetV3 need 32×32).
 MIN_IMAGE_SIZE = 32
 
@@ -82,6 +87,11 @@ def resize_uint8(images, size: int):
 def load_gray_square(path: str | Path, size: int) -> tuple[np.ndarray, Placement]:
     """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) as a `size`×`size` uint8 array."""
     with Image.open(path) as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"it declares {image.width}×{image.height} pixels, over the "
+                f"{MAX_IMAGE_PIXELS:,}-pixel limit for one radiograph (not decoded)"
+            )
         image.load()
         gray = to_gray_uint8(image)
     return square_resize(gray, size)

@@ -15,13 +15,29 @@ import numpy as np
 from PIL import Image
 
 from chestxpert.cluster.errors import UserError
-from chestxpert.datasets.images import load_gray_square, square_resize, to_gray_uint8
+from chestxpert.datasets.images import (
+    MAX_IMAGE_PIXELS,
+    load_gray_square,
+    square_resize,
+    to_gray_uint8,
+)
 from chestxpert.results.evaluate import DEFAULT_THRESHOLD
 from chestxpert.trainable.checkpoint import STATE_FILE, CheckpointError, read_state
 
 DEFAULT_THRESHOLD_SOURCE = "default 0.5 (trial checkpoint has no thresholds; run chestxpert final)"
 FINAL_THRESHOLD_SOURCE = "chosen on the validation split (final model)"
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# Photometric interpretations predict converts to gray; anything else is refused by name.
+DICOM_PHOTOMETRICS = (
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_ICT",
+    "YBR_RCT",
+    "PALETTE COLOR",
+)
 PREDICT_BATCH = 32  # images per forward pass: bounds activation memory, not the number of images
 
 
@@ -114,7 +130,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
         return _read_dicom(path, size)
     try:
         gray, _ = load_gray_square(path, size)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise PredictError(
             f"cannot read image {path}: {err}. Expected PNG or JPEG (8/16-bit, gray/RGB/RGBA) "
             f"or DICOM (.dcm)"
@@ -248,26 +264,47 @@ def _has_dicom_preamble(path: Path) -> bool:
 def _read_dicom(path: Path, size: int) -> np.ndarray:
     try:
         import pydicom
+        from pydicom import pixels as dicom_pixels
     except ImportError:
         raise PredictError(
-            f"{path} is a DICOM file; reading DICOM needs pydicom: pip install pydicom"
+            f"{path} is a DICOM file; reading DICOM needs pydicom: pip install 'chestxpert[dicom]'"
         ) from None
     try:
-        dataset = pydicom.dcmread(path)
-        pixels = np.asarray(dataset.pixel_array, dtype=np.float32)
-    except Exception as err:  # pydicom raises many types (invalid file, no pixel data handler…)
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as err:  # pydicom raises many types (invalid file, truncated header…)
         raise PredictError(f"cannot read DICOM image {path}: {err}") from None
-    if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if rows * columns * frames > MAX_IMAGE_PIXELS:
+        raise PredictError(
+            f"{path} declares {frames} × {rows}×{columns} pixels, over the "
+            f"{MAX_IMAGE_PIXELS:,}-pixel limit for one radiograph; nothing was decoded"
+        )
+    if frames > 1:
+        raise PredictError(f"{path} holds {frames} frames; predict takes single-frame radiographs")
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip()
+    if photometric not in DICOM_PHOTOMETRICS:
+        raise PredictError(
+            f"{path} has photometric interpretation {photometric or '(none)'}; predict reads "
+            f"{', '.join(DICOM_PHOTOMETRICS)}. Convert it to MONOCHROME2 first"
+        )
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array  # YBR_FULL(_422) arrive as RGB
+        if photometric == "PALETTE COLOR":
+            pixels = dicom_pixels.apply_color_lut(pixels, dataset)
+        elif photometric.startswith("MONOCHROME"):
+            # Modality LUT (rescale slope/intercept) then the VOI LUT or window the film was
+            # meant to be read with: the raw detector range is not what a reader sees.
+            pixels = dicom_pixels.apply_modality_lut(pixels, dataset)
+            pixels = dicom_pixels.apply_voi_lut(pixels, dataset)
+        pixels = np.asarray(pixels, dtype=np.float32)
+    except Exception as err:  # no pixel data, no decoder for its transfer syntax, bad LUT…
+        raise PredictError(f"cannot decode the pixels of DICOM image {path}: {err}") from None
+    if pixels.ndim == 3:
         # Colour DICOM: the luminance formula PIL's convert("L") uses for RGB PNGs.
         pixels = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    if pixels.ndim != 2:
-        raise PredictError(
-            f"{path} holds {pixels.shape[0]} frames; predict takes single-frame radiographs"
-        )
-    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    pixels = pixels * slope + intercept
-    if str(getattr(dataset, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         # MONOCHROME1 shows low values white; training images show them black.
         pixels = pixels.max() + pixels.min() - pixels
     gray = to_gray_uint8(Image.fromarray(pixels.astype(np.float32)))

@@ -33,7 +33,7 @@ Scalar = str | bool | int | float | None
 
 
 class _Dimension(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class LogUniform(_Dimension):

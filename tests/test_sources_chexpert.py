@@ -176,3 +176,29 @@ def test_chexpert_same_image_twice(tmp_path: Path) -> None:
         "train/patient00001/study1/view1_frontal.jpg is listed again (first on train.csv line 2)"
         in message
     )
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "CheXpert-v1.0-small/train/../../../../etc/patient00001/study1/view1_frontal.jpg",
+        "/etc/patient00001/study1/view1_frontal.jpg",
+        "CheXpert-v1.0-small/valid/patient00001/../../../../secret/patient9/view1_frontal.jpg",
+    ],
+    ids=["dot-dot", "absolute", "dot-dot-after-the-split-folder"],
+)
+def test_chexpert_path_outside_the_dataset_folder_is_refused(tmp_path: Path, escape: str) -> None:
+    """A label file naming files elsewhere would copy them into a dataset (and its bucket)."""
+    root = copy_fixture(CHEXPERT, tmp_path)
+    train_csv = root / "CheXpert-v1.0-small" / "train.csv"
+
+    def point_outside(lines: list[str]) -> list[str]:
+        values = lines[1].split(",")
+        values[0] = escape
+        return [lines[0], ",".join(values), *lines[2:]]
+
+    edit_lines(train_csv, point_outside)
+    with pytest.raises(DatasetError) as raised:
+        read_chexpert(root)
+    message = str(raised.value)
+    assert f"{train_csv} line 2: Path '{escape}' points outside the dataset folder" in message

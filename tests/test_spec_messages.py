@@ -241,3 +241,41 @@ def test_a_recorded_spec_is_validated_with_the_same_messages() -> None:
 def test_spec_errors_are_user_errors() -> None:
     # the CLI prints a UserError as its message, without a traceback
     assert issubclass(SpecError, UserError) and issubclass(SpecError, ValueError)
+
+
+# --- values no sweep can run with, and documents no spec needs ------------------------------
+
+
+def test_nan_and_infinite_numbers_are_refused_where_they_stand() -> None:
+    problems = problems_of(
+        HEADER
+        + "  learning_rate: .nan\n"
+        + "space:\n  weight_decay: {type: loguniform, low: .nan, high: 1.0e-3}\n"
+        + "search:\n  time_budget_s: .inf\n"
+    )
+    assert problems == [
+        "sweep.yaml line 5: trial.learning_rate: learning_rate must be a finite number, got nan",
+        "sweep.yaml line 7: space.weight_decay.low must be a finite number (got nan)",
+        "sweep.yaml line 9: search.time_budget_s must be a finite number (got inf)",
+    ]
+
+
+def test_an_alias_bomb_is_refused_before_it_expands() -> None:
+    """Nine aliases of nine aliases, twelve deep, would expand to 9**12 values."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 12)]
+    with pytest.raises(SpecError) as raised:
+        parse_spec(HEADER + "\n".join(lines) + "\n", source="sweep.yaml")
+    assert str(raised.value).startswith(
+        "sweep.yaml: the YAML expands to more than 10,000 values through anchors and aliases"
+    )
+
+
+def test_an_anchor_used_a_few_times_is_fine() -> None:
+    spec = parse_spec(
+        HEADER + "  dropout: &low 0.001\nsearch:\n  points_to_evaluate:\n"
+        "    - {learning_rate: *low}\nspace:\n"
+        "  learning_rate: {type: loguniform, low: *low, high: 1.0e-2}\n"
+    )
+    assert spec.search.points_to_evaluate == [{"learning_rate": 0.001}]
+    assert spec.trial["dropout"] == 0.001

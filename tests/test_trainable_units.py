@@ -167,3 +167,10 @@ def test_optimizers_and_schedules_build(optimizer: str, schedule: str) -> None:
         assert float(schedule_fn(40)) == pytest.approx(0.0, abs=1e-6)  # decayed by the last step
     else:
         assert float(opt.learning_rate) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", ["learning_rate", "weight_decay", "dropout", "warmup_epochs"])
+def test_a_trial_config_refuses_numbers_that_are_not_finite(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"^trial config: {key} must be a finite number"):
+        TrialConfig.from_dict({"dataset": "s3://b/p", key: value})

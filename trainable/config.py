@@ -7,6 +7,7 @@ never reads the spec itself.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -77,6 +78,10 @@ class TrialConfig:
 
     def check(self, where: str = "trial config") -> None:
         """Refuse values no trial can run with, naming the key and the allowed range."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}: {item.name} must be a finite number, got {value}")
         choices = {
             "optimizer": ("adam", "adamw", "sgd"),
             "lr_schedule": ("constant", "cosine", "plateau"),

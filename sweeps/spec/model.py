@@ -52,7 +52,7 @@ _DIMENSION: TypeAdapter[Any] = TypeAdapter(Dimension)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class MlflowSettings(_Section):

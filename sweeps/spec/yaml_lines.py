@@ -13,6 +13,9 @@ from chestxpert.sweeps.spec.messages import SpecError
 
 # Key path in the YAML (mapping keys and list indexes) -> its 1-based line.
 Lines = dict[tuple[Any, ...], int]
+# A real spec holds a few hundred values. Anchors and aliases nested in each other (the
+# "billion laughs" document) expand exponentially: past this many values it is refused.
+MAX_SPEC_VALUES = 10_000
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -35,6 +38,7 @@ def compose(text: str, source: str) -> tuple[Any, Lines, list[tuple[int, str]]]:
     loader = _SpecLoader(text)
     try:
         node = loader.get_single_node()
+        _refuse_expansion_bombs(node, source)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -68,6 +72,24 @@ def compose(text: str, source: str) -> tuple[Any, Lines, list[tuple[int, str]]]:
 
     walk(node, ())
     return data, lines, duplicates
+
+
+def _refuse_expansion_bombs(node: yaml.Node | None, source: str) -> None:
+    """Count the values `node` expands to, aliases included, and stop early past the cap."""
+    pending, seen = [node], 0
+    while pending:
+        current = pending.pop()
+        seen += 1
+        if seen > MAX_SPEC_VALUES:
+            raise SpecError(
+                f"{source}: the YAML expands to more than {MAX_SPEC_VALUES:,} values through "
+                "anchors and aliases nested in each other; a sweep spec needs a few hundred at "
+                "most: write the values out"
+            )
+        if isinstance(current, yaml.MappingNode):
+            pending += [value for pair in current.value for value in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            pending += current.value
 
 
 def line_of(path: tuple[Any, ...], lines: Lines) -> int | None:
