@@ -159,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEMO_IMAGE_SIZE,
         help=f"prepared image side in pixels (default {DEMO_IMAGE_SIZE})",
     )
-    demo_parser.add_argument("--stop", action="store_true", help="stop the services at the end")
+    demo_parser.add_argument(
+        "--stop",
+        action="store_true",
+        help="at the end, stop the services this demo started (a stack already up stays up)",
+    )
     demo_parser.set_defaults(func=cmd_demo)
 
     from chestxpert.datasets.cli import register as register_datasets

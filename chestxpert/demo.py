@@ -42,7 +42,7 @@ def run_demo(
     from chestxpert.sweeps.spec import load_spec
 
     started = time.monotonic()
-    state = up(opts)
+    state, started = up(opts)
     try:
         ws = opts.workspace
         raw, prepared = (
@@ -116,5 +116,5 @@ def run_demo(
             print("  stop services   .venv/bin/chestxpert down")
         return summary
     finally:
-        if stop:
-            down(opts.workspace)
+        if stop:  # only what this demo started: a stack the user had running stays up
+            down(opts.workspace, only=started)

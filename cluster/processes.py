@@ -1,7 +1,8 @@
 """Start service processes in their own session and stop exactly those, by session.
 
 Every process we start leads a new session (so its session id is its pid); we
-record the pid and its kernel start time, and only ever signal that session.
+record the pid and its start time, and only ever signal that session. Process
+bookkeeping goes through psutil, so it works wherever psutil does (Linux, macOS).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import psutil
+
 from chestxpert.cluster.errors import UserError
 
 
@@ -23,23 +26,29 @@ class ServiceError(UserError, RuntimeError):
     """A service could not be started or stopped; the message says what to do."""
 
 
-def process_start_time(pid: int) -> int | None:
-    """Return the kernel start time (clock ticks since boot) of `pid`, or None if it is gone."""
+def process_start_time(pid: int) -> float | None:
+    """When `pid` started (seconds since the epoch, as psutil reports it), or None if gone.
+
+    Recorded with every pid we start: a pid the kernel has reused has another start time.
+    """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    # The command name may hold spaces; fields after it are space-separated.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
-def is_ours(pid: int, start_time: int | None) -> bool:
+def is_ours(pid: int, start_time: float | None) -> bool:
     """True when `pid` is alive and is the very process we started (not a reused pid)."""
     current = process_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
+    return current is not None and (start_time is None or _same_start(current, start_time))
+
+
+def _same_start(current: float, recorded: float) -> bool:
+    # psutil derives the start time from boot time + ticks: equal within a tick or two.
+    return abs(current - float(recorded)) < 0.05
 
 
 def session_members(sid: int) -> list[int]:
@@ -49,17 +58,24 @@ def session_members(sid: int) -> list[int]:
     session, not the group, is what holds everything a service started.
     """
     members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter(["status"]):
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) == sid:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            members.append(int(entry.name))
     return members
+
+
+def boot_id() -> str:
+    """An identifier of this boot of the machine: records from another boot name dead pids.
+
+    Linux's own boot id where there is one, else the boot time (macOS and others).
+    """
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return f"boot-{psutil.boot_time():.0f}"
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -168,7 +184,7 @@ def _signal_session(sid: int, signum: int) -> None:
             pass
 
 
-def stop_group(pid: int, start_time: int | None, timeout_s: float = 30.0) -> bool:
+def stop_group(pid: int, start_time: float | None, timeout_s: float = 30.0) -> bool:
     """Stop the session that `pid` leads: SIGTERM to all of it, then SIGKILL after `timeout_s`.
 
     Returns True when something of ours was signalled. If `pid` now belongs to
@@ -176,7 +192,11 @@ def stop_group(pid: int, start_time: int | None, timeout_s: float = 30.0) -> boo
     """
     _reap(pid)
     leader_now = process_start_time(pid)
-    if leader_now is not None and start_time is not None and leader_now != start_time:
+    if (
+        leader_now is not None
+        and start_time is not None
+        and not _same_start(leader_now, start_time)
+    ):
         return False
     if not session_members(pid):
         return False

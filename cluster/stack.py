@@ -12,6 +12,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import requests
 from chestxpert.cluster.endpoints import LOCAL_S3_KEY, normalize_storage_uri
 from chestxpert.cluster.processes import (
     ServiceError,
+    boot_id,
     free_port,
     is_ours,
     port_in_use,
@@ -37,6 +39,7 @@ LOCAL_BUCKET = "chestxpert"
 # bytes; Ray adds about 65 characters (session_<timestamp>_<pid>/sockets/...).
 RAY_TEMP_DIR_MAX = 40
 SERVICE_ORDER = ("ray", "mlflow", "s3")
+OnSpawn = Callable[[dict[str, Any]], None]  # called with a service's record once it exists
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def start_ray_node(
     host: str = LOOPBACK,
     object_store_memory: int | None = None,
     extra_env: dict[str, str] | None = None,
+    on_spawn: OnSpawn | None = None,
 ) -> dict[str, Any]:
     """Start one Ray node (`ray start --block`) in its own session and return its record.
 
@@ -160,7 +164,10 @@ def start_ray_node(
         assert join_address is not None
         cmd.append(f"--address={join_address}")
     proc = spawn(cmd, log_path, env={**ray_node_env(token_path, temp_dir), **(extra_env or {})})
-    return {"pid": proc.pid, "start_time": process_start_time(proc.pid), "log": str(log_path)}
+    record = {"pid": proc.pid, "start_time": process_start_time(proc.pid), "log": str(log_path)}
+    if on_spawn is not None:
+        on_spawn(record)
+    return record
 
 
 def ray_client_check(address: str, token_path: Path, timeout_s: float = 60.0) -> dict[str, float]:
@@ -220,12 +227,29 @@ def _check_ports(opts: StackOptions, wanted: list[str]) -> None:
                 )
 
 
-def start_ray_head(opts: StackOptions, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Start the Ray head (GCS, dashboard, token auth) and wait until a client connects."""
+def start_ray_head(
+    opts: StackOptions,
+    extra_env: dict[str, str] | None = None,
+    on_spawn: OnSpawn | None = None,
+) -> dict[str, Any]:
+    """Start the Ray head (GCS, dashboard, token auth) and wait until a client connects.
+
+    `on_spawn` gets the record (pid, start time, log, URLs) as soon as the process exists,
+    before it is healthy, so a caller killed while waiting has recorded what to stop.
+    """
     ws = opts.workspace
     token_path = ensure_ray_token(ws)
     temp_dir = ray_temp_dir(ws)
     log_path = ws / "logs" / "ray-head.log"
+    address = f"{opts.host}:{opts.ray_port}"
+    dashboard = f"http://{opts.host}:{opts.dashboard_port}"
+    urls = {
+        "address": address,
+        "dashboard_url": dashboard,
+        "url": dashboard,
+        "auth_token_path": str(token_path),
+        "temp_dir": str(temp_dir),
+    }
     record = start_ray_node(
         log_path=log_path,
         token_path=token_path,
@@ -237,16 +261,9 @@ def start_ray_head(opts: StackOptions, extra_env: dict[str, str] | None = None) 
         host=opts.host,
         object_store_memory=opts.object_store_memory,
         extra_env=extra_env,
+        on_spawn=None if on_spawn is None else lambda started: on_spawn({**started, **urls}),
     )
-    address = f"{opts.host}:{opts.ray_port}"
-    dashboard = f"http://{opts.host}:{opts.dashboard_port}"
-    record.update(
-        address=address,
-        dashboard_url=dashboard,
-        url=dashboard,
-        auth_token_path=str(token_path),
-        temp_dir=str(temp_dir),
-    )
+    record.update(urls)
     wait_until(
         "Ray dashboard",
         lambda: _http_ok(f"{dashboard}/api/gcs_healthz", "success"),
@@ -264,7 +281,11 @@ def start_ray_head(opts: StackOptions, extra_env: dict[str, str] | None = None) 
 
 
 def start_mlflow(
-    opts: StackOptions, storage_uri: str, s3_url: str | None = None, job_runner: bool = False
+    opts: StackOptions,
+    storage_uri: str,
+    s3_url: str | None = None,
+    job_runner: bool = False,
+    on_spawn: OnSpawn | None = None,
 ) -> dict[str, Any]:
     """Start an MLflow server (SQLite store in the workspace, artifacts under `storage_uri`).
 
@@ -304,13 +325,15 @@ def start_mlflow(
         "log": str(log_path),
         "url": url,
     }
+    if on_spawn is not None:
+        on_spawn(record)
     wait_until(
         "MLflow server", lambda: _http_ok(f"{url}/health"), proc.pid, log_path, opts.timeout_s
     )
     return record
 
 
-def start_s3(opts: StackOptions) -> dict[str, Any]:
+def start_s3(opts: StackOptions, on_spawn: OnSpawn | None = None) -> dict[str, Any]:
     """Start moto's S3-compatible server and create the `chestxpert` bucket.
 
     The server keeps everything in memory: it is for trials only.
@@ -325,6 +348,8 @@ def start_s3(opts: StackOptions) -> dict[str, Any]:
         "log": str(log_path),
         "url": url,
     }
+    if on_spawn is not None:
+        on_spawn(record)
     wait_until(
         "S3 endpoint", lambda: _http_ok(f"{url}/moto-api/"), proc.pid, log_path, opts.timeout_s
     )
@@ -346,15 +371,38 @@ def service_alive(record: dict[str, Any]) -> bool:
     return is_ours(record["pid"], record.get("start_time"))
 
 
-def up(opts: StackOptions) -> dict[str, Any]:
-    """Start the services that are not running yet and return the workspace state.
+def recorded_services(workspace: Path) -> dict[str, Any]:
+    """The state `up` recorded in `workspace`, minus records from another boot of the machine.
 
-    Idempotent: services recorded and alive are reported, not restarted. On a
-    start-up failure, what this call started is stopped again.
+    After a reboot (or a record written by an older ChestXpert, which kept no boot id) the
+    recorded pids may belong to anyone: such records are dropped and never signalled.
+    """
+    state = read_state(workspace)
+    names = [name for name in SERVICE_ORDER if name in state]
+    if names and state.get("boot_id") != boot_id():
+        pids = ", ".join(f"{name} pid {state[name]['pid']}" for name in names)
+        _say(
+            f"forgetting services recorded in {workspace / 'services.json'} before this machine "
+            f"last started ({pids}): those processes are gone, and nothing was signalled"
+        )
+        for name in names:
+            del state[name]
+        write_state(workspace, state)
+    return state
+
+
+def up(opts: StackOptions) -> tuple[dict[str, Any], list[str]]:
+    """Start the services that are not running yet; return the workspace state and the names
+    of the services this call started.
+
+    Idempotent: services recorded and alive are reported, not restarted. Each service is
+    recorded as soon as its process exists, so `down` can stop it even if this call is
+    killed while waiting for it. On a start-up failure, what this call started is stopped.
     """
     ws = opts.workspace
     ws.mkdir(parents=True, exist_ok=True)
-    state = read_state(ws)
+    state = recorded_services(ws)
+    state["boot_id"] = boot_id()
     running = [name for name in SERVICE_ORDER if name in state and service_alive(state[name])]
     for name in SERVICE_ORDER:
         if name in state and name not in running:
@@ -370,12 +418,20 @@ def up(opts: StackOptions) -> dict[str, Any]:
     wanted = [n for n in SERVICE_ORDER if n not in running and (n != "s3" or opts.s3)]
     _check_ports(opts, wanted)
 
-    started: list[str] = []
+    spawned: list[str] = []
+
+    def record(name: str) -> OnSpawn:
+        def on_spawn(started: dict[str, Any]) -> None:
+            state[name] = started
+            spawned.append(name)
+            write_state(ws, state)
+
+        return on_spawn
+
     try:
         if "s3" in wanted:
             _say(f"starting S3 endpoint on {opts.host}:{opts.s3_port} (moto, in memory) ...")
-            state["s3"] = start_s3(opts)
-            started.append("s3")
+            state["s3"] = start_s3(opts, on_spawn=record("s3"))
             _say(f"s3      ready  {state['s3']['url']}  bucket s3://{LOCAL_BUCKET}")
         if "storage_uri" not in state or not running:
             default_storage = f"s3://{LOCAL_BUCKET}" if opts.s3 else str(ws / "storage")
@@ -385,8 +441,7 @@ def up(opts: StackOptions) -> dict[str, Any]:
                 f"starting Ray head on {opts.host}:{opts.ray_port} "
                 f"(dashboard port {opts.dashboard_port}) ..."
             )
-            state["ray"] = start_ray_head(opts)
-            started.append("ray")
+            state["ray"] = start_ray_head(opts, on_spawn=record("ray"))
             _say(
                 f"ray     ready  {state['ray']['address']}  "
                 f"dashboard {state['ray']['dashboard_url']}"
@@ -396,11 +451,12 @@ def up(opts: StackOptions) -> dict[str, Any]:
             s3_url = (
                 state.get("s3", {}).get("url") if state["storage_uri"].startswith("s3://") else None
             )
-            state["mlflow"] = start_mlflow(opts, state["storage_uri"], s3_url)
-            started.append("mlflow")
+            state["mlflow"] = start_mlflow(
+                opts, state["storage_uri"], s3_url, on_spawn=record("mlflow")
+            )
             _say(f"mlflow  ready  {state['mlflow']['url']}")
     except BaseException:
-        for name in reversed(started):
+        for name in reversed(spawned):
             stop_group(state[name]["pid"], state[name].get("start_time"))
             del state[name]
         if any(name in state for name in SERVICE_ORDER):
@@ -412,12 +468,12 @@ def up(opts: StackOptions) -> dict[str, Any]:
     write_state(ws, state)
     _say(f"storage {state['storage_uri']}")
     _say(f"state   {ws / 'services.json'}  (Ray token: {state['ray']['auth_token_path']})")
-    return state
+    return state, spawned
 
 
 def health(workspace: Path) -> list[dict[str, Any]]:
     """One row per recorded service: name, URL, whether its process lives and whether it answers."""
-    state = read_state(workspace)
+    state = recorded_services(workspace)
     rows = []
     for name in SERVICE_ORDER:
         if name not in state:
@@ -456,22 +512,24 @@ def health(workspace: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def down(workspace: Path) -> list[str]:
-    """Stop the services `up` recorded in this workspace, by process group, and forget them.
+def down(workspace: Path, only: Iterable[str] | None = None) -> list[str]:
+    """Stop the services `up` recorded in this workspace, by session, and forget them.
 
-    Returns the names of the services that were stopped. Processes not started
-    by `up` are never signalled.
+    `only` limits it to those service names (what one `up` call started, for `demo --stop`).
+    Returns the names of the services that were stopped. Processes not started by `up` are
+    never signalled, nor are records from before the machine last started.
     """
-    state = read_state(workspace)
+    state = recorded_services(workspace)
     stopped = []
     for name in reversed(SERVICE_ORDER):
         record = state.get(name)
-        if record is None:
+        if record is None or (only is not None and name not in only):
             continue
         _say(f"stopping {name} (session {record['pid']}) ...")
         if stop_group(record["pid"], record.get("start_time")):
             stopped.append(name)
         del state[name]
         write_state(workspace, state)
-    (workspace / "services.json").unlink(missing_ok=True)
+    if not any(name in state for name in SERVICE_ORDER):
+        (workspace / "services.json").unlink(missing_ok=True)
     return stopped

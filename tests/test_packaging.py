@@ -5,6 +5,7 @@ fresh virtualenv next to Hugging Face `datasets`, and run from outside the repos
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +37,14 @@ def test_every_package_folder_is_in_the_wheel_under_chestxpert() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built from a copy of the sources (a build writes `build/` beside them)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE.md"):
+        shutil.copy2(REPO / name, source / name)
+    for folder in SETUPTOOLS["package-dir"].values():
+        shutil.copytree(
+            REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
         [
@@ -48,7 +57,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(REPO),
+            str(source),
         ],
         capture_output=True,
         text=True,
