@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import CHESTXPERT_CLI, REPO
 
@@ -51,6 +52,13 @@ def test_dataset_and_training_blocks_run_verbatim(tmp_path: Path) -> None:
     for command in commands(data_block) + commands(train_block):
         run(command, tmp_path)
     assert (tmp_path / "data" / "prepared-64" / "manifest.json").exists()
+    # the sweep example trains on what the Datasets steps made
+    from chestxpert.sweeps.spec import load_spec
+
+    demo_dataset = load_spec(REPO / "sweeps" / "examples" / "demo-cpu.yaml").dataset
+    assert (tmp_path / "data" / "prepared-128" / "manifest.json").exists()
+    relative = yaml.safe_load((REPO / "sweeps/examples/demo-cpu.yaml").read_text())["dataset"]
+    assert relative == "data/prepared-128" and demo_dataset.endswith("/data/prepared-128")
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
     assert checkpoints[-1] == "checkpoint_0008", checkpoints
 

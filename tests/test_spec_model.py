@@ -76,7 +76,7 @@ def test_the_cpu_demo_is_sized_for_two_cores(monkeypatch, tmp_path: Path) -> Non
     spec = load_spec(EXAMPLES[0].parent / "demo-cpu.yaml")
     # a relative dataset becomes a file:// URI, absolute against the directory the spec is
     # read in, because trials run in other working directories
-    assert spec.dataset == (tmp_path / ".chestxpert" / "data" / "synth-128").as_uri()
+    assert spec.dataset == (tmp_path / "data" / "prepared-128").as_uri()
     assert spec.trial == {
         "backbone": "densenet121",
         "image_size": 128,
