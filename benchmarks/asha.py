@@ -125,10 +125,12 @@ def run(smoke: bool = False) -> None:
         endpoints = resolve(workspace=work / "ws", environ={})
         manifest = prepare(str(work / "raw"), str(work / "prepared"), opts, endpoints)
         splits = manifest["splits"]
+        rungs = ", ".join(f"{key} {value}" for key, value in asha.items() if key != "type")
         print(
             f"  {size.images} images at {side} px ({splits['train']['images']} train, "
             f"{splits['val']['images']} val), {size.trials} trials x up to {size.epochs} "
-            f"epochs, 1 CPU per trial, 2 at a time; (a) optuna + {asha}, (b) random, no scheduler",
+            f"epochs, 1 CPU per trial, 2 at a time; (a) optuna + ASHA ({rungs}), (b) random, "
+            "no scheduler",
             flush=True,
         )
         dataset = str(work / "prepared")
