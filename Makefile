@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/chestxpert demo
 
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

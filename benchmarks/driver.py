@@ -1,0 +1,189 @@
+"""Instant trials on an in-process Ray: the sweep driver with NestedMlflowCallback logging to an
+MLflow server versus without; trials per minute and driver CPU per report.
+
+Trials do no work, so every cost between two reports is Tune's and the callbacks';
+the MLflow server's own CPU is measured beside the driver's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import run_child, scratch_dir, services
+from chestxpert.cluster.processes import free_port, session_members
+from chestxpert.cluster.stack import StackOptions, start_mlflow
+
+
+@dataclass(frozen=True)
+class Size:
+    trials: int
+    reports: int  # per trial
+    warmup: int  # trials run first and not measured: Ray's worker pool, the trials' imports
+
+
+FULL = Size(trials=200, reports=10, warmup=4)
+SMOKE = Size(trials=2, reports=2, warmup=1)
+TRIAL_CPUS = 1  # as a sweep's `resources.cpus` default: 2 trials at a time on 2 cores
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """User plus system CPU seconds of every live process in session `sid`."""
+    ticks = 0
+    for pid in session_members(sid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child (the driver): an in-process Ray with token auth; the warm-up, then instant trials
+    without and with NestedMlflowCallback."""
+    import resource
+
+    from chestxpert.cluster.endpoints import apply_client_environment, resolve
+    from chestxpert.cluster.stack import ensure_ray_token, ray_temp_dir
+
+    ws = Path(spec["workspace"])
+    url = spec["mlflow_url"]
+    endpoints = resolve(workspace=ws, mlflow_tracking_uri=url, environ={})
+    apply_client_environment(endpoints)  # RAY_AUTH_MODE=token, as connect() sets it
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(ensure_ray_token(ws))  # before Ray is imported
+    import ray
+    from ray import tune
+
+    from chestxpert.sweeps.tracking import NestedMlflowCallback, _client, parent_run
+
+    ray.init(
+        include_dashboard=False,
+        logging_level="WARNING",
+        configure_logging=False,
+        _temp_dir=str(ray_temp_dir(ws)),
+        log_to_driver=False,
+    )
+    reports = spec["reports"]
+
+    def instant(config):
+        for step in range(reports):
+            tune.report({"epoch": step + 1, "val_auc_macro": config["x"] * (step + 1) / reports})
+
+    class Count(tune.Callback):
+        """On both sides: the results the driver handled, and trials that errored."""
+
+        def __init__(self) -> None:
+            self.results = self.errors = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.results += 1
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.errors += 1
+
+    def fit(name: str, trials: int, mlflow: bool) -> dict[str, Any]:
+        count = Count()
+        callbacks: list = [count]
+        if mlflow:
+            parent = parent_run(url, "bench-driver", name, {"trials": trials}, {})
+            callbacks.append(NestedMlflowCallback(url, "bench-driver", name, parent, reports))
+        tuner = tune.Tuner(
+            tune.with_resources(instant, {"cpu": spec["cpus"]}),
+            param_space={"x": tune.uniform(0.5, 1.0)},
+            tune_config=tune.TuneConfig(num_samples=trials, metric="val_auc_macro", mode="max"),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(ws / "storage"), callbacks=callbacks, verbose=0
+            ),
+        )
+        server = session_cpu_seconds(spec["mlflow_pid"])
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.monotonic()
+        tuner.fit()
+        seconds = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+        row = {
+            "seconds": seconds,
+            "cpu": cpu,
+            "server_cpu": session_cpu_seconds(spec["mlflow_pid"]) - server,
+            "results": count.results,
+            "errors": count.errors,
+            "trials": trials,
+        }
+        if mlflow:
+            client = _client(url)
+            experiment = client.get_experiment_by_name("bench-driver").experiment_id
+            runs = client.search_runs(
+                [experiment],
+                f"tags.`chestxpert.sweep` = '{name}' and tags.`chestxpert.role` = 'trial'",
+                max_results=1000,
+            )
+            row["mlflow_runs"] = len(runs)
+            row["mlflow_values"] = sum(
+                len(client.get_metric_history(run.info.run_id, "val_auc_macro")) for run in runs
+            )
+            row["pending"] = len(callbacks[1].pending)
+        return row
+
+    fit("warmup", spec["warmup"], mlflow=False)
+    out = {"without": fit("without", spec["trials"], mlflow=False)}
+    out["with"] = fit("with", spec["trials"], mlflow=True)
+    ray.shutdown()
+    return out
+
+
+def run(smoke: bool = False) -> None:
+    size = SMOKE if smoke else FULL
+    with scratch_dir() as ws, services() as records:
+        mlflow_options = StackOptions(workspace=ws / "mlflow", mlflow_port=free_port())
+        mlflow = start_mlflow(mlflow_options, (ws / "mlflow" / "s").as_uri())
+        records.append(mlflow)
+        spec = {
+            "workspace": str(ws),
+            "mlflow_url": mlflow["url"],
+            "mlflow_pid": mlflow["pid"],
+            "trials": size.trials,
+            "reports": size.reports,
+            "cpus": TRIAL_CPUS,
+            "warmup": size.warmup,
+        }
+        print(
+            f"  {size.trials} trials x {size.reports} reports, {TRIAL_CPUS} CPU per trial "
+            f"(Tune's default: a new actor per trial), MLflow server at {mlflow['url']} "
+            f"(SQLite, 2 workers); {size.warmup} warm-up trials first; 'without' runs first",
+            flush=True,
+        )
+        result = run_child(driver_fits, spec, timeout=3 * 3600)
+    report(result)
+
+
+def report(result: dict[str, Any]) -> None:
+    """Print each side's rate and CPU per report, what reached MLflow, and the ratios."""
+    rates = {}
+    for label in ("without", "with"):
+        side = result[label]
+        per_minute = side["trials"] / side["seconds"] * 60
+        per_report = side["cpu"] / max(side["results"], 1)
+        rates[label] = (per_minute, per_report)
+        extra = (
+            f"; MLflow holds {side['mlflow_runs']} trial runs, {side['mlflow_values']} "
+            f"val_auc_macro values, {side['pending']} calls still queued"
+            if label == "with"
+            else ""
+        )
+        print(
+            f"  {label + ' callback':16s} {side['seconds']:6.1f} s  {per_minute:6.1f} trials/min"
+            f"  driver CPU {side['cpu']:6.1f} s = {per_report * 1000:5.1f} ms/report "
+            f"({side['results']} reports, {side['errors']} errored)  MLflow server CPU "
+            f"{side['server_cpu']:5.1f} s{extra}"
+        )
+    (rate_without, cpu_without), (rate_with, cpu_with) = rates["without"], rates["with"]
+    print(
+        f"  ratio with/without: trials/min {rate_with / rate_without:.2f}x, driver CPU per "
+        f"report {cpu_with / cpu_without:.2f}x (+{(cpu_with - cpu_without) * 1000:.1f} ms per "
+        "report for MLflow)"
+    )
