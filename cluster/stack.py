@@ -113,7 +113,7 @@ def ray_node_env(token_path: Path, temp_dir: Path) -> dict[str, str]:
         # Draining exists for Ray Serve upgrades; our nodes stop in seconds without it.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
         # Ray runs its workers at nice 15, so every burst of its own daemons preempts a
-        # trial; on 2 cores that made epochs 13-15% slower (python -m tests.bench tune_trial).
+        # trial; on 2 cores that made epochs 13-15% slower (python -m benchmarks tune_trial).
         "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
     }
 
