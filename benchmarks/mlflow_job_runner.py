@@ -33,7 +33,8 @@ def run(smoke: bool = False) -> None:
     for label, job_runner in SIDES:
         with scratch_dir() as ws, services() as records:
             started = time.monotonic()
-            opts = StackOptions(workspace=ws, mlflow_port=free_port())
+            # generous: with its job runner on, MLflow starts 8 processes (slow on a busy box)
+            opts = StackOptions(workspace=ws, mlflow_port=free_port(), timeout_s=300)
             records.append(start_mlflow(opts, (ws / "s").as_uri(), job_runner=job_runner))
             seconds = time.monotonic() - started
             time.sleep(settle_seconds)

@@ -147,7 +147,8 @@ def wait_until(
     log_path: Path,
     timeout_s: float,
 ) -> None:
-    """Poll `check` until true; fail with the log tail if the process dies or time runs out."""
+    """Poll `check` until true; fail with the log tail if the process dies or time runs out
+    (then its session is stopped: the caller never got a record to stop it by)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _reap(leader_pid)
@@ -161,9 +162,11 @@ def wait_until(
         except Exception:  # a service that is still starting refuses connections
             pass
         time.sleep(0.5)
+    # Not left running for nobody to stop: the caller never got its record.
+    stop_group(leader_pid, None)
     raise ServiceError(
-        f"{name} did not become healthy within {timeout_s:.0f} s. Last lines of {log_path}:\n"
-        f"{log_tail(log_path)}"
+        f"{name} did not become healthy within {timeout_s:.0f} s and was stopped. Last lines "
+        f"of {log_path}:\n{log_tail(log_path)}"
     )
 
 
