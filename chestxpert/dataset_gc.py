@@ -5,6 +5,9 @@ model names. Here in the app because it reads both the dataset and the sweeps' s
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from chestxpert.cluster.endpoints import Endpoints, normalize_storage_uri, storage_filesystem
 from chestxpert.datasets.schema import GENERATION_CHARS, DatasetError
@@ -26,7 +29,7 @@ def dataset_references(uri: str, endpoints: Endpoints) -> dict[str, str]:
     )
     from chestxpert.sweeps.status import list_sweeps
 
-    target = normalize_storage_uri(uri)
+    target = _canonical(uri)
     fs, root = storage_filesystem(endpoints)
     named: dict[str, list[str]] = {}
     for name in list_sweeps(fs, root):
@@ -44,9 +47,18 @@ def dataset_references(uri: str, endpoints: Endpoints) -> dict[str, str]:
     return {generation: ", ".join(why) for generation, why in named.items()}
 
 
+def _canonical(uri: str) -> str:
+    """One spelling per location; local symlinks resolved, so a sweep that named the dataset
+    through a link still protects its generations."""
+    uri = normalize_storage_uri(uri)
+    if uri.startswith("file://"):
+        return Path(os.path.realpath(unquote(urlparse(uri).path))).as_uri()
+    return uri
+
+
 def _same(dataset: str | None, target: str) -> bool:
     try:
-        return bool(dataset) and normalize_storage_uri(dataset) == target
+        return bool(dataset) and _canonical(dataset) == target
     except ValueError:
         return False
 

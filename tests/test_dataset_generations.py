@@ -151,7 +151,8 @@ def test_gc_removes_only_generations_nothing_names(tmp_path: Path) -> None:
     swept, finished, unused, current = (m["generation"] for m in made)
     storage = tmp_path / "storage"
     (storage / "lr-sweep").mkdir(parents=True)
-    record = {"raw": {"dataset": str(out)}, "dataset_generations": [swept]}
+    (tmp_path / "link").symlink_to(out)  # the sweep named the dataset through a symlink
+    record = {"raw": {"dataset": str(tmp_path / "link")}, "dataset_generations": [swept]}
     (storage / "lr-sweep" / "chestxpert_spec.json").write_text(json.dumps(record))
     (storage / "other" / "final" / "model").mkdir(parents=True)
     other = {"raw": {"dataset": "s3://elsewhere/data"}, "dataset_generations": [unused]}
@@ -322,7 +323,7 @@ def test_prepare_force_while_a_sweep_reads_the_dataset(
         assert result.returncode == 0, result.stderr[-3000:]
 
     prepare_seed(0)
-    old = open_dataset(uri, endpoints)
+    old = open_dataset(uri, endpoints).manifest["digest"]  # digests: what a trial records
     drivers = [start("drill-old", search__max_concurrent=1, search__num_samples=2)]
     try:
         deadline = time.monotonic() + 600
@@ -346,35 +347,38 @@ def test_prepare_force_while_a_sweep_reads_the_dataset(
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
     assert [d.returncode for d in drivers] == [0, 0], log("drill-old") + log("drill-new")
-    new = open_dataset(uri, endpoints)
-    assert new.digest != old.digest
+    new = open_dataset(uri, endpoints).manifest["digest"]
+    assert new != old
 
     records = trial_records(storage / "drill-old")
     assert len(records) == 2
-    for folder, (rows, states) in records.items():
+    digests = {
+        folder: {s["dataset_digest"] for s in states} for folder, (_, states) in records.items()
+    }
+    assert digests == {folder: {old} for folder in records}, f"old {old[:12]}, new {new[:12]}"
+    for folder, (rows, _) in records.items():
         assert [r["epoch"] for r in rows] == [1, 2], folder
-        assert {r["dataset_generation"] for r in rows} == {old.generation}, folder
-        assert states and {s["dataset_digest"] for s in states} == {old.digest}, folder
+        assert {r["dataset_generation"] for r in rows} == {old[:16]}, folder
     starts = [rows[0]["timestamp"] - rows[0]["time_total_s"] for rows, _ in records.values()]
     assert max(starts) > replaced_at, "the second trial must start after the replacement"
     [(rows, states)] = trial_records(storage / "drill-new").values()
-    assert {r["dataset_generation"] for r in rows} == {new.generation}
-    assert {s["dataset_digest"] for s in states} == {new.digest}
+    assert {s["dataset_digest"] for s in states} == {new}
+    assert {r["dataset_generation"] for r in rows} == {new[:16]}
 
     for refused in (run("sweep", "resume", "drill-old"), run("final", "drill-old", "--local")):
         message = refused.stderr.strip().splitlines()[-1]  # after TensorFlow's start-up lines
         assert refused.returncode == 2 and message.startswith("error: "), refused.stderr[-3000:]
-        for text in (uri, old.digest[:12], new.digest[:12], "--allow-dataset-change"):
+        for text in (uri, old[:12], new[:12], "--allow-dataset-change"):
             assert text in message, message
     allowed = run("sweep", "resume", "drill-old", "--allow-dataset-change")
     assert allowed.returncode == 0, allowed.stdout[-3000:] + allowed.stderr[-3000:]
     record = json.loads((storage / "drill-old" / "chestxpert_spec.json").read_text())
-    assert record["dataset_generations"] == [old.generation, new.generation]
-    assert record["dataset_digest"] == new.digest and len(record["dataset_changes"]) == 1
+    assert record["dataset_generations"] == [old[:16], new[:16]]
+    assert record["dataset_digest"] == new and len(record["dataset_changes"]) == 1
 
     collected = run("data", "gc", uri)
     assert collected.returncode == 0, collected.stderr[-3000:]
-    assert f"keep    {old.generation}  sweep drill-old" in collected.stdout, collected.stdout
-    assert f"keep    {new.generation}  current" in collected.stdout
+    assert f"keep    {old[:16]}  sweep drill-old" in collected.stdout, collected.stdout
+    assert f"keep    {new[:16]}  current" in collected.stdout
     assert "freed 0 B" in collected.stdout
-    assert open_dataset(uri, endpoints, generation=old.generation).digest == old.digest
+    assert open_dataset(uri, endpoints, generation=old[:16]).manifest["digest"] == old
