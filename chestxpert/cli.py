@@ -166,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.set_defaults(func=cmd_demo)
 
+    from chestxpert.dataset_gc import register as register_dataset_gc
     from chestxpert.datasets.cli import register as register_datasets
 
-    register_datasets(sub)
+    register_dataset_gc(register_datasets(sub))
     from chestxpert.trainable.cli import register as register_trainable
 
     register_trainable(sub)

@@ -45,6 +45,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.datasets.prepare import PrepareOptions, prepare
+    from chestxpert.datasets.schema import generation_of
 
     opts = PrepareOptions(
         source=args.source,
@@ -62,7 +63,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     endpoints = resolve(s3_endpoint_url=args.s3_endpoint, workspace=args.workspace)
     manifest = prepare(args.input, args.out, opts, endpoints)
     counts = {split: info["images"] for split, info in manifest["splits"].items()}
-    print(f"prepared {args.out}: {json.dumps(counts)} images, digest {manifest['digest'][:12]}")
+    print(
+        f"prepared {args.out}: {json.dumps(counts)} images, digest {manifest['digest'][:12]}, "
+        f"generation {generation_of(manifest)}"
+    )
     if manifest.get("bad_images"):
         print(
             f"{manifest['bad_images']} bad image(s) skipped; "
@@ -71,8 +75,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `chestxpert data synth|download|prepare` to the command tree."""
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `chestxpert data synth|download|prepare` to the command tree; return the `data`
+    subcommands, so the app can add `data gc` (which needs the sweeps' layout) beside them."""
     data = sub.add_parser("data", help="synthesise, download and prepare datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
@@ -121,7 +126,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--views", default="PA,AP", help="views to keep (CheXpert), comma-separated")
     prep.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"])
     prep.add_argument("--on-bad-image", default="fail", choices=["skip", "fail"])
-    prep.add_argument("--force", action="store_true", help="replace a different dataset at --out")
+    prep.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different ChestXpert dataset at --out (its readers keep the old "
+        "version until `data gc`); never anything else",
+    )
     prep.add_argument(
         "--workers", type=int, default=None, help="decode processes (default: all cores)"
     )
@@ -129,3 +139,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL…)"
     )
     prep.set_defaults(func=cmd_prepare)
+    return data_sub

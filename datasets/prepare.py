@@ -1,8 +1,9 @@
 """`chestxpert data prepare`: a source table into patient-split Parquet shards plus manifest.json.
 
 Images are decoded in parallel, made 8-bit gray and square-resized once, so
-training reads raw pixels. The manifest is written last and names every
-shard: a reader that finds it finds a complete dataset.
+training reads raw pixels. Each run's shards form a new generation beside the old ones
+(`datasets.output`); the manifest is written last and names every shard: a reader that finds
+it finds a complete dataset.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,17 +27,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from chestxpert.cluster.endpoints import (
-    Endpoints,
-    normalize_storage_uri,
-    resolve,
-    storage_filesystem,
-)
+from chestxpert.cluster.endpoints import Endpoints, resolve, storage_filesystem
 from chestxpert.datasets.images import MIN_IMAGE_SIZE, load_gray_square
+from chestxpert.datasets.output import DatasetWriter, check_target
 from chestxpert.datasets.schema import (
-    MANIFEST,
+    GENERATION_CHARS,
     SCHEMA_VERSION,
     SPLITS,
     DatasetError,
@@ -236,85 +231,6 @@ def decode_all(images: pd.DataFrame, size: int, workers: int, progress: bool) ->
 # --- output ----------------------------------------------------------------------------------
 
 
-class _Output:
-    """Where the dataset goes. Local: a hidden staging folder renamed into place at the end.
-    S3 (no rename): shards written in place, the manifest last, so nothing is visible early."""
-
-    def __init__(self, uri: str, endpoints: Endpoints) -> None:
-        self.uri = normalize_storage_uri(uri)
-        self.fs, self.root = storage_filesystem(endpoints, self.uri)
-        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
-        if self.is_local:
-            final = Path(self.root)
-            try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise DatasetError(
-                    f"output {final} is not writable ({err.strerror}); choose another --out"
-                ) from None
-            if not os.access(final.parent, os.W_OK):
-                raise DatasetError(
-                    f"output folder {final.parent} is not writable; choose another --out"
-                )
-            self.staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-            self.staging.mkdir()
-            self.write_root = str(self.staging)
-        else:
-            bucket = self.root.split("/", 1)[0]
-            info = self.fs.get_file_info(bucket)
-            if info.type == pafs.FileType.NotFound:
-                raise DatasetError(
-                    f"S3 bucket {bucket!r} does not exist at {endpoints.s3_endpoint_url or 'AWS'}; "
-                    "create it first (aws s3 mb s3://" + bucket + ") or choose another --out"
-                )
-            self.write_root = self.root
-
-    def existing_manifest(self) -> dict[str, Any] | None:
-        path = f"{self.root}/{MANIFEST}"
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-
-    def clear_target(self) -> None:
-        """Before writing to S3: hide any old dataset (manifest first), then remove its objects."""
-        if self.is_local:
-            return
-        manifest = f"{self.root}/{MANIFEST}"
-        if self.fs.get_file_info(manifest).type == pafs.FileType.File:
-            self.fs.delete_file(manifest)
-        if self.fs.get_file_info(self.root).type == pafs.FileType.Directory:
-            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
-
-    def write_bytes(self, relative: str, payload: bytes) -> None:
-        path = f"{self.write_root}/{relative}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path) as stream:
-            stream.write(payload)
-
-    def write_table(self, relative: str, table: pa.Table) -> None:
-        path = f"{self.write_root}/{relative}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=self.fs, compression="zstd", row_group_size=256)
-
-    def publish(self, manifest: dict[str, Any]) -> None:
-        payload = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-        self.write_bytes(MANIFEST, payload)
-        if self.is_local:
-            final = Path(self.root)
-            trash = None
-            if final.exists():
-                trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-                final.rename(trash)
-            os.replace(self.staging, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-
-    def abandon(self) -> None:
-        if self.is_local:
-            shutil.rmtree(self.staging, ignore_errors=True)
-
-
 def _shard_table(rows: pd.DataFrame, labels: tuple[str, ...], size: int) -> pa.Table:
     label_matrix = rows[list(labels)].to_numpy(dtype=np.float32)
     return pa.table(
@@ -406,14 +322,15 @@ def prepare(
     """Validate, split by patient, decode and shard a dataset; return the manifest it published.
 
     `input_uri` is a local folder or `s3://` prefix holding the source's layout;
-    `out_uri` a local folder or `s3://` prefix. Re-running on the same input
-    gives the same digest and leaves an identical dataset untouched; writing over
-    a different one needs `force`.
+    `out_uri` a local folder or `s3://` prefix that is absent, empty or a ChestXpert dataset
+    (see `check_target`). Re-running on the same input gives the same digest and leaves an
+    identical dataset untouched; replacing a different one needs `force`, and adds a new
+    generation beside the old one, which stays readable until `chestxpert data gc`.
     """
     started = time.monotonic()
     check_options(opts)
     endpoints = endpoints or resolve()
-    output = _Output(out_uri, endpoints)
+    output = DatasetWriter(check_target(input_uri, out_uri, endpoints), endpoints)
     try:
         manifest = _prepare_into(output, input_uri, opts, endpoints, started)
     except BaseException:
@@ -423,7 +340,11 @@ def prepare(
 
 
 def _prepare_into(
-    output: _Output, input_uri: str, opts: PrepareOptions, endpoints: Endpoints, started: float
+    output: DatasetWriter,
+    input_uri: str,
+    opts: PrepareOptions,
+    endpoints: Endpoints,
+    started: float,
 ) -> dict:
     table = read_source(opts, _local_input(input_uri, endpoints))
     images = table.images.copy().sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -449,7 +370,7 @@ def _prepare_into(
         raise DatasetError(
             f"{len(bad)} bad image(s):\n{listing}{more}\n"
             "fix or remove them, or pass --on-bad-image skip to leave them out (they are then "
-            f"listed in {BAD_IMAGES_REPORT} next to the manifest)"
+            f"listed in the dataset's {BAD_IMAGES_REPORT}, which the manifest names)"
         )
     images = images[images["image_id"].isin(pixels.keys())].reset_index(drop=True)
     if images.empty:
@@ -459,19 +380,25 @@ def _prepare_into(
     images["boxes"] = images["image_id"].map(lambda i: boxes.get(i, []))
 
     digest = _content_digest(images, table.labels, opts)
-    existing = output.existing_manifest()
+    generation = digest[:GENERATION_CHARS]
+    existing = output.current_manifest()
     if existing is not None:
         if existing.get("digest") == digest:
-            output.abandon()
             print(f"{output.uri} already holds this dataset (digest {digest[:12]}); nothing to do")
             return existing
         if not opts.force:
             raise DatasetError(
                 f"{output.uri} already holds a different dataset "
                 f"(digest {existing.get('digest', '?')[:12]}, "
-                f"this one {digest[:12]}); pass --force to replace it or choose another --out"
+                f"this one {digest[:12]}); pass --force to replace it (readers of the old one "
+                "keep it until `chestxpert data gc`) or choose another --out"
             )
-    output.clear_target()
+    stored = output.stored_manifest(generation)
+    if stored is not None and stored.get("digest") == digest:
+        output.make_current(stored)
+        print(f"{output.uri}: generation {generation} was still stored; it is current again")
+        return stored
+    prefix = output.begin(generation)
 
     labels = table.labels
     manifest: dict[str, Any] = {
@@ -489,10 +416,11 @@ def _prepare_into(
         "splits": {},
         "patients_disjoint": True,
         "bad_images": len(bad),
-        "bad_images_report": BAD_IMAGES_REPORT if bad else None,
+        "bad_images_report": f"{prefix}/{BAD_IMAGES_REPORT}" if bad else None,
         "missing_images": len(table.missing),
         "notes": table.notes,
         "digest": digest,
+        "generation": generation,
     }
     for split in SPLITS:
         part = images[images["split"] == split]
@@ -505,7 +433,7 @@ def _prepare_into(
                 relative,
                 _shard_table(part.iloc[start : start + opts.shard_rows], labels, opts.image_size),
             )
-            shards.append(relative)
+            shards.append(f"{prefix}/{relative}")
         manifest["splits"][split] = {
             "images": len(part),
             "patients": int(part["patient_id"].nunique()),

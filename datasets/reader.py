@@ -16,7 +16,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from chestxpert.cluster.endpoints import Endpoints, resolve, storage_filesystem
-from chestxpert.datasets.schema import MANIFEST, SCHEMA_VERSION, SPLITS, DatasetError
+from chestxpert.datasets.schema import (
+    MANIFEST,
+    MANIFESTS,
+    SCHEMA_VERSION,
+    SPLITS,
+    DatasetError,
+    generation_of,
+)
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,21 @@ class PreparedDataset:
     def image_size(self) -> int:
         return int(self.manifest["image_size"])
 
+    @property
+    def digest(self) -> str:
+        return str(self.manifest.get("digest", ""))
+
+    @property
+    def generation(self) -> str:
+        """The version this manifest describes (see `schema.generation_of`)."""
+        return generation_of(self.manifest)
+
     def shard_paths(self, split: str) -> list[str]:
-        """Shard paths of a split, or of several joined by `+` (e.g. `train+val`)."""
+        """Shard paths of a split, or of several joined by `+` (e.g. `train+val`).
+
+        Always those of the manifest this dataset was opened with: a trial that reopens its
+        shards every epoch keeps reading one generation whatever `prepare` publishes meanwhile.
+        """
         paths = []
         for part in split.split("+"):
             if part not in SPLITS:
@@ -53,19 +73,34 @@ class PreparedDataset:
         return sum(int(self.manifest["splits"][part]["images"]) for part in split.split("+"))
 
 
-def open_dataset(uri: str, endpoints: Endpoints | None = None) -> PreparedDataset:
-    """Open a prepared dataset by URI (folder or `s3://` prefix); fails clearly if incomplete."""
+def open_dataset(
+    uri: str, endpoints: Endpoints | None = None, generation: str = ""
+) -> PreparedDataset:
+    """Open a prepared dataset by URI (folder or `s3://` prefix); fails clearly if incomplete.
+
+    `generation` "" opens the current dataset; a generation name opens that version, as long
+    as `chestxpert data gc` has not removed it, so a sweep reads the version it started with
+    while `data prepare --force` publishes another.
+    """
     endpoints = endpoints or resolve()
     fs, root = storage_filesystem(endpoints, uri)
-    path = f"{root}/{MANIFEST}"
-    try:
-        with fs.open_input_stream(path) as stream:
-            manifest = json.loads(stream.read())
-    except FileNotFoundError:
-        raise DatasetError(
-            f"{uri} has no {MANIFEST}: it is not a prepared dataset, or its preparation did not "
-            "finish; run `chestxpert data prepare` for it"
-        ) from None
+    manifest = None
+    if generation:
+        manifest = _read_manifest(fs, f"{root}/{MANIFESTS}/{generation}.json")
+    if manifest is None:
+        manifest = _read_manifest(fs, f"{root}/{MANIFEST}")
+        if manifest is None:
+            raise DatasetError(
+                f"{uri} has no {MANIFEST}: it is not a prepared dataset, or its preparation did "
+                "not finish; run `chestxpert data prepare` for it"
+            )
+        if generation and generation_of(manifest) != generation:
+            raise DatasetError(
+                f"{uri} no longer holds generation {generation} (its current one is "
+                f"{generation_of(manifest)}): the dataset was replaced and the old version "
+                "removed by `chestxpert data gc`; `sweep resume` and `final` take "
+                "--allow-dataset-change to move to the current one"
+            )
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(
             f"{uri}/{MANIFEST} has schema version "
@@ -73,6 +108,14 @@ def open_dataset(uri: str, endpoints: Endpoints | None = None) -> PreparedDatase
             f"reads version {SCHEMA_VERSION}; prepare the dataset again"
         )
     return PreparedDataset(uri=uri, manifest=manifest, fs=fs, root=root)
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return None
 
 
 def iter_batches(

@@ -19,6 +19,23 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
+# Versions: each `prepare` writes its shards under GENERATIONS/<generation>/<split>/, keeps a
+# copy of its manifest as MANIFESTS/<generation>.json, and only then replaces MANIFEST, so a
+# reader holding an older manifest keeps finding its shards. A generation is named by the
+# first GENERATION_CHARS hex digits of the dataset's content digest. Shard paths in a manifest
+# are relative to the dataset's root, which is why datasets written before generations existed
+# (shards directly under <split>/, no "generation" key) read the same way: no schema change.
+GENERATIONS = "generations"
+MANIFESTS = "manifests"
+GENERATION_CHARS = 16
+
+
+def generation_of(manifest: dict) -> str:
+    """The generation a manifest describes: its "generation" key, or for a dataset written
+    before generations existed, the same prefix of its digest ("" if it has neither)."""
+    return str(manifest.get("generation") or str(manifest.get("digest") or "")[:GENERATION_CHARS])
+
+
 # NIH ChestX-ray14 order, as in the label file ("Pleural_Thickening" keeps its underscore).
 NIH_LABELS: tuple[str, ...] = (
     "Atelectasis",

@@ -33,6 +33,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         on_cluster=False if args.local else None,
         cpus=args.cpus,
         gpus=args.gpus,
+        allow_dataset_change=args.allow_dataset_change,
     )
     metrics = run_final(args.name, opts, _endpoints(args))
     ev = metrics["evaluation"]
@@ -116,6 +117,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="GPUs for the retrain task (default: the sweep's per-trial GPUs)",
+    )
+    final.add_argument(
+        "--allow-dataset-change",
+        action="store_true",
+        help="retrain even though `data prepare --force` replaced the dataset since the sweep "
+        "began (on the current version)",
     )
     _flags(final)
     final.set_defaults(func=cmd_final)

@@ -17,7 +17,13 @@ import numpy as np
 from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
-from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, locate
+from chestxpert.sweeps.layout import (
+    DATASET_GENERATION,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    dataset_version,
+    locate,
+)
 from chestxpert.sweeps.spec import SweepSpec, spec_from_dict
 
 # DenseNet121's last map is 7×7 at the 224 px it was designed for; at 128 px it is 4×4 and
@@ -44,6 +50,7 @@ class FinalOptions:
     on_cluster: bool | None = None  # None: on the cluster when a Ray address is known
     cpus: float | None = None  # the retrain task's resources; None: the sweep's per trial
     gpus: float | None = None
+    allow_dataset_change: bool = False  # retrain on a dataset replaced since the sweep began
 
 
 def _upload_folder(fs, local: Path, remote: str) -> None:
@@ -145,6 +152,9 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
     config = dict(summary["best_config"])
     config["epochs"] = opts.epochs or int(config.get("epochs") or spec.epochs())
     config["train_splits"] = opts.train_on
+    config["dataset_generation"] = _dataset_generation(
+        name, recorded, location, spec, opts, endpoints
+    )
     remote_model = f"{location.path}/final/model"
     work = Path(tempfile.mkdtemp(prefix="cx-final-"))
     try:
@@ -205,6 +215,36 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _dataset_generation(
+    name: str,
+    recorded: dict,
+    location,
+    spec: SweepSpec,
+    opts: FinalOptions,
+    endpoints: Endpoints,
+) -> str:
+    """The dataset version to retrain and evaluate on: the sweep's, or with
+    `allow_dataset_change` the current one (noted in the spec record, so gc keeps it)."""
+    from chestxpert.datasets.reader import open_dataset
+
+    try:
+        current = open_dataset(spec.dataset, endpoints)
+    except UserError as err:
+        raise FinalError(f"dataset {spec.dataset}: {err}") from None
+    version = dataset_version(
+        recorded,
+        name,
+        spec.dataset,
+        current.digest,
+        current.generation,
+        opts.allow_dataset_change,
+        "`final`",
+    )
+    if any(recorded.get(key) != value for key, value in version.items()):
+        location.write_json(SPEC_FILE, {**recorded, **version})
+    return version[DATASET_GENERATION]
+
+
 def evaluate_model(
     model_dir: Path,
     config: dict,
@@ -231,7 +271,7 @@ def evaluate_model(
     model = load_model(model_dir, compile=False)
     state = read_state(model_dir)
     labels = state["labels"]
-    dataset = open_dataset(config["dataset"], endpoints)
+    dataset = open_dataset(config["dataset"], endpoints, config.get("dataset_generation", ""))
     columns = ("image", "labels", "patient_id", "image_id", "boxes")
     val, test = read_split(dataset, "val", columns), read_split(dataset, "test", columns)
     if len(test["image"]) == 0:

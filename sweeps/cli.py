@@ -86,7 +86,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     spec, endpoints, _, _ = _recorded_spec(args)
     endpoints = _endpoints(args, spec)
-    summary = run_sweep(spec, endpoints, resume=True)
+    summary = run_sweep(
+        spec, endpoints, resume=True, allow_dataset_change=args.allow_dataset_change
+    )
     print(format_summary(summary), end="")
     return 0 if summary.get("best_trial_id") else 1
 
@@ -299,6 +301,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     resume = sweep_sub.add_parser("resume", help="continue an interrupted sweep from its storage")
     resume.add_argument("name")
+    resume.add_argument(
+        "--allow-dataset-change",
+        action="store_true",
+        help="resume even though `data prepare --force` replaced the dataset since the sweep "
+        "began; new and resumed trials then read the current version",
+    )
     _service_flags(resume)
     resume.set_defaults(func=cmd_resume)
 

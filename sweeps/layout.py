@@ -5,13 +5,65 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from chestxpert.cluster.endpoints import Endpoints, storage_filesystem
+from chestxpert.cluster.errors import UserError
 
-SPEC_FILE = "chestxpert_spec.json"  # the spec as run, the parent MLflow run id
+SPEC_FILE = "chestxpert_spec.json"  # the spec as run, the parent MLflow run id, dataset version
 SUMMARY_FILE = "chestxpert_summary.json"  # best trial, config and checkpoint; written at the end
+FINAL_STATE = "final/model/state.json"  # the final model's state: config, dataset digest
+
+# The dataset version in the spec record: the digest and generation trials read now, every
+# generation any of them read (`data gc` keeps those), and each change allowed on the way.
+DATASET_DIGEST = "dataset_digest"
+DATASET_GENERATION = "dataset_generation"
+DATASET_GENERATIONS = "dataset_generations"
+DATASET_CHANGES = "dataset_changes"
+ALLOW_FLAG = "--allow-dataset-change"
+
+
+class DatasetChangedError(UserError, RuntimeError):
+    """The dataset was replaced since the sweep began; the message names both digests."""
+
+
+def dataset_version(
+    recorded: dict[str, Any] | None,
+    name: str,
+    dataset_uri: str,
+    digest: str,
+    generation: str,
+    allow_change: bool,
+    command: str,
+) -> dict[str, Any]:
+    """The spec-record keys for the dataset version `command` will read.
+
+    `recorded` is the sweep's spec record (None for a new sweep); `digest` and `generation`
+    are the dataset's current ones. Unchanged (or a new sweep): the current version. Changed:
+    `DatasetChangedError`, unless `allow_change`, which moves to the current version and notes
+    the change. A sweep recorded before datasets had versions takes the current one.
+    """
+    record = {DATASET_DIGEST: digest, DATASET_GENERATION: generation}
+    if recorded is None:
+        return {**record, DATASET_GENERATIONS: [generation]}
+    before = recorded.get(DATASET_DIGEST)
+    seen = list(recorded.get(DATASET_GENERATIONS) or [])
+    if before and before != digest:
+        if not allow_change:
+            raise DatasetChangedError(
+                f"dataset {dataset_uri} changed since sweep {name!r} began: its digest was "
+                f"{before[:12]} and is now {digest[:12]}, so {command} would train on other "
+                f"data than the sweep's trials; pass {ALLOW_FLAG} to use the current version "
+                "anyway, or prepare the old data again (same input and options) to restore it"
+            )
+        change = {"from": before, "to": digest, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        changes = [*recorded.get(DATASET_CHANGES, []), {**change, "by": command}]
+        return {**record, DATASET_GENERATIONS: [*seen, generation], DATASET_CHANGES: changes}
+    if generation not in seen:
+        seen.append(generation)
+    return {**record, DATASET_GENERATIONS: seen}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,15 @@ from chestxpert.cluster.endpoints import (
 )
 from chestxpert.cluster.errors import UserError
 from chestxpert.cluster.ray_driver import connect
-from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation, locate
+from chestxpert.sweeps.layout import (
+    DATASET_DIGEST,
+    DATASET_GENERATION,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    SweepLocation,
+    dataset_version,
+    locate,
+)
 from chestxpert.sweeps.spec import SweepSpec
 
 
@@ -46,7 +54,11 @@ def trial_folder_name(trial) -> str:
 
 
 def _tuner_parts(
-    spec: SweepSpec, endpoints: Endpoints, location: SweepLocation, parent_run_id: str
+    spec: SweepSpec,
+    endpoints: Endpoints,
+    location: SweepLocation,
+    parent_run_id: str,
+    dataset_generation: str = "",
 ):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -56,7 +68,12 @@ def _tuner_parts(
     from chestxpert.sweeps.tracking import NestedMlflowCallback
     from chestxpert.trainable.train import train
 
-    trainable = tune.with_resources(train, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+    # Bound here rather than put in param_space: a trial resumed after a dataset change the
+    # user allowed must read the new version, and Tune keeps a trial's config as it began.
+    pinned = tune.with_parameters(train, dataset_generation=dataset_generation)
+    trainable = tune.with_resources(
+        pinned, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    )
     # Optuna needs something to search; a spec without a space just repeats one config.
     if spec.search.algorithm == "optuna" and spec.space:
         import optuna
@@ -120,10 +137,15 @@ def _tuner_parts(
     return trainable, tune_config, run_config
 
 
-def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> dict[str, Any]:
+def run_sweep(
+    spec: SweepSpec, endpoints: Endpoints, resume: bool = False, allow_dataset_change: bool = False
+) -> dict[str, Any]:
     """Run (or, with `resume`, continue) the sweep and return its summary.
 
-    The summary holds the best trial, its config and its checkpoint.
+    The summary holds the best trial, its config and its checkpoint. Every trial reads the
+    dataset version recorded when the sweep began, even one starting after `data prepare
+    --force` replaced it; `resume` refuses a replaced dataset unless `allow_dataset_change`,
+    which moves new and resumed trials to the current version.
     """
     from chestxpert.cluster.mlflow_runs import parent_run
 
@@ -139,6 +161,21 @@ def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> di
             f"a sweep named {spec.name!r} already exists in {location.uri}; continue it with "
             f"`chestxpert sweep resume {spec.name}` or choose another name (--name)"
         )
+    try:
+        from chestxpert.datasets.reader import open_dataset
+
+        current = open_dataset(spec.dataset, endpoints)
+    except UserError as err:
+        raise SweepError(f"dataset {spec.dataset}: {err}") from None
+    version = dataset_version(
+        recorded if resume else None,
+        spec.name,
+        spec.dataset,
+        current.digest,
+        current.generation,
+        allow_dataset_change,
+        "`sweep resume`",
+    )
     found = connect(endpoints)
     try:
         mlflow_uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
@@ -149,14 +186,11 @@ def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> di
             "chestxpert.git_commit": _git_commit(),
             "chestxpert.ray_job_id": os.environ.get("RAY_JOB_ID", found["job_id"]),
         }
-        try:
-            from chestxpert.datasets.reader import open_dataset
-
-            tags["chestxpert.dataset_digest"] = open_dataset(spec.dataset, endpoints).manifest.get(
-                "digest", ""
-            )
-        except UserError as err:
-            raise SweepError(f"dataset {spec.dataset}: {err}") from None
+        tags["chestxpert.dataset_digest"] = version[DATASET_DIGEST]
+        print(
+            f"dataset: {spec.dataset} generation {version[DATASET_GENERATION]}",
+            flush=True,
+        )
         parent_id = parent_run(
             mlflow_uri,
             spec.mlflow.experiment,
@@ -172,9 +206,12 @@ def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> di
                     "spec": spec.to_plain_dict(),
                     "raw": spec.model_dump(mode="json"),
                     "parent_run_id": parent_id,
+                    **version,
                 },
             )
-        trainable, tune_config, run_config = _tuner_parts(spec, endpoints, location, parent_id)
+        trainable, tune_config, run_config = _tuner_parts(
+            spec, endpoints, location, parent_id, version[DATASET_GENERATION]
+        )
         from ray import tune
 
         if resume:
@@ -184,6 +221,8 @@ def run_sweep(spec: SweepSpec, endpoints: Endpoints, resume: bool = False) -> di
                     "before the first trial started. Start it again with `chestxpert sweep run` "
                     "under a new --name"
                 )
+            if any(recorded.get(key) != value for key, value in version.items()):
+                location.write_json(SPEC_FILE, {**recorded, **version})
             tuner = tune.Tuner.restore(
                 location.path,
                 trainable=trainable,

@@ -25,6 +25,8 @@ SETTING_KINDS: dict[str, type] = {f.name: type(f.default) for f in fields(TrialC
 # Trial settings a sweep fixes for every trial, with the reason a user reads.
 NOT_SEARCHABLE = {
     "dataset": "dataset is the sweep's prepared dataset; set it with the top-level `dataset` key",
+    "dataset_generation": "dataset_generation is chosen by the sweep: the dataset's version "
+    "when the sweep starts",
     "epochs": "epochs is every trial's training budget (ASHA's max_t), not a search dimension; "
     "set trial.epochs and let the scheduler stop weak trials early",
 }

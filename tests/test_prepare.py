@@ -39,6 +39,7 @@ def interrupt_on_second_shard(monkeypatch) -> dict:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(prepare_module, "_shard_table", interrupt)
+    calls.update(real=real, interrupt=interrupt)  # to switch it off and on within one test
     return calls
 
 
@@ -329,3 +330,30 @@ def test_s3_missing_bucket_and_interrupted_s3_prepare(
     assert not any(k.endswith("manifest.json") for k in keys)
     with pytest.raises(DatasetError, match="did not\\s+finish"):
         open_dataset(out, endpoints)
+
+
+@pytest.mark.services
+def test_s3_force_interrupted_leaves_the_old_dataset_whole(
+    nih_copy: Path, tmp_path: Path, s3_endpoint, monkeypatch, interrupt_on_second_shard
+) -> None:
+    """`--force` onto S3 writes the new generation before anything else changes: a crash while
+    writing it leaves the old dataset current and whole, and the rerun publishes the new one."""
+    for key, value in s3_endpoint.env().items():
+        monkeypatch.setenv(key, value)
+    endpoints = resolve(workspace=tmp_path / "ws")
+    out = f"s3://{s3_endpoint.bucket}/prepared/replaced"
+    monkeypatch.setattr(prepare_module, "_shard_table", interrupt_on_second_shard["real"])
+    old = prepare(str(nih_copy), out, nih_opts(), endpoints)
+    monkeypatch.setattr(prepare_module, "_shard_table", interrupt_on_second_shard["interrupt"])
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(nih_copy), out, nih_opts(image_size=32, force=True), endpoints)
+    current = open_dataset(out, endpoints)
+    assert current.digest == old["digest"]
+    assert [read_split(current, s)["image"].shape[0] for s in ("train", "val", "test")] == [2, 1, 2]
+
+    monkeypatch.setattr(prepare_module, "_shard_table", interrupt_on_second_shard["real"])
+    new = prepare(str(nih_copy), out, nih_opts(image_size=32, force=True), endpoints)
+    assert open_dataset(out, endpoints).image_size == 32
+    kept = open_dataset(out, endpoints, generation=old["generation"])
+    assert kept.digest == old["digest"] and read_split(kept, "test")["image"].shape[0] == 2
+    assert new["generation"] != old["generation"]

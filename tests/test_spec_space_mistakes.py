@@ -320,3 +320,15 @@ def test_dataset_under_trial_is_refused() -> None:
     assert only_problem(HEADER + "  dataset: s3://b/other\n") == (
         "sweep.yaml line 5: trial.dataset: set the dataset with the top-level `dataset` key"
     )
+
+
+def test_dataset_generation_is_the_sweeps_choice_not_the_specs() -> None:
+    assert only_problem(HEADER + "  dataset_generation: 0123abcd0123abcd\n") == (
+        "sweep.yaml line 5: trial.dataset_generation: the sweep reads the dataset's version when "
+        "it starts and every trial keeps it; leave this key out"
+    )
+    space = "space:\n  dataset_generation: {type: choice, values: [a, b]}\n"
+    assert only_problem(HEADER + space) == (
+        "sweep.yaml line 6: space.dataset_generation: dataset_generation is chosen by the sweep: "
+        "the dataset's version when the sweep starts"
+    )

@@ -24,6 +24,7 @@ class TrialConfig:
     shift/zoom/brightness/contrast as fractions of the image or range."""
 
     dataset: str = ""  # prepared-dataset URI (folder or s3://)
+    dataset_generation: str = ""  # the dataset version to read; "" = the current one
     backbone: str = "densenet121"
     image_size: int = 0  # 0 = the dataset's size; smaller values resize on the fly
     batch_size: int = 16

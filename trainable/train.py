@@ -100,7 +100,7 @@ class _Data:
     def __init__(self, config: TrialConfig, endpoints: Endpoints) -> None:
         from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
 
-        self.dataset = open_dataset(config.dataset, endpoints)
+        self.dataset = open_dataset(config.dataset, endpoints, config.dataset_generation)
         self.labels = self.dataset.labels
         self.manifest = self.dataset.manifest
         self.image_size = config.image_size or self.dataset.image_size
@@ -331,11 +331,18 @@ def _plateau_step(model, plateau: dict, val_loss: float, config: TrialConfig) ->
         plateau["wait"] = 0
 
 
-def train(config: dict[str, Any]) -> None:
+def train(config: dict[str, Any], dataset_generation: str = "") -> None:
     """Ray Tune function trainable: builds from `config`, resumes from `tune.get_checkpoint()`,
-    and calls `tune.report(metrics, checkpoint=…)` after every epoch."""
+    and calls `tune.report(metrics, checkpoint=…)` after every epoch.
+
+    `dataset_generation` is the dataset version the sweep's driver chose (bound with
+    `tune.with_parameters`, so a resumed trial gets the driver's current choice, not the one
+    frozen in its config); it overrides the config's own.
+    """
     from ray import tune
 
+    if dataset_generation:
+        config = {**config, "dataset_generation": dataset_generation}
     trial_config = TrialConfig.from_dict(config)
 
     import ray
@@ -344,8 +351,16 @@ def train(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # node_id says where the epoch ran (trials move when nodes die); MLflow skips text values.
-        tune.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
+        # node_id says where the epoch ran (trials move when nodes die), dataset_generation
+        # which version of the dataset it read; MLflow skips text values.
+        tune.report(
+            {
+                **metrics,
+                "node_id": node_id,
+                "dataset_generation": trial_config.dataset_generation or "current",
+            },
+            checkpoint=checkpoint,
+        )
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

@@ -179,6 +179,13 @@ class SweepSpec(_Section):
                 message = "trial.dataset: set the dataset with the top-level `dataset` key"
                 problems.append((path, message))
                 continue
+            if key == "dataset_generation":
+                message = (
+                    "trial.dataset_generation: the sweep reads the dataset's version when it "
+                    "starts and every trial keeps it; leave this key out"
+                )
+                problems.append((path, message))
+                continue
             if key not in SETTING_KINDS:
                 hint = did_you_mean(key, SETTING_KINDS)
                 problems.append((path, f"trial key {key!r} is not a trial setting{hint}"))
