@@ -110,7 +110,8 @@ def test_sigkill_mid_retrain_leaves_the_previous_final_model(
     final = tmp_path / "storage" / SWEEP / "final"
     final.mkdir(exist_ok=True)
     before = pulled_model(env, tmp_path / "before") if previous else None
-    pointer = (final / "current.json").read_bytes() if previous else None
+    pointer = final / "current.json"
+    pointed = pointer.read_bytes() if pointer.exists() else None
 
     log = tmp_path / "final.log"
     since = time.time_ns()
@@ -128,7 +129,7 @@ def test_sigkill_mid_retrain_leaves_the_previous_final_model(
     after = cli("pull-best", SWEEP, "--final", "--to", str(tmp_path / "after"), env=env)
     if previous:
         assert ok(after) and (tmp_path / "after" / "model" / "model.keras").read_bytes() == before
-        assert (final / "current.json").read_bytes() == pointer
+        assert (pointer.read_bytes() if pointer.exists() else None) == pointed
     else:
         assert after.returncode == 2, after.stdout + after.stderr
         assert (
