@@ -205,7 +205,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             storage_dir=versions.version_uri(location, number),
         )
         print(f"published version {number}: {metrics['storage_dir']}", flush=True)
-        outcome = register_and_promote(sweep, number, folder, endpoints, opts.promote)
+        outcome = register_and_promote(sweep, number, info, lambda: folder, endpoints, opts.promote)
         metrics["promotion"] = outcome.message(name)
         metrics["mlflow"] = {
             "run_id": outcome.run_id,

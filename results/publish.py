@@ -8,7 +8,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,18 +131,23 @@ def decide(
 
 
 def register_and_promote(
-    sweep: Sweep, number: int, folder: Path, endpoints: Endpoints, force: bool
+    sweep: Sweep,
+    number: int,
+    info: dict[str, Any],
+    fetch: Callable[[], Path],
+    endpoints: Endpoints,
+    force: bool,
 ) -> Outcome:
-    """Register published version `number` (its files in local `folder`) and maybe promote it.
+    """Register published version `number` (its version.json `info`) and maybe promote it.
 
     In this order, so `champion` and `final/current.json` never name different models: find or
-    make the MLflow run and registered version tagged with the version's storage folder; decide
-    (see `decide`; a version `champion` already names stays promoted); move the alias; write the
-    pointer. An MLflow failure raises FinalError saying the version is in storage and that
-    `chestxpert final NAME --finish` completes it; the pointer is then untouched.
+    make the MLflow run and registered version tagged with the version's storage folder (`fetch`
+    gives the version's files in a local folder, called only when it must be registered);
+    decide (see `decide`; a version `champion` already names stays promoted); move the alias;
+    write the pointer. An MLflow failure raises FinalError saying the version is in storage and
+    that `chestxpert final NAME --finish` completes it; the pointer is then untouched.
     """
     location, spec = sweep.location, sweep.spec
-    info = json.loads((folder / VERSION_INFO).read_text())
     uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
     model_name = spec.model_name or spec.name
     version_uri = versions.version_uri(location, number)
@@ -149,7 +156,7 @@ def register_and_promote(
         client = mlflow_runs.client(uri)
         registered = mlflow_runs.registered_final_version(client, model_name, version_uri)
         if registered is None:
-            registered = _register(sweep, version_uri, folder, client, uri, model_name)
+            registered = _register(sweep, version_uri, fetch(), client, uri, model_name)
         champion = mlflow_runs.champion_version(client, model_name)
         promoted, reason = decide(info["metric"], info["mode"], info["value"], current, force)
         if champion is not None and str(champion.version) == str(registered.version):
@@ -204,9 +211,15 @@ def finish(name: str, endpoints: Endpoints, promote: bool) -> tuple[list[Outcome
     for number in pending:
         work = Path(tempfile.mkdtemp(prefix="cx-finish-"))
         try:
-            folder = download_version(location, number, work)
+            info = versions.read_version_info(location, number)
+            if info is None:
+                raise FinalError(
+                    f"{versions.version_uri(location, number)} has no {VERSION_INFO}: it was "
+                    f"changed after it was published; remove it or restore the file"
+                )
+            fetch = partial(download_version, location, number, work)
             force = promote and number == pending[-1]
-            outcomes.append(register_and_promote(sweep, number, folder, endpoints, force))
+            outcomes.append(register_and_promote(sweep, number, info, fetch, endpoints, force))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     stale = versions.staging_attempts(location)
