@@ -175,8 +175,21 @@ def test_a_worse_model_is_kept_as_a_version_and_promote_forces_it(
     assert registered.tags["chestxpert.final_version"] == version_uri(tmp_path, 2)
     assert not client.get_registered_model(model_name).aliases, "champion did not move"
 
+    # --finish decides the same again, registering nothing twice; --finish --promote forces it.
+    assert "kept, not promoted: version 2" in ok(cli("final", SWEEP, "--finish", env=env))
+    assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
+    out = ok(cli("final", SWEEP, "--finish", "--promote", env=env))
+    assert "champion: version 2 (val_auc_macro" in out and "of version 1: --promote" in out
+    assert client.get_model_version_by_alias(model_name, "champion").version == registered.version
+    assert json.loads((final / "current.json").read_text())["version"] == 2
+    assert pulled_model(env, tmp_path / "promoted") == kept
+
+    # Again a champion nothing can beat, now version 2: `final --promote` replaces it.
+    pointer = json.loads((final / "current.json").read_text())
+    pointer.update(value=1.0)
+    (final / "current.json").write_text(json.dumps(pointer))
     out = ok(cli("final", SWEEP, *QUICK, "--promote", env=env))
-    assert "champion: version 3 (val_auc_macro" in out and "of version 1: --promote" in out
+    assert "champion: version 3 (val_auc_macro" in out and "of version 2: --promote" in out
     current = json.loads((final / "current.json").read_text())
     champion = client.get_model_version_by_alias(model_name, "champion")
     assert current["version"] == 3 and current["registered_version"] == champion.version
