@@ -21,6 +21,7 @@ from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
 from chestxpert.results import versions
 from chestxpert.sweeps.layout import (
+    FINAL_POINTER,
     FINAL_VERSIONS,
     SPEC_FILE,
     SUMMARY_FILE,
@@ -175,8 +176,8 @@ def register_and_promote(
             f"register it and move the champion if it is better"
         ) from None
     if promoted:
-        versions.write_pointer(
-            location,
+        _point_at(
+            sweep,
             {
                 "version": number,
                 "folder": f"{FINAL_VERSIONS}/{number}",
@@ -193,6 +194,19 @@ def register_and_promote(
     return Outcome(
         number, promoted, reason, model_name, str(registered.version), registered.run_id or ""
     )
+
+
+def _point_at(sweep: Sweep, pointer: dict[str, Any]) -> None:
+    """Write the pointer after the alias moved; a storage failure says how to catch up."""
+    try:
+        versions.write_pointer(sweep.location, pointer)
+    except OSError as err:
+        raise FinalError(
+            f"MLflow's champion is now version {pointer['version']} of {sweep.spec.name} but "
+            f"writing {sweep.location.uri}/{FINAL_POINTER} failed ({err}), so `pull-best "
+            f"--final` still serves the previous one; run `chestxpert final {sweep.spec.name} "
+            f"--finish` to write it"
+        ) from None
 
 
 def finish(name: str, endpoints: Endpoints, promote: bool) -> tuple[list[Outcome], list[str]]:
