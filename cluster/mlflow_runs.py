@@ -1,5 +1,6 @@
 """The one home of MLflow clients and of the runs ChestXpert makes: a parent run per sweep,
-a nested run per trial, a final run under the parent, and a run per `chestxpert train`.
+a nested run per trial, a final run under the parent, a run per `chestxpert train`, and the
+registered versions of final models with the `champion` alias.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ TRIAL_TAG = "chestxpert.trial_id"
 ENDED_TAG = "chestxpert.ended"
 ROLE_TAG = "chestxpert.role"  # sweep | trial | final | train
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this run id
+# On a final run and its registered model version: the storage folder of the published
+# version it holds, so a registration is found again (never made twice) after a failure.
+FINAL_VERSION_TAG = "chestxpert.final_version"
+CHAMPION_ALIAS = "champion"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
@@ -112,14 +117,76 @@ def trial_run(
     return run.info.run_id
 
 
-def final_run(mlflow_client, experiment: str, sweep: str, parent_run_id: str, config: dict) -> str:
-    """A new run for `chestxpert final`, nested under the sweep's parent; returns its id."""
-    tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, ROLE_TAG: "final"}
-    run = mlflow_client.create_run(
-        experiment_id(mlflow_client, experiment), run_name=f"{sweep}-final", tags=tags
-    )
+def final_run(
+    mlflow_client,
+    experiment: str,
+    sweep: str,
+    parent_run_id: str,
+    config: dict,
+    version_uri: str,
+) -> str:
+    """The run of the final model published at `version_uri`, nested under the sweep's parent.
+
+    Made (with the config as params) unless a run carrying that version exists: a
+    registration finished later continues the run an interrupted one began. Returns its id.
+    """
+    exp = experiment_id(mlflow_client, experiment)
+    existing = find_run(mlflow_client, exp, {ROLE_TAG: "final", FINAL_VERSION_TAG: version_uri})
+    if existing is not None:
+        return existing.info.run_id
+    tags = {
+        PARENT_TAG: parent_run_id,
+        SWEEP_TAG: sweep,
+        ROLE_TAG: "final",
+        FINAL_VERSION_TAG: version_uri,
+    }
+    run = mlflow_client.create_run(exp, run_name=f"{sweep}-final", tags=tags)
     log_params(mlflow_client, run.info.run_id, config)
     return run.info.run_id
+
+
+def registered_final_version(mlflow_client, model_name: str, version_uri: str):
+    """The registered version of `model_name` holding the final model at `version_uri`, or None."""
+    found = mlflow_client.search_model_versions(
+        f"name = '{model_name}' and tags.`{FINAL_VERSION_TAG}` = '{version_uri}'"
+    )
+    return max(found, key=lambda version: int(version.version)) if found else None
+
+
+def register_final_version(
+    mlflow_client, model_name: str, model_id: str, run_id: str, version_uri: str
+):
+    """Register logged model `model_id` (of run `run_id`) as a new version of `model_name`.
+
+    The registered model is created when missing. The version is tagged with `version_uri`
+    in the same call that makes it, so it is never left untagged. Returns the ModelVersion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return mlflow_client.create_model_version(
+        model_name,
+        source=f"models:/{model_id}",
+        run_id=run_id,
+        tags={FINAL_VERSION_TAG: version_uri},
+        model_id=model_id,
+    )
+
+
+def champion_version(mlflow_client, model_name: str):
+    """The version of `model_name` that alias `champion` names, or None (no model, no alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def train_run(mlflow_client, experiment: str, run_name: str, config: dict) -> str:

@@ -1,5 +1,5 @@
 """Where a sweep lives in storage, shared by `sweeps` and `results`: Tune's experiment folder
-`<storage>/<name>` holding our spec record and, once the sweep ends, its summary.
+`<storage>/<name>` holding our spec record, once the sweep ends its summary, and its final models.
 """
 
 from __future__ import annotations
@@ -65,6 +65,19 @@ def dataset_version(
         seen.append(generation)
     return {**record, DATASET_GENERATIONS: seen}
 
+# `chestxpert final` keeps every model it publishes; relative to the sweep folder:
+FINAL_DIR = "final"
+FINAL_STAGING = f"{FINAL_DIR}/staging"  # <attempt>/model: a retrain's epochs; never served
+FINAL_VERSIONS = f"{FINAL_DIR}/versions"  # <N>/: published versions 1, 2, …; N is never reused
+FINAL_POINTER = f"{FINAL_DIR}/current.json"  # the version `champion` names; written last
+LEGACY_FINAL_MODEL = f"{FINAL_DIR}/model"  # where releases before versions put the one model
+# Inside a version folder: the model (thresholds in its state.json), the report, what the
+# version is (metric, attempt), and SHA256SUMS, written last, that `sha256sum -c` can read.
+VERSION_MODEL = "model"
+VERSION_REPORT = "report"
+VERSION_INFO = "version.json"
+VERSION_CHECKSUMS = "SHA256SUMS"
+
 
 @dataclass(frozen=True)
 class SweepLocation:
@@ -89,12 +102,27 @@ class SweepLocation:
             return json.loads(stream.read())
 
     def write_json(self, filename: str, payload: dict[str, Any]) -> None:
-        self.fs.create_dir(self.path, recursive=True)
+        """Write `payload` to `filename` (a path under the sweep folder) whole or not at all."""
         data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
-        partial = f"{self.path}/.{filename}.partial"
-        with self.fs.open_output_stream(partial) as stream:
+        write_whole(self.fs, f"{self.path}/{filename}", data)
+
+
+def write_whole(fs: Any, path: str, data: bytes) -> None:
+    """Put `data` at `path` on pyarrow filesystem `fs` so a reader sees the old file or the new one.
+
+    An S3 object appears only once its upload completes, so S3 gets one upload; a local or
+    other filesystem gets a hidden temporary file beside the target, then a rename.
+    """
+    folder, _, name = path.rpartition("/")
+    fs.create_dir(folder, recursive=True)
+    if fs.type_name == "s3":
+        with fs.open_output_stream(path) as stream:
             stream.write(data)
-        self.fs.move(partial, f"{self.path}/{filename}")
+        return
+    partial = f"{folder}/.{name}.partial"
+    with fs.open_output_stream(partial) as stream:
+        stream.write(data)
+    fs.move(partial, path)
 
 
 def locate(endpoints: Endpoints, name: str) -> SweepLocation:

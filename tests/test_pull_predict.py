@@ -245,7 +245,7 @@ def _deleted_checkpoint(sweep: Path) -> str:
         (
             lambda sweep: SWEEP,
             True,
-            r"no final model yet \(looked in .*/pneumo/final/model\); "
+            r"no final model yet \(no .*/pneumo/final/current.json\); "
             r"run `chestxpert final pneumo` first",
         ),
     ],
