@@ -369,7 +369,7 @@ def _log_to_mlflow(
     uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
     model_name = spec.model_name or spec.name
     client = mlflow_runs.client(uri)
-    parent = recorded.get("parent_run_id", "")
+    parent = recorded.get("parent_run_id") or ""  # None: MLflow never answered the sweep
     run_id = mlflow_runs.final_run(
         client, spec.mlflow.experiment or spec.name, spec.name, parent, metrics["config"]
     )
