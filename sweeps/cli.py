@@ -163,11 +163,11 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
         or spec.mlflow.tracking_uri
         or endpoints.mlflow_tracking_uri
     )
-    upload_leftovers(location, endpoints.workspace)
     holder = read_holder(location)
     live = holder is not None and holder["live"]
-    # A live driver sends its own session's events; replaying them too could race it.
+    # A live driver uploads and sends its own session's events; doing it too could race it.
     exclude = (holder["session"],) if live and holder.get("session") else ()
+    upload_leftovers(location, endpoints.workspace, exclude)
     runs = SweepRuns(
         uri, spec.mlflow.experiment, spec.name, location.uri, recorded.get("parent_run_id")
     )

@@ -3,10 +3,11 @@ before it is sent, so `sweep resume` and `sweep mlflow-sync` can replay what a d
 
 One JSON line per event in `<sweep>/tracking/journal-<session>.jsonl`, one segment per driver
 session. A local storage folder is appended to directly. Object storage cannot append, so the
-segment is written to a buffer in the workspace and uploaded whole every SYNC_SECONDS and at
-close; a driver killed between two uploads leaves its buffer for the next command on the same
-machine (`upload_leftovers`). `acked-<session>.json` says, per MLflow server, up to which `seq`
-the server has the segment; replay skips that much and is idempotent beyond it.
+segment is written to a buffer in the workspace and uploaded every SYNC_SECONDS and at close,
+in parts of about PART_BYTES (`journal-<session>-p00001.jsonl`, …) so an upload never grows
+with the sweep; a driver killed between two uploads leaves its buffer for the next command on
+the same machine (`upload_leftovers`). `acked-<session>.json` says, per MLflow server, up to
+which `seq` the server has the segment; replay skips that much and is idempotent beyond it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -26,6 +28,8 @@ from chestxpert.sweeps.layout import TRACKING_DIR, SweepLocation, acked_name, jo
 
 SYNC_SECONDS = 5.0  # upload interval of an object-storage segment, and of the acked marker
 BUFFER_FOLDER = "journal-buffer"  # under the workspace: segments on their way to object storage
+PART_BYTES = 256 * 1024  # an object-storage part is closed once it holds this much
+_SEGMENT_FILE = re.compile(r"^journal-(.+?)(?:-p(\d{5}))?\.jsonl$")
 
 
 def new_session() -> str:
@@ -65,6 +69,8 @@ class Journal:
         self._sync_lock = threading.Lock()
         self._acked: dict[str, int] = {}
         self._acked_written: dict[str, int] = {}
+        self._part = 1  # object storage: the part being uploaded, and where it starts
+        self._part_start = 0
         self._uploaded = 0
         self._warned = False
         self._stop = threading.Event()
@@ -96,8 +102,11 @@ class Journal:
                 data = self.local_path.read_bytes()
                 whole = data[: data.rfind(b"\n") + 1]  # never a line still being written
                 if len(whole) > self._uploaded:
-                    self.location.write_bytes(journal_name(self.session), whole)
+                    part = whole[self._part_start :]
+                    self.location.write_bytes(part_name(self.session, self._part), part)
                     self._uploaded = len(whole)
+                    if len(part) >= PART_BYTES:
+                        self._part, self._part_start = self._part + 1, len(whole)
             with self._lock:
                 acked = dict(self._acked)
             if acked != self._acked_written:
@@ -146,26 +155,39 @@ class Segment:
         return [event for event in self.events if event.get("seq", 0) > done]
 
 
-def _session_of(filename: str) -> str | None:
-    if filename.startswith("journal-") and filename.endswith(".jsonl"):
-        return filename[len("journal-") : -len(".jsonl")]
-    return None
+def part_name(session: str, part: int) -> str:
+    """Part `part` (from 1) of a session's segment in object storage, relative to the sweep."""
+    return f"{TRACKING_DIR}/journal-{session}-p{part:05d}.jsonl"
+
+
+def _stored_parts(location: SweepLocation) -> dict[str, list[str]]:
+    """Session -> the file names holding its segment, in order (one, or parts in S3)."""
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for filename in location.list_files(TRACKING_DIR):
+        found = _SEGMENT_FILE.match(filename)
+        if found:
+            number = int(found.group(2) or 0)
+            parts.setdefault(found.group(1), []).append((number, filename))
+    return {session: [name for _, name in sorted(files)] for session, files in parts.items()}
 
 
 def read_segments(location: SweepLocation, exclude: tuple[str, ...] = ()) -> list[Segment]:
     """Every journal segment of the sweep, oldest session first, but the sessions in `exclude`."""
     segments = []
-    for filename in location.list_files(TRACKING_DIR):
-        session = _session_of(filename)
-        if session is None or session in exclude:
+    for session, filenames in sorted(_stored_parts(location).items()):
+        if session in exclude:
             continue
-        data = location.read_bytes(f"{TRACKING_DIR}/{filename}") or b""
-        events, torn = [], 0
+        data = b"".join(location.read_bytes(f"{TRACKING_DIR}/{name}") or b"" for name in filenames)
+        events, torn, seen = [], 0, set()
         for line in data.decode("utf-8", errors="replace").splitlines():
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
                 torn += 1
+                continue
+            if event.get("seq") not in seen:  # a part uploaded twice holds its lines twice
+                seen.add(event.get("seq"))
+                events.append(event)
         marker = location.read_json(acked_name(session)) or {}
         segments.append(Segment(session, events, dict(marker.get("acked", {})), torn))
     return segments
@@ -181,23 +203,36 @@ def record_acked(location: SweepLocation, session: str, tracking_uri: str, seq: 
         location.write_json(acked_name(session), {"acked": acked})
 
 
-def upload_leftovers(location: SweepLocation, workspace: Path) -> list[str]:
-    """Upload the buffered segments a killed driver left on this machine; return their sessions.
+def upload_leftovers(
+    location: SweepLocation, workspace: Path, exclude: tuple[str, ...] = ()
+) -> list[str]:
+    """Upload what killed drivers left in this machine's buffer; return their sessions.
 
-    Only for object storage (a local folder holds its segments already). A buffer is uploaded
-    when storage has less of it than this machine; the buffer itself is left in place.
+    Only for object storage (a local folder holds its segments already). Parts are whole-line
+    slices of the buffer in order, so what storage lacks is the buffer past the bytes its
+    parts hold; that goes up as one more part. The buffer itself is left in place. Sessions
+    in `exclude` (a driver alive now) upload their own buffers.
     """
     if location.is_local:
         return []
     folder = buffer_folder(workspace, location)
     if not folder.is_dir():
         return []
+    stored = _stored_parts(location)
     uploaded = []
     for path in sorted(folder.glob("journal-*.jsonl")):
+        session = path.name[len("journal-") : -len(".jsonl")]
+        if session in exclude:
+            continue
+        names = stored.get(session, [])
+        held = sum(
+            location.fs.get_file_info(f"{location.path}/{TRACKING_DIR}/{name}").size or 0
+            for name in names
+        )
         data = path.read_bytes()
         whole = data[: data.rfind(b"\n") + 1]
-        stored = location.fs.get_file_info(f"{location.path}/{TRACKING_DIR}/{path.name}")
-        if len(whole) > (stored.size or 0):
-            location.write_bytes(f"{TRACKING_DIR}/{path.name}", whole)
-            uploaded.append(_session_of(path.name) or path.name)
+        if len(whole) > held:
+            last = int(_SEGMENT_FILE.match(names[-1]).group(2) or 0) if names else 0
+            location.write_bytes(part_name(session, last + 1), whole[held:])
+            uploaded.append(session)
     return uploaded

@@ -73,32 +73,42 @@ from chestxpert.cluster.endpoints import resolve
 from chestxpert.sweeps.journal import Journal
 from chestxpert.sweeps.layout import locate
 
-storage, workspace = sys.argv[1], Path(sys.argv[2])
+storage, workspace, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 location = locate(resolve(storage=storage, workspace=workspace), "sweep")
 journal = Journal(location, "doomed", workspace)
 config = {f"key_{i}": "x" * 40 for i in range(20)}
-for seq in range(5):
-    journal.append("metrics", trial_id="t1", config=config, metrics={"val_loss": 0.5}, step=seq)
+
+
+def append(count):
+    for _ in range(count):
+        journal.append("metrics", trial_id="t1", config=config, metrics={"val_loss": 0.5}, step=1)
+
+
+if mode == "parts":  # a first part uploaded and closed, as the uploader does every 5 s
+    append(300)
+    journal.sync()
+append(5)
 print("appended", flush=True)
-while len(sys.argv) > 3:  # keep appending until killed
-    journal.append("metrics", trial_id="t1", config=config, metrics={"val_loss": 0.5}, step=1)
+while mode == "forever":
+    append(1)
 input()
 """
 
 
-def _appender(storage: str, workspace: Path, forever: bool, env: dict | None = None):
-    args = [sys.executable, "-c", APPENDER, storage, str(workspace)] + (
-        ["forever"] if forever else []
-    )
+def _appender(storage: str, workspace: Path, mode: str, env: dict | None = None):
     return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=env or os.environ
+        [sys.executable, "-c", APPENDER, storage, str(workspace), mode],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+        env=env or os.environ,
     )
 
 
 def test_a_driver_killed_while_appending_leaves_every_whole_line(tmp_path: Path) -> None:
     location = local_location(tmp_path)
     segment = Path(location.path) / journal_name("doomed")
-    process = _appender(str(tmp_path / "storage"), tmp_path, forever=True)
+    process = _appender(str(tmp_path / "storage"), tmp_path, "forever")
     try:
         assert process.stdout.readline().strip() == "appended"
         while segment.stat().st_size < 2_000_000:  # killed mid-stream, somewhere in a line
@@ -122,16 +132,19 @@ def test_a_killed_drivers_s3_buffer_is_uploaded_by_the_next_command(
         storage=storage, s3_endpoint_url=s3_endpoint.url, workspace=tmp_path, environ={}
     )
     location = locate(endpoints, "sweep")
-    process = _appender(storage, tmp_path, forever=False, env={**os.environ})
+    process = _appender(storage, tmp_path, "parts", env={**os.environ})
     try:
         assert process.stdout.readline().strip() == "appended"
     finally:
-        process.send_signal(signal.SIGKILL)  # before its first upload (every 5 s)
+        process.send_signal(signal.SIGKILL)  # 5 events after the last upload
         process.wait(timeout=30)
-    assert read_segments(location) == [], "the segment reached S3 before the kill"
+    (uploaded,) = read_segments(location)
+    assert [e["seq"] for e in uploaded.events] == list(range(1, 301))
+    assert location.list_files("tracking") == ["journal-doomed-p00001.jsonl"]
     assert upload_leftovers(location, tmp_path) == ["doomed"]
     (found,) = read_segments(location)
-    assert [event["step"] for event in found.events] == [0, 1, 2, 3, 4]
+    assert [event["seq"] for event in found.events] == list(range(1, 306))
+    assert location.list_files("tracking")[-1] == "journal-doomed-p00002.jsonl"
     assert upload_leftovers(location, tmp_path) == []  # storage has it all now
 
 
