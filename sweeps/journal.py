@@ -137,7 +137,15 @@ class Journal:
             self._thread.join()
         if not self._file.closed:
             self._file.close()
-        self.sync()
+        try:
+            self.sync()
+        except Exception as err:  # storage away at the very end: the buffer still has it all
+            print(
+                f"warning: could not write the tracking journal to {self.location.uri}/"
+                f"{TRACKING_DIR} ({type(err).__name__}); {self.local_path} keeps it, and the "
+                f"next `chestxpert sweep resume` or `mlflow-sync` on this machine uploads it",
+                flush=True,
+            )
 
 
 @dataclass
