@@ -306,7 +306,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_flags(parser: argparse.ArgumentParser) -> None:
+RECORDED_MLFLOW_HELP = "MLflow tracking URI (else the server the sweep recorded, the spec's, …)"
+
+
+def _service_flags(
+    parser: argparse.ArgumentParser,
+    mlflow_help: str = "MLflow tracking URI (else MLFLOW_TRACKING_URI, …)",
+) -> None:
     parser.add_argument(
         "--address",
         default=None,
@@ -315,9 +321,7 @@ def _service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
     )
-    parser.add_argument(
-        "--mlflow-uri", default=None, help="MLflow tracking URI (else MLFLOW_TRACKING_URI, …)"
-    )
+    parser.add_argument("--mlflow-uri", default=None, help=mlflow_help)
     parser.add_argument(
         "--s3-endpoint",
         default=None,
@@ -355,7 +359,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     resume = sweep_sub.add_parser("resume", help="continue an interrupted sweep from its storage")
     resume.add_argument("name")
-    _service_flags(resume)
+    _service_flags(
+        resume,
+        "MLflow tracking URI: the sweep's tracking moves there, and later commands use it "
+        "(default: the server the sweep recorded)",
+    )
     _force_flag(resume)
     resume.set_defaults(func=cmd_resume)
 
@@ -376,7 +384,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="send MLflow what it lacks of a sweep (journal, results, final statuses)",
     )
     sync.add_argument("name")
-    _service_flags(sync)
+    _service_flags(sync, RECORDED_MLFLOW_HELP)
     sync.set_defaults(func=cmd_mlflow_sync)
 
     submit = sweep_sub.add_parser(
