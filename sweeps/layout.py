@@ -1,5 +1,6 @@
 """Where a sweep lives in storage, shared by `sweeps` and `results`: Tune's experiment folder
-`<storage>/<name>` holding our spec record, once the sweep ends its summary, and its final models.
+`<storage>/<name>` holding our spec record, lease, tracking journal, at the end its summary, and
+its final models.
 """
 
 from __future__ import annotations
@@ -12,9 +13,26 @@ from typing import Any
 from chestxpert.cluster.endpoints import Endpoints, storage_filesystem
 from chestxpert.cluster.errors import UserError
 
-SPEC_FILE = "chestxpert_spec.json"  # the spec as run, the parent MLflow run id, dataset version
+SPEC_FILE = "chestxpert_spec.json"  # the spec as run, the parent MLflow run id and server,
+# the dataset version
 SUMMARY_FILE = "chestxpert_summary.json"  # best trial, config and checkpoint; written at the end
 FINAL_STATE = "final/model/state.json"  # the final model's state: config, dataset digest
+# Who is writing the sweep now (sweeps/lease.py); JSON inside. Not `*.json`: Tune's restore
+# copies the folder's top-level *.json and *.pkl files to the driver and uploads them back at
+# every snapshot, which would roll a lease back to the heartbeat it had at restore.
+LEASE_FILE = "chestxpert.lease"
+TRACKING_DIR = "tracking"  # one journal segment per driver session, and what MLflow has of it
+
+
+def journal_name(session: str) -> str:
+    """A driver session's journal segment, relative to the sweep's folder."""
+    return f"{TRACKING_DIR}/journal-{session}.jsonl"
+
+
+def acked_name(session: str) -> str:
+    """How far each MLflow server has a session's segment, relative to the sweep's folder."""
+    return f"{TRACKING_DIR}/acked-{session}.json"
+
 
 # The dataset version in the spec record: the digest and generation trials read now, every
 # generation any of them read (`data gc` keeps those), and each change allowed on the way.
@@ -65,6 +83,7 @@ def dataset_version(
         seen.append(generation)
     return {**record, DATASET_GENERATIONS: seen}
 
+
 # `chestxpert final` keeps every model it publishes; relative to the sweep folder:
 FINAL_DIR = "final"
 FINAL_STAGING = f"{FINAL_DIR}/staging"  # <attempt>/model: a retrain's epochs; never served
@@ -92,19 +111,49 @@ class SweepLocation:
     def path(self) -> str:
         return f"{self.root}/{self.name}"
 
-    def read_json(self, filename: str) -> dict[str, Any] | None:
+    @property
+    def is_local(self) -> bool:
+        """True for a folder on this machine (appendable); False for object storage."""
+        import pyarrow.fs as pafs
+
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def read_bytes(self, filename: str) -> bytes | None:
+        """The file `filename` (relative to the sweep's folder), or None when it is missing."""
         import pyarrow.fs as pafs
 
         target = f"{self.path}/{filename}"
         if self.fs.get_file_info(target).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(target) as stream:
-            return json.loads(stream.read())
+            return stream.read()
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        data = self.read_bytes(filename)
+        return None if data is None else json.loads(data)
+
+    def write_bytes(self, filename: str, data: bytes) -> None:
+        """Write `filename` (a path under the sweep folder) whole, so a reader never sees half."""
+        write_whole(self.fs, f"{self.path}/{filename}", data)
 
     def write_json(self, filename: str, payload: dict[str, Any]) -> None:
-        """Write `payload` to `filename` (a path under the sweep folder) whole or not at all."""
-        data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
-        write_whole(self.fs, f"{self.path}/{filename}", data)
+        self.write_bytes(
+            filename, json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+        )
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names of the files directly in `folder` (relative to the sweep's folder), sorted."""
+        import pyarrow.fs as pafs
+
+        target = f"{self.path}/{folder}"
+        if self.fs.get_file_info(target).type != pafs.FileType.Directory:
+            return []
+        selector = pafs.FileSelector(target, recursive=False)
+        return sorted(
+            info.base_name
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        )
 
 
 def write_whole(fs: Any, path: str, data: bytes) -> None:
