@@ -1,25 +1,21 @@
-"""Benchmark (not a test): driver CPU per Tune report in NestedMlflowCallback, with the tracking
-journal on a local storage folder versus without it (issue #12 asks for <= 1 ms per report).
+"""Driver CPU per Tune report in NestedMlflowCallback, with the tracking journal on a local
+storage folder versus without it (issue #12 asks for <= 1 ms per report).
 
-`.venv/bin/python -m tests.bench_journal [REPORTS] [RUNS]` prints every run and the spread.
 The MLflow URI refuses connections and the sender has already given up (it retries only after
 RETRY_SECONDS), so what is measured is the event path: journal append + flush, and the queue.
+Runs alternate sides; every run is printed, then each side's median and spread.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks.runner import scratch_dir
 from chestxpert.cluster.endpoints import resolve
 from chestxpert.cluster.processes import free_port
-from chestxpert.sweeps.journal import Journal
-from chestxpert.sweeps.layout import locate
-from chestxpert.sweeps.tracking import NestedMlflowCallback
 
 LABELS = 14  # NIH ChestX-ray14: one AUC per finding, as a trial reports them
 
@@ -66,6 +62,12 @@ def _config() -> dict:
 
 def measure(reports: int, with_journal: bool, workspace: Path) -> tuple[float, float]:
     """(process CPU, calling-thread CPU) in ms per report over `reports` on_trial_result calls."""
+    # Imported here: the tracking module imports Ray, and every benchmark's child process
+    # imports this package before it sets Ray's token variables.
+    from chestxpert.sweeps.journal import Journal
+    from chestxpert.sweeps.layout import locate
+    from chestxpert.sweeps.tracking import NestedMlflowCallback
+
     callback = NestedMlflowCallback(
         f"http://127.0.0.1:{free_port()}", "bench", "bench", None, max_epochs=reports
     )
@@ -89,32 +91,28 @@ def measure(reports: int, with_journal: bool, workspace: Path) -> tuple[float, f
     return per_process, per_thread
 
 
-def main() -> None:
-    reports = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    runs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    print(f"{reports} reports per run, {runs} runs per side, alternating; ms of driver CPU/report")
+def run(smoke: bool = False) -> None:
+    reports, runs = (50, 1) if smoke else (2000, 5)
+    print(f"  {reports} reports per run, {runs} runs per side, alternating; ms of CPU per report")
     sides: dict[str, list[tuple[float, float]]] = {"without journal": [], "with journal": []}
-    with tempfile.TemporaryDirectory(prefix="cx-bench-journal-") as folder:
-        for run in range(runs):
+    with scratch_dir() as folder:
+        for number in range(runs):
             for label in sides:
-                cpu = measure(reports, label == "with journal", Path(folder) / f"{label}-{run}")
+                cpu = measure(reports, label == "with journal", folder / f"{label}-{number}")
                 sides[label].append(cpu)
                 print(
-                    f"  run {run + 1} {label:16s} process {cpu[0]:.3f}  event thread {cpu[1]:.3f}"
+                    f"  run {number + 1} {label:16s} process {cpu[0]:.3f}  "
+                    f"event thread {cpu[1]:.3f}"
                 )
     for label, values in sides.items():
         process = [v[0] for v in values]
         thread = [v[1] for v in values]
         print(
-            f"{label:16s} process median {statistics.median(process):.3f} "
+            f"  {label:16s} process median {statistics.median(process):.3f} "
             f"(min {min(process):.3f}, max {max(process):.3f}); event thread median "
             f"{statistics.median(thread):.3f} (min {min(thread):.3f}, max {max(thread):.3f})"
         )
     extra = statistics.median(v[0] for v in sides["with journal"]) - statistics.median(
         v[0] for v in sides["without journal"]
     )
-    print(f"the journal adds {extra:.3f} ms of driver CPU per report (median, process CPU)")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"  the journal adds {extra:.3f} ms of driver CPU per report (median, process CPU)")
