@@ -185,7 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip the checksum checks (fetch a version whose SHA256SUMS is missing)",
+        help="skip the checksum checks: take a checkpoint without model.keras.sha256, or a "
+        "version whose SHA256SUMS is missing",
     )
     _flags(pull)
     pull.set_defaults(func=cmd_pull_best)

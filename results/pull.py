@@ -266,14 +266,18 @@ def _check_listing(found: set[str], expected: dict[str, str], uri: str) -> None:
 
 
 def verify_checksum(folder: Path, source: str) -> None:
-    """Compare model.keras in `folder` with the hex digest in model.keras.sha256, if present.
+    """Compare model.keras in `folder` with the hex digest in model.keras.sha256.
 
-    Older checkpoints have no checksum file; they pass unchecked. Raises ChecksumError
-    naming both digests and `source`.
+    Every checkpoint ChestXpert writes has the checksum file; one without it is refused
+    (the caller skips this with --no-verify). Raises ChecksumError naming `source` and, for a
+    mismatch, both digests.
     """
     recorded_file = folder / CHECKSUM_FILE
     if not recorded_file.is_file():
-        return
+        raise ChecksumError(
+            f"{source} has no {CHECKSUM_FILE}, so its {MODEL_FILE} cannot be checked; nothing "
+            "was kept. Pass --no-verify to take it unchecked"
+        )
     text = recorded_file.read_text().split()
     expected = text[0].lower() if text else ""
     actual = file_sha256(folder / MODEL_FILE)
@@ -459,7 +463,16 @@ def _list_files(fs: Any, path: str) -> dict[str, int]:
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
         if info.type != pafs.FileType.File or info.path.endswith("/"):
             continue
-        files[info.path[len(path) :].lstrip("/")] = int(info.size or 0)
+        relative = info.path[len(path) :].lstrip("/")
+        parts = relative.replace("\\", "/").split("/")
+        if ".." in parts or relative.startswith(("/", "~")) or ":" in parts[0]:
+            # An object store key is any string: one like `model/../../.bashrc` must not
+            # write outside the download folder.
+            raise PullError(
+                f"{path} holds a file named {relative!r}, which would land outside the download "
+                "folder; nothing was downloaded. The storage holds a key no ChestXpert wrote"
+            )
+        files[relative] = int(info.size or 0)
     return files
 
 
