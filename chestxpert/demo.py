@@ -41,7 +41,7 @@ def run_demo(
     from chestxpert.sweeps.run import format_summary, run_sweep
     from chestxpert.sweeps.spec import load_spec
 
-    started = time.monotonic()
+    clock = time.monotonic()
     state, started = up(opts)
     try:
         ws = opts.workspace
@@ -98,7 +98,7 @@ def run_demo(
         cpus = int(state["ray"].get("resources", {}).get("CPU") or os.cpu_count() or 1)
         final = run_final(name, FinalOptions(bootstrap=500, cpus=cpus), endpoints)
         summary["final"] = {k: final[k] for k in ("report_dir", "storage_dir", "mlflow")}
-        minutes = (time.monotonic() - started) / 60
+        minutes = (time.monotonic() - clock) / 60
         print(f"\ndemo finished in {minutes:.1f} min. Where to look:")
         print(
             f"  Ray dashboard   {state['ray']['dashboard_url']}  "

@@ -203,7 +203,7 @@ def download_folder(
     """Copy every file under `path` on pyarrow filesystem `fs` into `to/<folder name>` atomically.
 
     `uri` names the source in messages. Checks that the `required` files are there; with
-    `verify`, that model.keras matches model.keras.sha256 when present and, given `expected`
+    `verify`, that model.keras matches model.keras.sha256 (refused without one) or, given `expected`
     (relative path → SHA-256, from a version's SHA256SUMS), that the folder holds exactly those
     files with those digests (SHA256SUMS itself aside). Returns the local folder.
     """
@@ -234,7 +234,7 @@ def download_folder(
                         digest.update(chunk)
                         bar.update(len(chunk))
                 digests[relative] = digest.hexdigest()
-        if verify:
+        if verify and expected is None:  # a version is checked file by file against SHA256SUMS
             verify_checksum(partial, uri)
         for relative, wanted in (expected or {}).items():
             if digests[relative] != wanted:

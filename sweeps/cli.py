@@ -120,6 +120,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{best:>8s}  {trial['ended']}"
         )
     print(f"{len(status['trials'])} of {status['num_samples']} trials")
+    if status["abandoned"]:
+        print(
+            f"abandoned: {', '.join(status['abandoned'])} (started by a driver that died before "
+            "Tune recorded them; the resume ran those slots again)"
+        )
     if status["best_so_far"]:
         best = status["best_so_far"]
         print(f"best so far: {best['trial_id']} {status['metric']} = {best['value']:.4f}")

@@ -73,7 +73,7 @@ def sync_sweep(
         counts.values += runs.log_metrics(trial.trial_id, trial.config, metric_rows(trial.results))
         if trial.state in _ENDED_STATES:
             reason = trial.ended
-        elif interrupted:
+        elif interrupted or trial.state == "ABANDONED":
             reason = INTERRUPTED
         else:
             continue  # running now, under this driver

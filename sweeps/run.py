@@ -234,6 +234,9 @@ def _run_holding_lease(
                 trainable=trainable,
                 resume_unfinished=True,
                 resume_errored=True,
+                # Without it Tune restores no search space, and a searcher whose state file the
+                # killed driver never wrote has nothing to sample from.
+                param_space=spec.param_space(),
                 storage_filesystem=location.fs,
             )
             # Tune brings back the callbacks pickled when the sweep started (the MLflow

@@ -19,7 +19,7 @@ class TrialRow:
     """One trial as storage records it."""
 
     trial_id: str
-    state: str  # TERMINATED, ERROR, RUNNING, PENDING, PAUSED (Tune's words)
+    state: str  # TERMINATED, ERROR, RUNNING, PENDING, PAUSED (Tune's words), or ABANDONED
     epochs: int  # epochs reported
     best: float | None  # best value of the sweep metric
     ended: str  # completed / stopped by ASHA at epoch k / errored / running
@@ -35,29 +35,33 @@ def _read_text(fs, path: str) -> str | None:
         return stream.read().decode()
 
 
-def _trial_states(location: SweepLocation) -> dict[str, dict[str, Any]]:
-    """Tune's own record of each trial (status, folder), from the newest experiment_state file."""
+def _trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Tune's own record of each trial (status, folder), from the newest experiment_state file,
+    and when that file was written (None without one)."""
     selector = pafs.FileSelector(location.path, recursive=False)
     states = sorted(
-        info.path
-        for info in location.fs.get_file_info(selector)
-        if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+        (
+            info
+            for info in location.fs.get_file_info(selector)
+            if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+        ),
+        key=lambda info: info.path,
     )
     if not states:
-        return {}
-    data = json.loads(_read_text(location.fs, states[-1]) or "{}")
+        return {}, None
+    data = json.loads(_read_text(location.fs, states[-1].path) or "{}")
     out = {}
     for entry in data.get("trial_data", []):
         raw = entry[0] if isinstance(entry, list) else entry
         state = json.loads(raw) if isinstance(raw, str) else raw
         out[state.get("trial_id")] = state
-    return out
+    return out, states[-1].mtime
 
 
 def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int) -> list[TrialRow]:
     """Every trial folder of the sweep with its results, state and how it ended."""
     fs = location.fs
-    states = _trial_states(location)
+    states, recorded_at = _trial_states(location)
     rows = []
     selector = pafs.FileSelector(location.path, recursive=False)
     for info in fs.get_file_info(selector):
@@ -70,6 +74,12 @@ def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int
         results = [json.loads(line) for line in results_text.splitlines() if line.strip()]
         trial_id = results[-1]["trial_id"] if results else info.base_name.split("_", 1)[1]
         state = states.get(trial_id, {}).get("status", "UNKNOWN")
+        if state == "UNKNOWN" and recorded_at is not None:
+            started = fs.get_file_info(f"{info.path}/params.json").mtime
+            # A driver killed between starting a trial and its next snapshot leaves a folder
+            # Tune never recorded; the resumed driver ran that slot again as a new trial.
+            if started is not None and started < recorded_at:
+                state = "ABANDONED"
         errored = (
             state == "ERROR"
             or _read_text(fs, f"{info.path}/error.txt") is not None
@@ -80,7 +90,7 @@ def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int
         )
         values = [r[metric] for r in results if isinstance(r.get(metric), int | float)]
         best = (max(values) if mode == "max" else min(values)) if values else None
-        if state in ("RUNNING", "PENDING", "PAUSED"):
+        if state in ("RUNNING", "PENDING", "PAUSED", "ABANDONED"):
             ended = state.lower()
         else:
             ended = ended_reason(epochs, max_epochs, errored)
@@ -98,7 +108,8 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
     spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
     metric, mode = spec.metric, spec.mode
     max_epochs = spec.scheduler.max_t or spec.epochs()
-    trials = read_trials(location, metric, mode, max_epochs)
+    rows = read_trials(location, metric, mode, max_epochs)
+    trials = [t for t in rows if t.state != "ABANDONED"]
     scored = [t for t in trials if t.best is not None]
     best = (max if mode == "max" else min)(scored, key=lambda t: t.best) if scored else None
     return {
@@ -113,6 +124,8 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
         if best
         else None,
         "trials": [{k: v for k, v in asdict(t).items() if k != "results"} for t in trials],
+        # started by a driver that died before Tune recorded them; run again under a new id
+        "abandoned": [t.trial_id for t in rows if t.state == "ABANDONED"],
     }
 
 
