@@ -14,6 +14,7 @@ from benchmarks import (
     asha,
     demo_report,
     driver,
+    journal,
     mlflow_job_runner,
     parquet_vs_png,
     s3_startup,
@@ -32,6 +33,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         startup_per_backbone,
         asha,
         driver,
+        journal,
         demo_report,
     )
 }

@@ -58,7 +58,11 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    from chestxpert.sweeps.tracking import NestedMlflowCallback, _client, parent_run
+    from chestxpert.cluster.mlflow_runs import client as mlflow_client
+    from chestxpert.cluster.mlflow_runs import parent_run
+    from chestxpert.sweeps.journal import Journal
+    from chestxpert.sweeps.layout import locate
+    from chestxpert.sweeps.tracking import NestedMlflowCallback
 
     ray.init(
         include_dashboard=False,
@@ -90,7 +94,11 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks: list = [count]
         if mlflow:
             parent = parent_run(url, "bench-driver", name, {"trials": trials}, {})
-            callbacks.append(NestedMlflowCallback(url, "bench-driver", name, parent, reports))
+            logger = NestedMlflowCallback(url, "bench-driver", name, parent, reports)
+            # as a sweep runs it: every event journalled in the storage before it is sent
+            location = locate(resolve(storage=str(ws / "storage"), environ={}), name)
+            logger.attach(Journal(location, f"bench-{name}", ws))
+            callbacks.append(logger)
         tuner = tune.Tuner(
             tune.with_resources(instant, {"cpu": spec["cpus"]}),
             param_space={"x": tune.uniform(0.5, 1.0)},
@@ -115,7 +123,7 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
             "trials": trials,
         }
         if mlflow:
-            client = _client(url)
+            client = mlflow_client(url)
             experiment = client.get_experiment_by_name("bench-driver").experiment_id
             runs = client.search_runs(
                 [experiment],

@@ -157,13 +157,9 @@ def tune_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ray import tune
 
-    from chestxpert.sweeps.tracking import (
-        TRIAL_TAG,
-        NestedMlflowCallback,
-        _client,
-        find_run,
-        parent_run,
-    )
+    from chestxpert.cluster.mlflow_runs import TRIAL_TAG, find_run, parent_run
+    from chestxpert.cluster.mlflow_runs import client as mlflow_client
+    from chestxpert.sweeps.tracking import NestedMlflowCallback
     from chestxpert.trainable.train import train
 
     url, epochs = spec["mlflow_url"], spec["config"]["epochs"]
@@ -182,7 +178,7 @@ def tune_trial(spec: dict[str, Any]) -> dict[str, Any]:
     if result.error is not None:
         raise RuntimeError(f"the trial failed: {result.error}")
     rows = result.metrics_dataframe.sort_values("epoch")
-    client = _client(url)
+    client = mlflow_client(url)
     experiment = client.get_experiment_by_name("bench").experiment_id
     run = find_run(client, experiment, {TRIAL_TAG: result.metrics["trial_id"]})
     logged = sum(len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics)

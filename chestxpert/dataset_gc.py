@@ -17,14 +17,19 @@ def dataset_references(uri: str, endpoints: Endpoints) -> dict[str, str]:
     """Generations of dataset `uri` that something in the storage root still names, with why.
 
     Scans every sweep under `endpoints.storage_uri`: its spec record (every generation its
-    trials read) and its final model's state (the digest it was trained on). Sweeps recorded
-    before datasets had versions name none.
+    trials read) and the state of every final model it has (each published version, a retrain
+    in progress in staging, and the one model of releases before versions: the digest each
+    was trained on). Sweeps recorded before datasets had versions name none.
     """
+    from chestxpert.results import versions
     from chestxpert.sweeps.layout import (
         DATASET_GENERATION,
         DATASET_GENERATIONS,
+        FINAL_STAGING,
         FINAL_STATE,
+        FINAL_VERSIONS,
         SPEC_FILE,
+        VERSION_MODEL,
         SweepLocation,
     )
     from chestxpert.sweeps.status import list_sweeps
@@ -39,11 +44,22 @@ def dataset_references(uri: str, endpoints: Endpoints) -> dict[str, str]:
             generations = recorded.get(DATASET_GENERATIONS) or [recorded.get(DATASET_GENERATION)]
             for generation in filter(None, generations):
                 named.setdefault(generation, []).append(f"sweep {name}")
-        state = location.read_json(FINAL_STATE) or {}
-        digest = state.get("dataset_digest")
-        if digest and _same(state.get("config", {}).get("dataset"), target):
-            generation = state["config"].get("dataset_generation") or digest[:GENERATION_CHARS]
-            named.setdefault(generation, []).append(f"final model of {name}")
+        finals = {FINAL_STATE: f"final model of {name}"}
+        for number in versions.version_numbers(location):
+            finals[f"{FINAL_VERSIONS}/{number}/{VERSION_MODEL}/state.json"] = (
+                f"final model version {number} of {name}"
+            )
+        for attempt in versions.staging_attempts(location):
+            finals[f"{FINAL_STAGING}/{attempt}/{VERSION_MODEL}/state.json"] = (
+                f"final retrain {attempt} of {name} (in progress or interrupted)"
+            )
+        for relative, why in finals.items():
+            state = location.read_json(relative) or {}
+            digest = state.get("dataset_digest")
+            if digest and _same(state.get("config", {}).get("dataset"), target):
+                config = state["config"]
+                generation = config.get("dataset_generation") or digest[:GENERATION_CHARS]
+                named.setdefault(generation, []).append(why)
     return {generation: ", ".join(why) for generation, why in named.items()}
 
 

@@ -1,5 +1,6 @@
 """The one home of MLflow clients and of the runs ChestXpert makes: a parent run per sweep,
-a nested run per trial, a final run under the parent, and a run per `chestxpert train`.
+a nested run per trial, a final run under the parent, a run per `chestxpert train`, and the
+registered versions of final models with the `champion` alias.
 """
 
 from __future__ import annotations
@@ -7,12 +8,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 SWEEP_TAG = "chestxpert.sweep"
 TRIAL_TAG = "chestxpert.trial_id"
 ENDED_TAG = "chestxpert.ended"
 ROLE_TAG = "chestxpert.role"  # sweep | trial | final | train
+STORAGE_TAG = "chestxpert.storage"  # the sweep's storage folder: one sweep name, many storages
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this run id
+# On a final run and its registered model version: the storage folder of the published
+# version it holds, so a registration is found again (never made twice) after a failure.
+FINAL_VERSION_TAG = "chestxpert.final_version"
+CHAMPION_ALIAS = "champion"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
@@ -26,6 +33,9 @@ def client(tracking_uri: str):
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow prints a "View run … at: <tracking URI>" line per ended run: one per trial in a
+    # sweep's log, and the URI may carry a user and password.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -69,6 +79,51 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
+def safe_uri(tracking_uri: str) -> str:
+    """`tracking_uri` without a user or password in it, for messages and records.
+
+    MLflow takes credentials from MLFLOW_TRACKING_USERNAME/PASSWORD, but a URI such as
+    `https://user:secret@host` also works; the secret must never reach a log or storage.
+    """
+    parts = urlsplit(tracking_uri)
+    if not parts.username and not parts.password:
+        return tracking_uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def ensure_parent_run(
+    mlflow_client,
+    experiment: str,
+    sweep: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    reuse: str | None = None,
+    storage: str | None = None,
+):
+    """The sweep's parent run in experiment id `experiment`, created only when missing.
+
+    Looked up by `reuse` (the recorded run id), then by its tags (sweep name, role and,
+    when given, the storage folder), so a replay or a second driver never makes a second
+    parent. Returns `(run, created)`.
+    """
+    if reuse:
+        try:
+            run = mlflow_client.get_run(reuse)
+            if run.info.lifecycle_stage == "active":
+                return run, False
+        except Exception:
+            pass  # a different MLflow server than the sweep started with: look it up or make it
+    wanted = {SWEEP_TAG: sweep, ROLE_TAG: "sweep", **({STORAGE_TAG: storage} if storage else {})}
+    found = find_run(mlflow_client, experiment, wanted)
+    if found is not None:
+        return found, False
+    run = mlflow_client.create_run(experiment, run_name=sweep, tags={**wanted, **tags})
+    log_params(mlflow_client, run.info.run_id, params)
+    return run, True
+
+
 def parent_run(
     tracking_uri: str,
     experiment: str,
@@ -76,50 +131,129 @@ def parent_run(
     params: dict[str, Any],
     tags: dict[str, str],
     reuse: str | None = None,
+    storage: str | None = None,
 ) -> str:
-    """Create the sweep's parent run (the spec as params) and return its id.
+    """The id of the sweep's parent run (the spec as params) on `tracking_uri`.
 
-    `reuse`, a recorded run id, is returned instead when that run exists on this server.
+    `reuse`, a recorded run id, is returned when that run exists on this server; else
+    a run with the sweep's tags, else a new one (see `ensure_parent_run`).
     """
     mlflow_client = client(tracking_uri)
     exp = experiment_id(mlflow_client, experiment)
-    if reuse:
-        try:
-            return mlflow_client.get_run(reuse).info.run_id
-        except Exception:
-            pass  # a different MLflow server than the sweep started with: make a parent there
-    run = mlflow_client.create_run(
-        exp, run_name=sweep, tags={SWEEP_TAG: sweep, ROLE_TAG: "sweep", **tags}
-    )
-    log_params(mlflow_client, run.info.run_id, params)
+    run, _ = ensure_parent_run(mlflow_client, exp, sweep, params, tags, reuse, storage)
     return run.info.run_id
+
+
+def ensure_trial_run(
+    mlflow_client,
+    experiment: str,
+    sweep: str,
+    parent_run_id: str | None,
+    trial_id: str,
+    config: dict,
+):
+    """Trial `trial_id`'s run nested under `parent_run_id`: returns `(run, created)`.
+
+    Created (with the trial's config as params) when no run of this sweep carries the
+    trial's tag yet, so a replay never makes a second run for one trial. A run found
+    under another parent (made while the parent was unknown, or before a resume against
+    a new parent) is moved under this one; one whose params never arrived gets them.
+    """
+    existing = find_run(mlflow_client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    if existing is not None:
+        run_id = existing.info.run_id
+        if parent_run_id and existing.data.tags.get(PARENT_TAG) != parent_run_id:
+            mlflow_client.set_tag(run_id, PARENT_TAG, parent_run_id)
+        if config and not existing.data.params:
+            log_params(mlflow_client, run_id, config)
+        return existing, False
+    tags = {SWEEP_TAG: sweep, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = mlflow_client.create_run(experiment, run_name=f"{sweep}-{trial_id}", tags=tags)
+    log_params(mlflow_client, run.info.run_id, config)
+    return run, True
 
 
 def trial_run(
     mlflow_client, experiment: str, sweep: str, parent_run_id: str, trial_id: str, config: dict
 ) -> str:
-    """The id of trial `trial_id`'s run, nested under the sweep's parent run.
+    """The id of trial `trial_id`'s run, nested under the sweep's parent run (see
+    `ensure_trial_run`)."""
+    run, _ = ensure_trial_run(mlflow_client, experiment, sweep, parent_run_id, trial_id, config)
+    return run.info.run_id
 
-    Created (with the trial's config as params) when no run of this sweep carries the
-    trial's tag yet, so a replay never makes a second run for one trial.
+
+def final_run(
+    mlflow_client,
+    experiment: str,
+    sweep: str,
+    parent_run_id: str,
+    config: dict,
+    version_uri: str,
+) -> str:
+    """The run of the final model published at `version_uri`, nested under the sweep's parent.
+
+    Made (with the config as params) unless a run carrying that version exists: a
+    registration finished later continues the run an interrupted one began. Returns its id.
     """
-    existing = find_run(mlflow_client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    exp = experiment_id(mlflow_client, experiment)
+    existing = find_run(mlflow_client, exp, {ROLE_TAG: "final", FINAL_VERSION_TAG: version_uri})
     if existing is not None:
         return existing.info.run_id
-    tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
-    run = mlflow_client.create_run(experiment, run_name=f"{sweep}-{trial_id}", tags=tags)
+    tags = {
+        PARENT_TAG: parent_run_id,
+        SWEEP_TAG: sweep,
+        ROLE_TAG: "final",
+        FINAL_VERSION_TAG: version_uri,
+    }
+    run = mlflow_client.create_run(exp, run_name=f"{sweep}-final", tags=tags)
     log_params(mlflow_client, run.info.run_id, config)
     return run.info.run_id
 
 
-def final_run(mlflow_client, experiment: str, sweep: str, parent_run_id: str, config: dict) -> str:
-    """A new run for `chestxpert final`, nested under the sweep's parent; returns its id."""
-    tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, ROLE_TAG: "final"}
-    run = mlflow_client.create_run(
-        experiment_id(mlflow_client, experiment), run_name=f"{sweep}-final", tags=tags
+def registered_final_version(mlflow_client, model_name: str, version_uri: str):
+    """The registered version of `model_name` holding the final model at `version_uri`, or None."""
+    found = mlflow_client.search_model_versions(
+        f"name = '{model_name}' and tags.`{FINAL_VERSION_TAG}` = '{version_uri}'"
     )
-    log_params(mlflow_client, run.info.run_id, config)
-    return run.info.run_id
+    return max(found, key=lambda version: int(version.version)) if found else None
+
+
+def register_final_version(
+    mlflow_client, model_name: str, model_id: str, run_id: str, version_uri: str
+):
+    """Register logged model `model_id` (of run `run_id`) as a new version of `model_name`.
+
+    The registered model is created when missing. The version is tagged with `version_uri`
+    in the same call that makes it, so it is never left untagged. Returns the ModelVersion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return mlflow_client.create_model_version(
+        model_name,
+        source=f"models:/{model_id}",
+        run_id=run_id,
+        tags={FINAL_VERSION_TAG: version_uri},
+        model_id=model_id,
+    )
+
+
+def champion_version(mlflow_client, model_name: str):
+    """The version of `model_name` that alias `champion` names, or None (no model, no alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def train_run(mlflow_client, experiment: str, run_name: str, config: dict) -> str:

@@ -21,6 +21,8 @@ def _endpoints(args: argparse.Namespace):
 
 
 def cmd_final(args: argparse.Namespace) -> int:
+    if args.finish:
+        return _finish(args)
     from chestxpert.results.final import FinalOptions, run_final
 
     opts = FinalOptions(
@@ -34,6 +36,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         gpus=args.gpus,
         allow_dataset_change=args.allow_dataset_change,
+        promote=args.promote,
     )
     metrics = run_final(args.name, opts, _endpoints(args))
     ev = metrics["evaluation"]
@@ -43,13 +46,37 @@ def cmd_final(args: argparse.Namespace) -> int:
     )
     print(f"report: {metrics['report_dir']}/report.html   storage: {metrics['storage_dir']}")
     print(f"registered: {metrics['mlflow']['uri']} (version {metrics['mlflow']['version']})")
+    print(metrics["promotion"])
+    return 0
+
+
+def _finish(args: argparse.Namespace) -> int:
+    from chestxpert.results.publish import finish
+
+    outcomes, removed = finish(args.name, _endpoints(args), promote=args.promote)
+    for attempt in removed:
+        print(f"removed final/staging/{attempt}: a retrain that was interrupted, never published")
+    for outcome in outcomes:
+        print(outcome.message(args.name))
+    if not outcomes:
+        print(f"nothing to finish: no published version of {args.name} is newer than the champion")
     return 0
 
 
 def cmd_pull_best(args: argparse.Namespace) -> int:
-    from chestxpert.results.pull import load_lines, pull_best
+    from chestxpert.results.pull import PullError, load_lines, pull_best, pull_final
 
-    path = pull_best(args.name, Path(args.to), final=args.final, endpoints=_endpoints(args))
+    verify = not args.no_verify
+    if args.final or args.version is not None:
+        if not args.final:
+            raise PullError(
+                f"--version {args.version} names a final model version; add --final: "
+                f"`chestxpert pull-best {args.name} --final --version {args.version} --to DIR`"
+            )
+        path, what = pull_final(args.name, Path(args.to), _endpoints(args), args.version, verify)
+        print(f"final model of {args.name}: {what}")
+    else:
+        path = pull_best(args.name, Path(args.to), endpoints=_endpoints(args), verify=verify)
     print(f"pulled to {path}\n{load_lines(path)}")
     return 0
 
@@ -124,6 +151,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="retrain even though `data prepare --force` replaced the dataset since the sweep "
         "began (on the current version)",
     )
+    final.add_argument(
+        "--promote",
+        action="store_true",
+        help="make the new version the champion even if its validation metric is worse",
+    )
+    final.add_argument(
+        "--finish",
+        action="store_true",
+        help="no retrain: register and promote published versions an MLflow failure or a crash "
+        "left behind, remove interrupted retrains' staging",
+    )
     _flags(final)
     final.set_defaults(func=cmd_final)
 
@@ -135,7 +173,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull.add_argument(
         "--final",
         action="store_true",
-        help="the final model instead of the best trial's checkpoint",
+        help="the final model (MLflow's champion) instead of the best trial's checkpoint",
+    )
+    pull.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --final: published version N, champion or not",
+    )
+    pull.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the checksum checks: take a checkpoint without model.keras.sha256, or a "
+        "version whose SHA256SUMS is missing",
     )
     _flags(pull)
     pull.set_defaults(func=cmd_pull_best)

@@ -1,9 +1,10 @@
 """`chestxpert final NAME`: retrain the sweep's best configuration, evaluate it on the test split,
-write the report, log and register the model in MLflow, and store model and report in storage.
+write the report, publish model and report as a new version in storage, register it in MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -17,23 +18,25 @@ import numpy as np
 from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
+from chestxpert.results import versions
+from chestxpert.results.publish import FinalError, load_sweep, register_and_promote
 from chestxpert.sweeps.layout import (
     DATASET_GENERATION,
+    FINAL_STAGING,
     SPEC_FILE,
-    SUMMARY_FILE,
+    VERSION_INFO,
+    VERSION_MODEL,
+    VERSION_REPORT,
     dataset_version,
-    locate,
 )
-from chestxpert.sweeps.spec import SweepSpec, spec_from_dict
+from chestxpert.sweeps.spec import SweepSpec
+
+__all__ = ["FinalError", "FinalOptions", "evaluate_model", "retrain", "run_final"]
 
 # DenseNet121's last map is 7×7 at the 224 px it was designed for; at 128 px it is 4×4 and
 # points at little (the README gives the demo's pointing-game figures for both maps).
 # Smaller last maps step back to the deepest ≥ 7×7 one.
 MIN_GRADCAM_MAP = 7
-
-
-class FinalError(UserError, RuntimeError):
-    """The final job cannot run; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -51,23 +54,17 @@ class FinalOptions:
     cpus: float | None = None  # the retrain task's resources; None: the sweep's per trial
     gpus: float | None = None
     allow_dataset_change: bool = False  # retrain on a dataset replaced since the sweep began
-
-
-def _upload_folder(fs, local: Path, remote: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs.create_dir(remote, recursive=True)
-    pafs.copy_files(
-        str(local), remote, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
-    )
+    promote: bool = False  # make the new version the champion even if its metric is worse
 
 
 def retrain(
     config: dict[str, Any], fs, remote_model_dir: str, endpoints: Endpoints | None = None
 ) -> dict[str, float]:
-    """Train `config` to the end and copy its last checkpoint to `remote_model_dir` on `fs`.
+    """Train `config` to the end, copying each checkpoint over the last to `remote_model_dir`.
 
-    Runs in this process or as a Ray task on a node with the trial's resources.
+    `remote_model_dir`, on pyarrow filesystem `fs`, is a staging folder nothing serves. Runs in
+    this process or as a Ray task on a node with the trial's resources. Returns the last epoch's
+    metrics.
     """
     from chestxpert.trainable.config import TrialConfig
     from chestxpert.trainable.train import run_trial
@@ -81,7 +78,7 @@ def retrain(
             flush=True,
         )
         if checkpoint_dir is not None:
-            _upload_folder(fs, checkpoint_dir, remote_model_dir)
+            versions.upload_folder(fs, checkpoint_dir, remote_model_dir)
             last.update(metrics)
 
     run_trial(TrialConfig.from_dict(config), report, endpoints=endpoints)
@@ -133,29 +130,34 @@ def _readable_overlay(image: np.ndarray, heat: np.ndarray, box, title: str):
 
 
 def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, Any]:
-    """The whole final job; returns the metrics dict also written as metrics.json."""
+    """The whole final job; returns the metrics dict also written as metrics.json.
+
+    The retrain uploads its epochs to `final/staging/<attempt>/`, never served. Only once
+    evaluation succeeded is the whole version (model with thresholds, report, version.json)
+    published as `final/versions/<N>/` and sealed with SHA256SUMS; then it is registered in
+    MLflow and, if promoted (see `publish.decide`), `champion` and `final/current.json` move
+    to it. A crash anywhere leaves the previous final model served.
+    """
     started = time.monotonic()
-    location = locate(endpoints, name)
-    recorded, summary = location.read_json(SPEC_FILE), location.read_json(SUMMARY_FILE)
-    if recorded is None:
-        raise FinalError(
-            f"no sweep named {name!r} in {endpoints.storage_uri}; "
-            "`chestxpert sweep list` shows them"
-        )
-    if not summary or not summary.get("best_config"):
-        raise FinalError(
-            f"sweep {name!r} has no best trial yet; see `chestxpert sweep status {name}`"
-        )
+    sweep = load_sweep(name, endpoints)
+    location, spec = sweep.location, sweep.spec
     if opts.train_on not in ("train", "train+val"):
         raise FinalError(f"--train-on {opts.train_on!r}: expected train or train+val")
-    spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
-    config = dict(summary["best_config"])
+    config = dict(sweep.summary["best_config"])
     config["epochs"] = opts.epochs or int(config.get("epochs") or spec.epochs())
     config["train_splits"] = opts.train_on
     config["dataset_generation"] = _dataset_generation(
-        name, recorded, location, spec, opts, endpoints
+        name, sweep.recorded, location, spec, opts, endpoints
     )
-    remote_model = f"{location.path}/final/model"
+    left = versions.staging_attempts(location)
+    if left:
+        print(
+            f"note: {location.uri}/{FINAL_STAGING} holds {len(left)} interrupted retrain(s) "
+            f"({', '.join(left)}), never served; `chestxpert final {name} --finish` removes them",
+            flush=True,
+        )
+    attempt = versions.new_attempt()
+    staging = versions.staging_path(location, attempt)
     work = Path(tempfile.mkdtemp(prefix="cx-final-"))
     try:
         on_cluster = (
@@ -168,51 +170,102 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             flush=True,
         )
         if on_cluster:
-            import ray
-
-            from chestxpert.cluster.ray_driver import connect
-
-            connect(endpoints)
-            try:
-                cpus = opts.cpus if opts.cpus is not None else spec.resources.cpus
-                gpus = opts.gpus if opts.gpus is not None else spec.resources.gpus
-                nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-                if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
-                    sizes = ", ".join(
-                        f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes
-                    )
-                    raise FinalError(
-                        f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
-                        f"(nodes: {sizes or 'none'}); pass --cpus/--gpus that fit, or --local"
-                    )
-                # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
-                task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
-                train_metrics = ray.get(task.remote(config, location.fs, remote_model))
-            finally:
-                ray.shutdown()
+            train_metrics = _retrain_on_cluster(config, location.fs, staging, spec, opts, endpoints)
         else:
-            train_metrics = retrain(config, location.fs, remote_model, endpoints)
+            train_metrics = retrain(config, location.fs, staging, endpoints)
         from chestxpert.results.pull import download_folder
 
         # checksum-verified: the model evaluated is the model published
+        folder = work / "version"
         model_dir = download_folder(
-            location.fs, remote_model, f"{location.uri}/final/model", work, progress=False
+            location.fs,
+            staging,
+            f"{location.uri}/{FINAL_STAGING}/{attempt}/{VERSION_MODEL}",
+            folder,
+            progress=False,
         )
-        metrics = evaluate_model(model_dir, config, opts, endpoints, work / "report", name)
+        metrics = evaluate_model(model_dir, config, opts, endpoints, folder / VERSION_REPORT, name)
         metrics["final_training"] = train_metrics
-        _publish(location, model_dir, work / "report", metrics)
+        number = versions.next_version(location)
+        value = metrics["validation"].get(spec.metric, train_metrics.get(spec.metric))
+        info = {
+            "version": number,
+            "sweep": name,
+            "attempt": attempt,
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "metric": spec.metric,
+            "mode": spec.mode,
+            "value": value,
+            "test_auc_macro": metrics["evaluation"].get("auc_macro"),
+            "epochs": config["epochs"],
+            "train_splits": opts.train_on,
+        }
+        (folder / VERSION_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        try:
+            versions.publish_version(location, number, folder)
+        except FileExistsError:
+            raise FinalError(
+                f"version {number} of {name} appeared while this final ran: another "
+                f"`chestxpert final {name}` is publishing; run one at a time"
+            ) from None
+        versions.remove_staging(location, attempt)
         local_report = endpoints.workspace / "reports" / name
         shutil.rmtree(local_report, ignore_errors=True)
-        shutil.copytree(work / "report", local_report)
-        metrics["report_dir"] = str(local_report)
-        metrics["storage_dir"] = f"{location.uri}/final"
-        metrics["mlflow"] = _log_to_mlflow(
-            recorded, spec, model_dir, work / "report", metrics, endpoints
+        shutil.copytree(folder / VERSION_REPORT, local_report)
+        metrics.update(
+            version=number,
+            report_dir=str(local_report),
+            storage_dir=versions.version_uri(location, number),
         )
+        print(f"published version {number}: {metrics['storage_dir']}", flush=True)
+        outcome = register_and_promote(sweep, number, info, lambda: folder, endpoints, opts.promote)
+        metrics["promotion"] = outcome.message(name)
+        metrics["mlflow"] = {
+            "run_id": outcome.run_id,
+            "model_name": outcome.model_name,
+            "version": outcome.registered_version,
+            "uri": f"models:/{outcome.model_name}"
+            + ("@champion" if outcome.promoted else f"/{outcome.registered_version}"),
+            "champion": outcome.promoted,
+        }
         print(f"final job done in {(time.monotonic() - started) / 60:.1f} min")
         return metrics
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        # Our own attempt, if a failure stopped it before publishing; a kill leaves it to --finish.
+        with contextlib.suppress(OSError):
+            versions.remove_staging(location, attempt)
+
+
+def _retrain_on_cluster(
+    config: dict[str, Any],
+    fs,
+    staging: str,
+    spec: SweepSpec,
+    opts: FinalOptions,
+    endpoints: Endpoints,
+) -> dict[str, float]:
+    """`retrain` as a Ray task with the trial's resources (or --cpus/--gpus) on a node that fits."""
+    import ray
+
+    from chestxpert.cluster.ray_driver import connect
+
+    connect(endpoints)
+    try:
+        cpus = opts.cpus if opts.cpus is not None else spec.resources.cpus
+        gpus = opts.gpus if opts.gpus is not None else spec.resources.gpus
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+            sizes = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+            raise FinalError(
+                f"no node of the cluster has {cpus:g} CPU and {gpus:g} GPU for the retrain "
+                f"(nodes: {sizes or 'none'}); pass --cpus/--gpus that fit, or --local"
+            )
+        # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
+        return ray.get(task.remote(config, fs, staging))
+    finally:
+        ray.shutdown()
 
 
 def _dataset_generation(
@@ -253,7 +306,11 @@ def evaluate_model(
     out: Path,
     name: str,
 ) -> dict[str, Any]:
-    """Thresholds on validation, metrics on test, figures, Grad-CAM, the report files into `out`."""
+    """Thresholds on validation, metrics on test, figures, Grad-CAM, the report files into `out`.
+
+    The returned metrics also hold `validation`: ROC and PR AUCs on the validation split, what
+    the sweep's metric is read from when deciding whether the model becomes the champion.
+    """
     from chestxpert.datasets.reader import open_dataset, read_split
     from chestxpert.results.evaluate import choose_thresholds, evaluate
     from chestxpert.results.figures import curves_figure, reliability_figure
@@ -266,6 +323,7 @@ def evaluate_model(
     from chestxpert.results.report import write_html, write_markdown
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
+    from chestxpert.trainable.metrics import auc_metrics
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir, compile=False)
@@ -292,6 +350,8 @@ def evaluate_model(
     evaluation = evaluate(
         test["labels"], test_prob, test["patient_id"], labels, choice, n_boot=opts.bootstrap
     )
+    known = ~np.isnan(val["labels"])
+    validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
     figures: dict[str, str] = {}
     (out / "figures").mkdir(exist_ok=True)
@@ -362,6 +422,7 @@ def evaluate_model(
         "thresholds_defaulted": list(choice.defaulted),
         "bootstrap_resamples": opts.bootstrap,
         "evaluation": evaluation,
+        "validation": validation,
         "gradcam_layer": layer,
         "gradcam_note": note,
         "localization": localization,
@@ -379,80 +440,3 @@ def evaluate_model(
         json.dumps(state, indent=2, sort_keys=True, default=float)
     )
     return metrics
-
-
-def _publish(location, model_dir: Path, report_dir: Path, metrics: dict) -> None:
-    """Model (with its checksum) and report into `<storage>/<sweep>/final/`."""
-    _upload_folder(location.fs, model_dir, f"{location.path}/final/model")
-    _upload_folder(location.fs, report_dir, f"{location.path}/final/report")
-
-
-def _log_to_mlflow(
-    recorded: dict,
-    spec: SweepSpec,
-    model_dir: Path,
-    report_dir: Path,
-    metrics: dict,
-    endpoints: Endpoints,
-) -> dict[str, str]:
-    """A run nested under the sweep's parent run: test metrics, report, the model.
-
-    The model is logged with its input signature and registered under the spec's model name
-    with alias `champion`.
-    """
-    import mlflow
-    from mlflow.entities import Metric
-
-    from chestxpert.cluster import mlflow_runs
-    from chestxpert.trainable.checkpoint import load_model
-
-    uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
-    model_name = spec.model_name or spec.name
-    client = mlflow_runs.client(uri)
-    parent = recorded.get("parent_run_id", "")
-    run_id = mlflow_runs.final_run(
-        client, spec.mlflow.experiment or spec.name, spec.name, parent, metrics["config"]
-    )
-    ev = metrics["evaluation"]
-    values = {
-        "test_auc_macro": ev.get("auc_macro"),
-        "test_auc_micro": ev.get("auc_micro"),
-        "test_pr_auc_macro": ev.get("pr_auc_macro"),
-    }
-    from chestxpert.trainable.metrics import metric_key
-
-    values.update(
-        {
-            f"test_auc_{metric_key(label)}": item.get("auc")
-            for label, item in ev["per_label"].items()
-        }
-    )
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items() if v is not None]
-    )
-    client.log_artifacts(run_id, str(report_dir), "report")
-    client.log_artifacts(run_id, str(model_dir), "checkpoint")
-    client.set_terminated(run_id)
-
-    model = load_model(model_dir, compile=False)
-    size = metrics["image_size"]
-    example = np.zeros((1, size, size, 1), dtype=np.uint8)
-    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.keras.log_model(
-            model,
-            name="model",
-            signature=signature,
-            registered_model_name=model_name,
-            pip_requirements=["tensorflow>=2.21,<2.22", "keras>=3.15,<3.16"],
-        )
-    version = info.registered_model_version
-    client.set_registered_model_alias(model_name, "champion", str(version))
-    return {
-        "run_id": run_id,
-        "model_name": model_name,
-        "version": str(version),
-        "uri": f"models:/{model_name}@champion",
-    }

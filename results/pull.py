@@ -26,11 +26,21 @@ from chestxpert.cluster.endpoints import (
     storage_filesystem,
 )
 from chestxpert.cluster.errors import UserError
-from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation, locate
+from chestxpert.results import versions
+from chestxpert.sweeps.layout import (
+    FINAL_POINTER,
+    FINAL_VERSIONS,
+    LEGACY_FINAL_MODEL,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    VERSION_CHECKSUMS,
+    VERSION_MODEL,
+    SweepLocation,
+    locate,
+)
 from chestxpert.trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
 
 CHECKSUM_FILE = f"{MODEL_FILE}.sha256"
-FINAL_MODEL = "final/model"  # under the sweep folder: written by `chestxpert final`
 CHECKPOINT_ARTIFACTS = "checkpoint"  # the final run's artifact folder that holds the model
 CACHE_FOLDER = Path("cache") / "models"  # under the workspace
 CHUNK_BYTES = 1 << 20
@@ -50,29 +60,98 @@ def pull_best(
     final: bool = False,
     endpoints: Endpoints | None = None,
     progress: bool = True,
+    version: int | None = None,
+    verify: bool = True,
 ) -> Path:
     """Download sweep `name`'s best trial checkpoint (or, with `final`, its final model) into `to`.
 
     The folder arrives as `to/<folder name>` (`checkpoint_NNNNNN` or `model`) holding model.keras
     and state.json, replaced whole if it was there before; model.keras is checked against
-    model.keras.sha256 when the source has one. `progress` shows a tqdm bar in bytes on stderr.
+    model.keras.sha256 when the source has one (`verify` False skips every check). `final` and
+    `version` are as in `pull_final`. `progress` shows a tqdm bar in bytes on stderr.
     Returns the local folder. Raises PullError for an unknown sweep, an unfinished one, a missing
     final model or missing files, and ChecksumError for a corrupted download (nothing is left).
     """
     endpoints = endpoints or resolve()
+    if final or version is not None:
+        return pull_final(name, to, endpoints, version, verify, progress)[0]
     location = locate(endpoints, name)
     _require_sweep(location)
-    if final:
-        fs, path = location.fs, f"{location.path}/{FINAL_MODEL}"
-        uri = f"{location.uri}/{FINAL_MODEL}"
-        if not _is_dir(fs, path):
-            raise PullError(
-                f"sweep {name!r} has no final model yet (looked in {uri}); "
-                f"run `chestxpert final {name}` first"
-            )
+    fs, path, uri = _best_checkpoint(location, endpoints)
+    return download_folder(fs, path, uri, Path(to), progress=progress, verify=verify)
+
+
+def pull_final(
+    name: str,
+    to: Path,
+    endpoints: Endpoints,
+    version: int | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> tuple[Path, str]:
+    """Download a final model of sweep `name` into `to/model`; return it and what it is, in words.
+
+    Without `version`: the one `final/current.json` names (MLflow's `champion`), or, when no
+    pointer was ever written, the legacy `final/model/` of releases before versions. With
+    `version`: that published version, champion or not. Every file is checked against the
+    version's SHA256SUMS; a version without one (its publication was interrupted) is refused
+    unless `verify` is False. Retrain staging is never served. Raises PullError, with what to
+    run, when there is no final model or no such version; ChecksumError for a damaged copy.
+    """
+    location = locate(endpoints, name)
+    _require_sweep(location)
+    path, uri, expected, what = _final_source(location, version, verify)
+    folder = download_folder(
+        location.fs, path, uri, Path(to), progress=progress, expected=expected, verify=verify
+    )
+    return folder, what
+
+
+def _final_source(
+    location: SweepLocation, version: int | None, verify: bool
+) -> tuple[str, str, dict[str, str] | None, str]:
+    """Which final model folder to fetch: its path, URI, expected checksums and description."""
+    name, pointer = location.name, versions.read_pointer(location)
+    if version is None and pointer is None:
+        if versions.legacy_model(location):
+            what = f"the legacy final model ({LEGACY_FINAL_MODEL}/, from before versions)"
+            legacy = LEGACY_FINAL_MODEL
+            return f"{location.path}/{legacy}", f"{location.uri}/{legacy}", None, what
+        listed = ", ".join(map(str, versions.published_versions(location)))
+        raise PullError(
+            f"sweep {name!r} has no final model yet: version(s) {listed} are published in "
+            f"{location.uri}/{FINAL_VERSIONS} but were never registered as champion (MLflow "
+            f"failed?). `chestxpert final {name} --finish` completes that; `--version N` "
+            f"fetches one as it is"
+            if listed
+            else f"sweep {name!r} has no final model yet (no {location.uri}/{FINAL_POINTER}); "
+            f"run `chestxpert final {name}` first"
+        )
+    if version is None:
+        version = int(pointer["version"])
+        value = pointer.get("value")
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "unknown"
+        what = f"version {version}, the champion ({pointer.get('metric')} {shown})"
     else:
-        fs, path, uri = _best_checkpoint(location, endpoints)
-    return download_folder(fs, path, uri, Path(to), progress=progress)
+        what = f"version {version}"
+    if version not in versions.version_numbers(location):
+        published = ", ".join(map(str, versions.published_versions(location))) or "none"
+        raise PullError(
+            f"sweep {name!r} has no final version {version} in {location.uri}/{FINAL_VERSIONS} "
+            f"(published versions: {published})"
+        )
+    uri = versions.version_uri(location, version)
+    sums = versions.read_checksums(location, version)
+    if sums is None and verify:
+        raise PullError(
+            f"version {version} of sweep {name!r} has no {VERSION_CHECKSUMS} ({uri}): its "
+            f"publication was interrupted or the file was removed, so its files cannot be "
+            f"verified; nothing was fetched. `--no-verify` fetches it anyway"
+        )
+    prefix = f"{VERSION_MODEL}/"
+    expected = {k[len(prefix) :]: v for k, v in (sums or {}).items() if k.startswith(prefix)}
+    path = f"{versions.version_path(location, version)}/{VERSION_MODEL}"
+    return path, f"{uri}/{VERSION_MODEL}", expected if sums and verify else None, what
 
 
 def load_lines(path: Path) -> str:
@@ -111,34 +190,59 @@ def resolve_model(model_ref: str, endpoints: Endpoints, progress: bool = True) -
     )
 
 
-def download_folder(fs: Any, path: str, uri: str, to: Path, progress: bool = True) -> Path:
+def download_folder(
+    fs: Any,
+    path: str,
+    uri: str,
+    to: Path,
+    progress: bool = True,
+    expected: dict[str, str] | None = None,
+    verify: bool = True,
+    required: tuple[str, ...] = (MODEL_FILE, STATE_FILE),
+) -> Path:
     """Copy every file under `path` on pyarrow filesystem `fs` into `to/<folder name>` atomically.
 
-    `uri` names the source in messages. Checks that model.keras and state.json are there and
-    that model.keras matches model.keras.sha256 when present. Returns the local folder.
+    `uri` names the source in messages. Checks that the `required` files are there; with
+    `verify`, that model.keras matches model.keras.sha256 when present and, given `expected`
+    (relative path → SHA-256, from a version's SHA256SUMS), that the folder holds exactly those
+    files with those digests (SHA256SUMS itself aside). Returns the local folder.
     """
     files = _list_files(fs, path)
-    missing = [name for name in (MODEL_FILE, STATE_FILE) if name not in files]
+    missing = [name for name in required if name not in files]
     if missing:
         found = ", ".join(sorted(files)) or "nothing"
         raise PullError(
             f"{uri} is not a complete checkpoint: missing {', '.join(missing)} (found {found})"
         )
+    if expected is not None:
+        _check_listing(set(files) - {VERSION_CHECKSUMS}, expected, uri)
     destination = to / path.rstrip("/").rsplit("/", 1)[-1]
     created = not to.exists()
     to.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=to))
     try:
+        digests: dict[str, str] = {}
         bar = _progress_bar(sum(files.values()), destination.name, progress)
         with bar:
             for relative in files:
                 target = partial / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
                 with fs.open_input_stream(f"{path}/{relative}") as source, target.open("wb") as out:
                     for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
                         out.write(chunk)
+                        digest.update(chunk)
                         bar.update(len(chunk))
-        verify_checksum(partial, uri)
+                digests[relative] = digest.hexdigest()
+        if verify:
+            verify_checksum(partial, uri)
+        for relative, wanted in (expected or {}).items():
+            if digests[relative] != wanted:
+                raise ChecksumError(
+                    f"{relative} from {uri} is corrupted: its SHA-256 is {digests[relative]} but "
+                    f"{VERSION_CHECKSUMS} says {wanted}; nothing was kept. Pull again; if it "
+                    f"repeats, the copy in storage is damaged"
+                )
         _replace_folder(partial, destination)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -149,15 +253,31 @@ def download_folder(fs: Any, path: str, uri: str, to: Path, progress: bool = Tru
     return destination
 
 
-def verify_checksum(folder: Path, source: str) -> None:
-    """Compare model.keras in `folder` with the hex digest in model.keras.sha256, if present.
+def _check_listing(found: set[str], expected: dict[str, str], uri: str) -> None:
+    """Refuse a folder whose files are not exactly the ones its SHA256SUMS lists."""
+    absent, unlisted = sorted(set(expected) - found), sorted(found - set(expected))
+    if absent or unlisted:
+        problems = [f"missing {', '.join(absent)}"] if absent else []
+        problems += [f"not listed: {', '.join(unlisted)}"] if unlisted else []
+        raise ChecksumError(
+            f"{uri} does not match its {VERSION_CHECKSUMS} ({'; '.join(problems)}); nothing was "
+            f"fetched. The copy in storage was changed after it was published"
+        )
 
-    Older checkpoints have no checksum file; they pass unchecked. Raises ChecksumError
-    naming both digests and `source`.
+
+def verify_checksum(folder: Path, source: str) -> None:
+    """Compare model.keras in `folder` with the hex digest in model.keras.sha256.
+
+    Every checkpoint ChestXpert writes has the checksum file; one without it is refused
+    (the caller skips this with --no-verify). Raises ChecksumError naming `source` and, for a
+    mismatch, both digests.
     """
     recorded_file = folder / CHECKSUM_FILE
     if not recorded_file.is_file():
-        return
+        raise ChecksumError(
+            f"{source} has no {CHECKSUM_FILE}, so its {MODEL_FILE} cannot be checked; nothing "
+            "was kept. Pass --no-verify to take it unchecked"
+        )
     text = recorded_file.read_text().split()
     expected = text[0].lower() if text else ""
     actual = file_sha256(folder / MODEL_FILE)
@@ -223,7 +343,7 @@ def _storage_model(uri: str, endpoints: Endpoints, progress: bool) -> Path:
     if not _is_dir(fs, path):
         raise PullError(f"MODEL {uri} is not a folder in storage; expected a checkpoint folder")
     cache = _cache_folder(endpoints, uri)
-    remote_sum = _read_small(fs, f"{path}/{CHECKSUM_FILE}")
+    remote_sum = versions.read_text(fs, f"{path}/{CHECKSUM_FILE}")
     if remote_sum is not None and _cached_matches(cache, remote_sum):
         return cache
     staging = _staging(cache)
@@ -343,19 +463,21 @@ def _list_files(fs: Any, path: str) -> dict[str, int]:
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
         if info.type != pafs.FileType.File or info.path.endswith("/"):
             continue
-        files[info.path[len(path) :].lstrip("/")] = int(info.size or 0)
+        relative = info.path[len(path) :].lstrip("/")
+        parts = relative.replace("\\", "/").split("/")
+        if ".." in parts or relative.startswith(("/", "~")) or ":" in parts[0]:
+            # An object store key is any string: one like `model/../../.bashrc` must not
+            # write outside the download folder.
+            raise PullError(
+                f"{path} holds a file named {relative!r}, which would land outside the download "
+                "folder; nothing was downloaded. The storage holds a key no ChestXpert wrote"
+            )
+        files[relative] = int(info.size or 0)
     return files
 
 
 def _is_dir(fs: Any, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
-def _read_small(fs: Any, path: str) -> str | None:
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode(errors="replace")
 
 
 def _staging(cache: Path) -> Path:

@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    summary = run_sweep(spec, endpoints)
+    summary = run_sweep(spec, endpoints, mlflow_uri=args.mlflow_uri, force=args.force)
     print(format_summary(summary), end="")
     return 0 if summary.get("best_trial_id") else 1
 
@@ -86,8 +86,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     spec, endpoints, _, _ = _recorded_spec(args)
     endpoints = _endpoints(args, spec)
+    # --mlflow-uri moves the sweep's tracking to that server (and is recorded for later
+    # commands); without it the sweep keeps the server it recorded.
     summary = run_sweep(
-        spec, endpoints, resume=True, allow_dataset_change=args.allow_dataset_change
+        spec,
+        endpoints,
+        resume=True,
+        mlflow_uri=args.mlflow_uri,
+        force=args.force,
+        allow_dataset_change=args.allow_dataset_change,
     )
     print(format_summary(summary), end="")
     return 0 if summary.get("best_trial_id") else 1
@@ -118,6 +125,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"best so far: {best['trial_id']} {status['metric']} = {best['value']:.4f}")
     if status["summary"] and status["summary"].get("best_checkpoint"):
         print(f"best checkpoint: {status['summary']['best_checkpoint']}")
+    writer = status["writer"]
+    if writer and writer.get("age_s") is not None:
+        state = "running" if writer["live"] else "gone? `--force` takes the lease"
+        print(
+            f"writer: {writer['owner']} pid {writer['pid']} on {writer['host']} "
+            f"(`chestxpert {writer['command']}`), heartbeat {writer['age_s']:.0f} s ago, {state}"
+        )
     return 0
 
 
@@ -132,38 +146,73 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mlflow_failures() -> tuple[type[BaseException], ...]:
+    """What a call to an absent or failing MLflow server raises (imported only when needed)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, OSError)
+
+
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
-    from chestxpert.cluster import mlflow_runs
-    from chestxpert.sweeps.status import read_trials
-    from chestxpert.sweeps.tracking import sync_trial
+    from chestxpert.cluster.mlflow_runs import safe_uri
+    from chestxpert.sweeps.journal import upload_leftovers
+    from chestxpert.sweeps.layout import SPEC_FILE
+    from chestxpert.sweeps.lease import read_holder
+    from chestxpert.sweeps.replay import sync_sweep
+    from chestxpert.sweeps.run import SweepError
+    from chestxpert.sweeps.sweep_runs import SweepRuns
 
     spec, endpoints, location, recorded = _recorded_spec(args)
-    uri = args.mlflow_uri or spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
-    parent_id = mlflow_runs.parent_run(
-        uri,
-        spec.mlflow.experiment,
-        spec.name,
-        spec.to_plain_dict(),
-        {},
-        reuse=recorded.get("parent_run_id"),
+    uri = (
+        args.mlflow_uri
+        or recorded.get("mlflow_tracking_uri")
+        or spec.mlflow.tracking_uri
+        or endpoints.mlflow_tracking_uri
     )
-    client = mlflow_runs.client(uri)
-    total = 0
-    for trial in read_trials(
-        location, spec.metric, spec.mode, spec.scheduler.max_t or spec.epochs()
-    ):
-        ended = trial.ended if trial.state not in ("RUNNING", "PENDING", "PAUSED") else None
-        total += sync_trial(
-            client,
-            spec.mlflow.experiment,
-            spec.name,
-            parent_id,
-            trial.trial_id,
-            trial.config,
-            trial.results,
-            ended,
+    holder = read_holder(location)
+    live = holder is not None and holder["live"]
+    # A live driver uploads and sends its own session's events; doing it too could race it.
+    exclude = (holder["session"],) if live and holder.get("session") else ()
+    upload_leftovers(location, endpoints.workspace, exclude)
+    runs = SweepRuns(
+        uri, spec.mlflow.experiment, spec.name, location.uri, recorded.get("parent_run_id")
+    )
+    try:
+        counts = sync_sweep(
+            runs,
+            location,
+            spec.metric,
+            spec.mode,
+            spec.scheduler.max_t or spec.epochs(),
+            spec.to_plain_dict(),
+            exclude=exclude,
+            interrupted=not live,
         )
-    print(f"MLflow {uri}: {total} metric value(s) added for sweep {spec.name}")
+    except _mlflow_failures() as err:
+        said = " ".join(str(err).replace(uri, safe_uri(uri)).split())[:200]
+        raise SweepError(
+            f"MLflow at {safe_uri(uri)} failed ({type(err).__name__}: {said}); what was sent so "
+            f"far stays: run `chestxpert sweep mlflow-sync {spec.name}` again when it answers "
+            "(or pass --mlflow-uri)"
+        ) from None
+    if (
+        not live
+        and recorded.get("parent_run_id") is None
+        and uri == recorded.get("mlflow_tracking_uri")
+    ):
+        location.write_json(SPEC_FILE, {**recorded, "parent_run_id": runs.parent_run_id})
+    print(
+        f"MLflow {safe_uri(uri)}: {counts.values} metric value(s) added, {counts.ended} trial "
+        f"run(s) given their final status, for sweep {spec.name}"
+    )
+    if live:
+        print(
+            f"{holder['owner']} (pid {holder['pid']} on {holder['host']}) is running the sweep: "
+            "its trials stay RUNNING and its own events are left to it"
+        )
+    if counts.torn:
+        print(f"{counts.torn} journal line(s) cut off by a crash were skipped")
     return 0
 
 
@@ -264,7 +313,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_flags(parser: argparse.ArgumentParser) -> None:
+RECORDED_MLFLOW_HELP = "MLflow tracking URI (else the server the sweep recorded, the spec's, …)"
+
+
+def _service_flags(
+    parser: argparse.ArgumentParser,
+    mlflow_help: str = "MLflow tracking URI (else MLFLOW_TRACKING_URI, …)",
+) -> None:
     parser.add_argument(
         "--address",
         default=None,
@@ -273,13 +328,22 @@ def _service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
     )
-    parser.add_argument(
-        "--mlflow-uri", default=None, help="MLflow tracking URI (else MLFLOW_TRACKING_URI, …)"
-    )
+    parser.add_argument("--mlflow-uri", default=None, help=mlflow_help)
     parser.add_argument(
         "--s3-endpoint",
         default=None,
         help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3, …)",
+    )
+
+
+def _force_flag(parser: argparse.ArgumentParser) -> None:
+    from chestxpert.sweeps.lease import STALE_SECONDS
+
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"take the sweep's lease from a driver that is gone (no heartbeat for "
+        f"{STALE_SECONDS:.0f} s, or its pid ended on this host); never from a live one",
     )
 
 
@@ -297,6 +361,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="validate and show the plan; start nothing"
     )
     _service_flags(run)
+    _force_flag(run)
     run.set_defaults(func=cmd_run)
 
     resume = sweep_sub.add_parser("resume", help="continue an interrupted sweep from its storage")
@@ -307,7 +372,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resume even though `data prepare --force` replaced the dataset since the sweep "
         "began; new and resumed trials then read the current version",
     )
-    _service_flags(resume)
+    _service_flags(
+        resume,
+        "MLflow tracking URI: the sweep's tracking moves there, and later commands use it "
+        "(default: the server the sweep recorded)",
+    )
+    _force_flag(resume)
     resume.set_defaults(func=cmd_resume)
 
     status = sweep_sub.add_parser(
@@ -323,10 +393,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=cmd_list)
 
     sync = sweep_sub.add_parser(
-        "mlflow-sync", help="re-log every trial's metrics from storage to MLflow"
+        "mlflow-sync",
+        help="send MLflow what it lacks of a sweep (journal, results, final statuses)",
     )
     sync.add_argument("name")
-    _service_flags(sync)
+    _service_flags(sync, RECORDED_MLFLOW_HELP)
     sync.set_defaults(func=cmd_mlflow_sync)
 
     submit = sweep_sub.add_parser(

@@ -1,5 +1,6 @@
 """Where a sweep lives in storage, shared by `sweeps` and `results`: Tune's experiment folder
-`<storage>/<name>` holding our spec record and, once the sweep ends, its summary.
+`<storage>/<name>` holding our spec record, lease, tracking journal, at the end its summary, and
+its final models.
 """
 
 from __future__ import annotations
@@ -12,9 +13,26 @@ from typing import Any
 from chestxpert.cluster.endpoints import Endpoints, storage_filesystem
 from chestxpert.cluster.errors import UserError
 
-SPEC_FILE = "chestxpert_spec.json"  # the spec as run, the parent MLflow run id, dataset version
+SPEC_FILE = "chestxpert_spec.json"  # the spec as run, the parent MLflow run id and server,
+# the dataset version
 SUMMARY_FILE = "chestxpert_summary.json"  # best trial, config and checkpoint; written at the end
 FINAL_STATE = "final/model/state.json"  # the final model's state: config, dataset digest
+# Who is writing the sweep now (sweeps/lease.py); JSON inside. Not `*.json`: Tune's restore
+# copies the folder's top-level *.json and *.pkl files to the driver and uploads them back at
+# every snapshot, which would roll a lease back to the heartbeat it had at restore.
+LEASE_FILE = "chestxpert.lease"
+TRACKING_DIR = "tracking"  # one journal segment per driver session, and what MLflow has of it
+
+
+def journal_name(session: str) -> str:
+    """A driver session's journal segment, relative to the sweep's folder."""
+    return f"{TRACKING_DIR}/journal-{session}.jsonl"
+
+
+def acked_name(session: str) -> str:
+    """How far each MLflow server has a session's segment, relative to the sweep's folder."""
+    return f"{TRACKING_DIR}/acked-{session}.json"
+
 
 # The dataset version in the spec record: the digest and generation trials read now, every
 # generation any of them read (`data gc` keeps those), and each change allowed on the way.
@@ -66,6 +84,20 @@ def dataset_version(
     return {**record, DATASET_GENERATIONS: seen}
 
 
+# `chestxpert final` keeps every model it publishes; relative to the sweep folder:
+FINAL_DIR = "final"
+FINAL_STAGING = f"{FINAL_DIR}/staging"  # <attempt>/model: a retrain's epochs; never served
+FINAL_VERSIONS = f"{FINAL_DIR}/versions"  # <N>/: published versions 1, 2, …; N is never reused
+FINAL_POINTER = f"{FINAL_DIR}/current.json"  # the version `champion` names; written last
+LEGACY_FINAL_MODEL = f"{FINAL_DIR}/model"  # where releases before versions put the one model
+# Inside a version folder: the model (thresholds in its state.json), the report, what the
+# version is (metric, attempt), and SHA256SUMS, written last, that `sha256sum -c` can read.
+VERSION_MODEL = "model"
+VERSION_REPORT = "report"
+VERSION_INFO = "version.json"
+VERSION_CHECKSUMS = "SHA256SUMS"
+
+
 @dataclass(frozen=True)
 class SweepLocation:
     """Where a sweep lives in storage: Tune's experiment folder `<storage>/<name>`."""
@@ -79,22 +111,67 @@ class SweepLocation:
     def path(self) -> str:
         return f"{self.root}/{self.name}"
 
-    def read_json(self, filename: str) -> dict[str, Any] | None:
+    @property
+    def is_local(self) -> bool:
+        """True for a folder on this machine (appendable); False for object storage."""
+        import pyarrow.fs as pafs
+
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def read_bytes(self, filename: str) -> bytes | None:
+        """The file `filename` (relative to the sweep's folder), or None when it is missing."""
         import pyarrow.fs as pafs
 
         target = f"{self.path}/{filename}"
         if self.fs.get_file_info(target).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(target) as stream:
-            return json.loads(stream.read())
+            return stream.read()
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        data = self.read_bytes(filename)
+        return None if data is None else json.loads(data)
+
+    def write_bytes(self, filename: str, data: bytes) -> None:
+        """Write `filename` (a path under the sweep folder) whole, so a reader never sees half."""
+        write_whole(self.fs, f"{self.path}/{filename}", data)
 
     def write_json(self, filename: str, payload: dict[str, Any]) -> None:
-        self.fs.create_dir(self.path, recursive=True)
-        data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
-        partial = f"{self.path}/.{filename}.partial"
-        with self.fs.open_output_stream(partial) as stream:
+        self.write_bytes(
+            filename, json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+        )
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names of the files directly in `folder` (relative to the sweep's folder), sorted."""
+        import pyarrow.fs as pafs
+
+        target = f"{self.path}/{folder}"
+        if self.fs.get_file_info(target).type != pafs.FileType.Directory:
+            return []
+        selector = pafs.FileSelector(target, recursive=False)
+        return sorted(
+            info.base_name
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        )
+
+
+def write_whole(fs: Any, path: str, data: bytes) -> None:
+    """Put `data` at `path` on pyarrow filesystem `fs` so a reader sees the old file or the new one.
+
+    An S3 object appears only once its upload completes, so S3 gets one upload; a local or
+    other filesystem gets a hidden temporary file beside the target, then a rename.
+    """
+    folder, _, name = path.rpartition("/")
+    fs.create_dir(folder, recursive=True)
+    if fs.type_name == "s3":
+        with fs.open_output_stream(path) as stream:
             stream.write(data)
-        self.fs.move(partial, f"{self.path}/{filename}")
+        return
+    partial = f"{folder}/.{name}.partial"
+    with fs.open_output_stream(partial) as stream:
+        stream.write(data)
+    fs.move(partial, path)
 
 
 def locate(endpoints: Endpoints, name: str) -> SweepLocation:

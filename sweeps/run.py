@@ -57,7 +57,7 @@ def _tuner_parts(
     spec: SweepSpec,
     endpoints: Endpoints,
     location: SweepLocation,
-    parent_run_id: str,
+    callback,
     dataset_generation: str = "",
 ):
     from ray import tune
@@ -65,7 +65,6 @@ def _tuner_parts(
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from chestxpert.sweeps.tracking import NestedMlflowCallback
     from chestxpert.trainable.train import train
 
     # Bound here rather than put in param_space: a trial resumed after a dataset change the
@@ -112,7 +111,6 @@ def _tuner_parts(
         time_budget_s=spec.search.time_budget_s,
         trial_dirname_creator=trial_folder_name,
     )
-    mlflow_uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
     run_config = tune.RunConfig(
         name=spec.name,
         storage_path=location.root,
@@ -123,33 +121,57 @@ def _tuner_parts(
             checkpoint_score_attribute=spec.metric,
             checkpoint_score_order=spec.mode,
         ),
-        callbacks=[
-            NestedMlflowCallback(
-                mlflow_uri,
-                spec.mlflow.experiment,
-                spec.name,
-                parent_run_id,
-                spec.scheduler.max_t or spec.epochs(),
-            )
-        ],
+        callbacks=[callback],
         verbose=1,
     )
     return trainable, tune_config, run_config
 
 
 def run_sweep(
-    spec: SweepSpec, endpoints: Endpoints, resume: bool = False, allow_dataset_change: bool = False
+    spec: SweepSpec,
+    endpoints: Endpoints,
+    resume: bool = False,
+    mlflow_uri: str | None = None,
+    force: bool = False,
+    allow_dataset_change: bool = False,
 ) -> dict[str, Any]:
     """Run (or, with `resume`, continue) the sweep and return its summary.
 
-    The summary holds the best trial, its config and its checkpoint. Every trial reads the
-    dataset version recorded when the sweep began, even one starting after `data prepare
-    --force` replaced it; `resume` refuses a replaced dataset unless `allow_dataset_change`,
-    which moves new and resumed trials to the current version.
+    The summary holds the best trial, its config and its checkpoint. The sweep's lease is
+    taken before anything is written (`force` takes a stale one). MLflow is `mlflow_uri`,
+    else the server the sweep recorded, else the spec's, else the resolved endpoint; a
+    server that does not answer is waited for while tracking goes to the journal. Every
+    trial reads the dataset version recorded when the sweep began, even one starting after
+    `data prepare --force` replaced it; `resume` refuses a replaced dataset unless
+    `allow_dataset_change`, which moves new and resumed trials to the current version.
     """
-    from chestxpert.cluster.mlflow_runs import parent_run
+    from chestxpert.sweeps.journal import new_session
+    from chestxpert.sweeps.lease import acquire
 
     location = locate(endpoints, spec.name)
+    session = new_session()
+    command = f"sweep {'resume' if resume else 'run'} {spec.name}"
+    lease = acquire(location, endpoints, command, session, force=force)
+    try:
+        return _run_holding_lease(
+            spec, endpoints, location, session, resume, mlflow_uri, allow_dataset_change
+        )
+    finally:
+        lease.release()
+
+
+def _run_holding_lease(
+    spec: SweepSpec,
+    endpoints: Endpoints,
+    location: SweepLocation,
+    session: str,
+    resume: bool,
+    mlflow_uri: str | None,
+    allow_dataset_change: bool,
+) -> dict[str, Any]:
+    from chestxpert.cluster.mlflow_runs import safe_uri
+    from chestxpert.datasets.reader import open_dataset
+
     recorded = location.read_json(SPEC_FILE)
     if resume and recorded is None:
         raise SweepError(
@@ -162,8 +184,6 @@ def run_sweep(
             f"`chestxpert sweep resume {spec.name}` or choose another name (--name)"
         )
     try:
-        from chestxpert.datasets.reader import open_dataset
-
         current = open_dataset(spec.dataset, endpoints)
     except UserError as err:
         raise SweepError(f"dataset {spec.dataset}: {err}") from None
@@ -176,41 +196,29 @@ def run_sweep(
         allow_dataset_change,
         "`sweep resume`",
     )
+    mlflow_uri = (
+        mlflow_uri
+        or (recorded or {}).get("mlflow_tracking_uri")
+        or spec.mlflow.tracking_uri
+        or endpoints.mlflow_tracking_uri
+    )
     found = connect(endpoints)
+    callback = None
     try:
-        mlflow_uri = spec.mlflow.tracking_uri or endpoints.mlflow_tracking_uri
         print(f"Ray dashboard: {found['dashboard']}   resources: {found['resources']}")
-        print(f"MLflow: {mlflow_uri}  experiment {spec.mlflow.experiment!r}")
+        print(f"MLflow: {safe_uri(mlflow_uri)}  experiment {spec.mlflow.experiment!r}")
         print(f"storage: {location.uri}", flush=True)
         tags = {
             "chestxpert.git_commit": _git_commit(),
             "chestxpert.ray_job_id": os.environ.get("RAY_JOB_ID", found["job_id"]),
         }
         tags["chestxpert.dataset_digest"] = version[DATASET_DIGEST]
-        print(
-            f"dataset: {spec.dataset} generation {version[DATASET_GENERATION]}",
-            flush=True,
+        print(f"dataset: {spec.dataset} generation {version[DATASET_GENERATION]}", flush=True)
+        callback = _tracking(
+            spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version
         )
-        parent_id = parent_run(
-            mlflow_uri,
-            spec.mlflow.experiment,
-            spec.name,
-            spec.to_plain_dict(),
-            tags,
-            reuse=recorded.get("parent_run_id") if recorded else None,
-        )
-        if not resume:
-            location.write_json(
-                SPEC_FILE,
-                {
-                    "spec": spec.to_plain_dict(),
-                    "raw": spec.model_dump(mode="json"),
-                    "parent_run_id": parent_id,
-                    **version,
-                },
-            )
         trainable, tune_config, run_config = _tuner_parts(
-            spec, endpoints, location, parent_id, version[DATASET_GENERATION]
+            spec, endpoints, location, callback, version[DATASET_GENERATION]
         )
         from ray import tune
 
@@ -221,8 +229,6 @@ def run_sweep(
                     "before the first trial started. Start it again with `chestxpert sweep run` "
                     "under a new --name"
                 )
-            if any(recorded.get(key) != value for key, value in version.items()):
-                location.write_json(SPEC_FILE, {**recorded, **version})
             tuner = tune.Tuner.restore(
                 location.path,
                 trainable=trainable,
@@ -230,6 +236,10 @@ def run_sweep(
                 resume_errored=True,
                 storage_filesystem=location.fs,
             )
+            # Tune brings back the callbacks pickled when the sweep started (the MLflow
+            # server and parent run of then); this driver's callback replaces them. Ray 2.60
+            # keeps the restored run config on the tuner's local TunerInternal.
+            tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -238,8 +248,14 @@ def run_sweep(
                 run_config=run_config,
             )
         results = tuner.fit()
-        return _summarise(spec, results, location, mlflow_uri, parent_id)
+        if callback.parent_run_id:
+            # A resumed Tune uploads the spec record it read at restore at every snapshot,
+            # undoing a parent id recorded since; record it again now that Tune is done.
+            callback.record_parent(callback.parent_run_id)
+        return _summarise(spec, results, location, callback)
     finally:
+        if callback is not None and callback.journal is not None and not callback.journal.closed:
+            callback.close(attempts=1)  # the sweep stopped early: keep the journal whole
         # Leave Ray before anyone stops it: a driver still attached to a stopped
         # GCS waits 60 s and then kills its own process.
         import ray
@@ -247,9 +263,83 @@ def run_sweep(
         ray.shutdown()
 
 
-def _summarise(
-    spec: SweepSpec, results, location: SweepLocation, mlflow_uri: str, parent_id: str
-) -> dict[str, Any]:
+def _tracking(
+    spec: SweepSpec,
+    endpoints: Endpoints,
+    location: SweepLocation,
+    session: str,
+    resume: bool,
+    mlflow_uri: str,
+    recorded: dict[str, Any] | None,
+    tags: dict[str, str],
+    dataset: dict[str, Any],
+):
+    """This session's MLflow callback, journalling into the sweep's storage.
+
+    The parent run is made now if MLflow answers; if not, one warning, and the callback
+    makes it when the server returns. The spec record keeps the parent id and the server,
+    for `final` and `mlflow-sync`. A resume first replays what earlier drivers left.
+    """
+    from chestxpert.cluster.mlflow_runs import parent_run, safe_uri
+    from chestxpert.sweeps.journal import Journal, upload_leftovers
+    from chestxpert.sweeps.replay import sync_sweep
+    from chestxpert.sweeps.tracking import NestedMlflowCallback, outage_warning
+
+    max_epochs = spec.scheduler.max_t or spec.epochs()
+    params = spec.to_plain_dict()
+    if resume:
+        upload_leftovers(location, endpoints.workspace)
+    journal = Journal(location, session, endpoints.workspace)
+    record = dict(recorded or {"spec": params, "raw": spec.model_dump(mode="json")})
+    parent_id, warned = record.get("parent_run_id"), False
+    try:
+        parent_id = parent_run(
+            mlflow_uri,
+            spec.mlflow.experiment,
+            spec.name,
+            params,
+            tags,
+            reuse=parent_id,
+            storage=location.uri,
+        )
+    except Exception as err:
+        print(outage_warning(mlflow_uri, f"{location.uri}/tracking", spec.name, err), flush=True)
+        warned = True
+    # A URI with a password in it is not recorded: later commands fall back to the spec.
+    record.update(
+        dataset,
+        parent_run_id=parent_id,
+        mlflow_tracking_uri=mlflow_uri if safe_uri(mlflow_uri) == mlflow_uri else None,
+    )
+    location.write_json(SPEC_FILE, record)
+
+    def record_parent(run_id: str) -> None:
+        current = location.read_json(SPEC_FILE) or record
+        if current.get("parent_run_id") != run_id:
+            location.write_json(SPEC_FILE, {**current, "parent_run_id": run_id})
+
+    def catch_up(runs) -> None:
+        counts = sync_sweep(
+            runs, location, spec.metric, spec.mode, max_epochs, params, exclude=(session,)
+        )
+        if counts.values or counts.ended:
+            print(
+                f"MLflow: replayed {counts.events} journalled event(s): {counts.values} metric "
+                f"value(s) added, {counts.ended} trial run(s) given their final status",
+                flush=True,
+            )
+
+    callback = NestedMlflowCallback(
+        mlflow_uri, spec.mlflow.experiment, spec.name, parent_id, max_epochs, location.uri
+    )
+    callback.attach(
+        journal, catch_up=catch_up if resume else None, on_parent=record_parent, warned=warned
+    )
+    callback.start_parent(params, tags)
+    return callback
+
+
+def _summarise(spec: SweepSpec, results, location: SweepLocation, callback) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "name": spec.name,
         "metric": spec.metric,
@@ -273,22 +363,17 @@ def _summarise(
             best_config=best.config,
             best_checkpoint=_with_scheme(checkpoint.path if checkpoint else None, location),
         )
-        try:
-            from chestxpert.cluster import mlflow_runs
-
-            client = mlflow_runs.client(mlflow_uri)
-            client.log_metric(parent_id, f"best_{spec.metric}", best_value)
-            client.set_tag(parent_id, "chestxpert.best_trial_id", str(summary["best_trial_id"]))
-            client.set_tag(parent_id, "chestxpert.best_checkpoint", str(summary["best_checkpoint"]))
-            client.log_text(
-                parent_id, json.dumps(best.config, indent=2, default=str), "best_config.json"
-            )
-            client.set_terminated(parent_id, status="FINISHED")
-        except Exception as err:
-            print(
-                f"warning: could not record the best trial in MLflow ({type(err).__name__}: {err})"
-            )
     location.write_json(SUMMARY_FILE, summary)
+    try:
+        if callback.runs.parent_run_id is None:
+            raise ConnectionError("MLflow never answered during the sweep")
+        callback.runs.end_parent("FINISHED", summary)
+    except Exception as err:
+        print(
+            f"warning: could not record the sweep's summary in MLflow ({type(err).__name__}); "
+            f"run `chestxpert sweep mlflow-sync {spec.name}` when it answers",
+            flush=True,
+        )
     return summary
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation
+from chestxpert.sweeps.lease import read_holder
 from chestxpert.sweeps.spec import spec_from_dict
-from chestxpert.sweeps.tracking import ended_reason
+from chestxpert.sweeps.sweep_runs import ended_reason
 
 
 @dataclass
@@ -107,6 +108,7 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
         "mode": mode,
         "num_samples": spec.search.num_samples,
         "summary": location.read_json(SUMMARY_FILE),
+        "writer": read_holder(location),
         "best_so_far": {"trial_id": best.trial_id, "value": best.best, "config": best.config}
         if best
         else None,

@@ -1,8 +1,9 @@
 """MLflow for sweeps: one parent run per sweep, one nested run per trial, nothing lost on outages.
 
-Ray's stock MLflowLoggerCallback does not nest runs; this callback does, and
-queues what the server refused so it is sent once the server answers again.
-`sync_from_storage` re-logs every trial from the results in storage.
+Ray's stock MLflowLoggerCallback does not nest runs; this callback does. Every event is
+journalled in the sweep's storage (sweeps/journal.py) before a background thread sends it,
+so neither an MLflow outage nor a killed driver loses it: `sweep resume` and
+`sweep mlflow-sync` replay the journal (sweeps/replay.py).
 """
 
 from __future__ import annotations
@@ -10,93 +11,124 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune import Callback
 
-from chestxpert.cluster import mlflow_runs
-from chestxpert.cluster.mlflow_runs import ENDED_TAG, experiment_id, trial_run
+from chestxpert.cluster.mlflow_runs import safe_uri
+from chestxpert.sweeps.journal import Journal
+from chestxpert.sweeps.sweep_runs import (
+    SweepRuns,
+    ended_reason,
+    is_metric,
+    terminal_status,
+)
+
+__all__ = ["NestedMlflowCallback", "ended_reason", "outage_warning"]
 
 
-def ended_reason(last_epoch: int, max_epochs: int, errored: bool) -> str:
-    """How a trial ended, as users read it in MLflow and `sweep status`."""
-    if errored:
-        return "errored"
-    if last_epoch >= max_epochs:
-        return "completed"
-    return f"stopped by ASHA at epoch {last_epoch}"
+def outage_warning(tracking_uri: str, where: str, sweep: str, error: BaseException) -> str:
+    """The one line a driver prints when MLflow stops answering (or never answered)."""
+    return (
+        f"MLflow at {safe_uri(tracking_uri)} does not answer ({type(error).__name__}); "
+        f"tracking is journalled in {where} and sent when it returns "
+        f"(or `chestxpert sweep mlflow-sync {sweep}`)"
+    )
 
 
 class NestedMlflowCallback(Callback):
     """Tune callback: a nested MLflow run per trial, its config as params, metrics at step = epoch.
 
-    Tune's events only queue the calls; a background thread sends them, so a slow
-    or absent server never holds up the driver's event loop (and the trials'
-    reports). What the server refuses stays queued and is retried every
-    RETRY_SECONDS; while the server is away the sweep goes on.
+    Tune's events only journal and queue the calls; a background thread sends them, so a
+    slow or absent server never holds up the driver's event loop (and the trials'
+    reports). What the server refuses stays queued and is retried every RETRY_SECONDS;
+    while the server is away the sweep goes on. Sending is idempotent (`SweepRuns`), so a
+    replay of the journal after a crash never duplicates a value.
     """
 
     RETRY_SECONDS = 30.0
 
     def __init__(
-        self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, max_epochs: int
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep: str,
+        parent_run_id: str | None,
+        max_epochs: int,
+        storage_uri: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.sweep = sweep
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
-        self.pending: deque[tuple[str, tuple]] = deque()
-        self.run_ids: dict[str, str] = {}
+        self.storage_uri = storage_uri
+        self.pending: deque[dict[str, Any]] = deque()
         self.ended: set[str] = set()
         self.warned = False
-        self._exp: str | None = None
-        self._mlflow = None
+        self.journal: Journal | None = None
+        self.runs = SweepRuns(tracking_uri, experiment, sweep, storage_uri, parent_run_id)
+        self._catch_up: Callable[[SweepRuns], None] | None = None
+        self._on_parent: Callable[[str], None] | None = None
         self._sender: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = threading.Event()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune saves its callbacks with the experiment state: no client, thread or events.
-        state = {**self.__dict__, "pending": deque(self.pending), "_mlflow": None, "_sender": None}
-        del state["_wake"], state["_closing"]
-        return state
+        # Tune pickles its callbacks into the experiment folder: settings only. The journal
+        # in storage, not a pickled queue, is what survives the driver.
+        keep = ("tracking_uri", "experiment", "sweep", "parent_run_id", "max_epochs")
+        return {key: self.__dict__[key] for key in (*keep, "storage_uri")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _wake=threading.Event(), _closing=threading.Event())
+        self.__init__(**state)
+
+    # --- set-up by the driver -------------------------------------------------------------
+
+    def attach(
+        self,
+        journal: Journal | None,
+        catch_up: Callable[[SweepRuns], None] | None = None,
+        on_parent: Callable[[str], None] | None = None,
+        warned: bool = False,
+    ) -> None:
+        """Journal every event from now on; before anything else, the sender runs `catch_up`
+        (replaying what earlier drivers left); `on_parent(run_id)` learns the parent's id.
+        `warned`: the driver already said MLflow is away, so say it again only once it answered.
+        """
+        self.journal = journal
+        self._catch_up = catch_up
+        self._on_parent = on_parent
+        self.warned = warned
+
+    def start_parent(self, params: dict[str, Any], tags: dict[str, str]) -> None:
+        """Journal and queue the sweep's parent run (found, or created when MLflow answers)."""
+        self._submit("parent", config=params, tags=tags, run_id=self.parent_run_id)
+        if self._catch_up is not None:
+            self.pending.append({"kind": "catch-up"})
+            self._wake.set()
+
+    def record_parent(self, run_id: str) -> None:
+        """Tell the driver's `on_parent` hook the parent run's id (it records it in storage)."""
+        if self._on_parent is not None:
+            self._on_parent(run_id)
+
+    @property
+    def where(self) -> str:
+        """Where unsent events are kept, for messages."""
+        if self.journal is None:
+            return "this driver's memory"
+        return f"{self.journal.location.uri}/tracking"
 
     # --- plumbing -------------------------------------------------------------------------
 
-    @property
-    def client(self):
-        if self._mlflow is None:
-            self._mlflow = mlflow_runs.client(self.tracking_uri)
-        return self._mlflow
-
-    def _run_for(self, trial_id: str, config: dict) -> str:
-        if trial_id not in self.run_ids:
-            if self._exp is None:
-                self._exp = experiment_id(self.client, self.experiment)
-            self.run_ids[trial_id] = trial_run(
-                self.client, self._exp, self.sweep, self.parent_run_id, trial_id, config
-            )
-        return self.run_ids[trial_id]
-
-    def _do(self, action: str, args: tuple) -> None:
-        if action == "metrics":
-            trial_id, config, metrics, step, stamp = args
-            from mlflow.entities import Metric
-
-            batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-            self.client.log_batch(self._run_for(trial_id, config), metrics=batch)
-        elif action == "end":
-            trial_id, config, reason, status = args
-            run_id = self._run_for(trial_id, config)
-            self.client.set_tag(run_id, ENDED_TAG, reason)
-            self.client.set_terminated(run_id, status=status)
-
-    def _submit(self, action: str, args: tuple) -> None:
-        self.pending.append((action, args))
+    def _submit(self, kind: str, **fields: Any) -> None:
+        if self.journal is not None:
+            event = self.journal.append(kind, **fields)
+        else:
+            event = {"kind": kind, **{k: v for k, v in fields.items() if v is not None}}
+        self.pending.append(event)
         if self._sender is None:
             self._sender = threading.Thread(
                 target=self._send_loop, name="mlflow-sender", daemon=True
@@ -112,24 +144,37 @@ class NestedMlflowCallback(Callback):
                 if self._closing.wait(self.RETRY_SECONDS):
                     return
 
+    def _send(self, event: dict[str, Any]) -> None:
+        if event["kind"] == "catch-up":
+            assert self._catch_up is not None
+            self._catch_up(self.runs)
+            return
+        self.runs.apply(event, live=True)
+        if event["kind"] == "parent" and self.runs.parent_run_id != self.parent_run_id:
+            self.parent_run_id = self.runs.parent_run_id
+            if self.parent_run_id:
+                self.record_parent(self.parent_run_id)
+
     def flush(self) -> bool:
         """Send the queue oldest first, stopping at the first refusal; True when it is empty."""
         while self.pending:
-            action, args = self.pending[0]
+            event = self.pending[0]
             try:
-                self._do(action, args)
+                self._send(event)
             except Exception as err:
                 if not self.warned:
-                    print(
-                        f"MLflow at {self.tracking_uri} did not answer ({type(err).__name__}); "
-                        "queueing metrics and retrying (or run `chestxpert sweep mlflow-sync`)",
-                        flush=True,
-                    )
+                    warning = outage_warning(self.tracking_uri, self.where, self.sweep, err)
+                    print(warning, flush=True)
                     self.warned = True
                 return False
             self.pending.popleft()
+            if self.journal is not None and "seq" in event:
+                self.journal.acknowledge(self.tracking_uri, event["seq"])
         if self.warned:
-            print(f"MLflow at {self.tracking_uri} answers again; queued metrics sent", flush=True)
+            print(
+                f"MLflow at {safe_uri(self.tracking_uri)} answers; journalled tracking sent",
+                flush=True,
+            )
             self.warned = False
         return True
 
@@ -137,17 +182,29 @@ class NestedMlflowCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if _is_metric(k, v)}
+        metrics = {k: v for k, v in result.items() if is_metric(k, v)}
         stamp = int(float(result.get("timestamp", time.time())) * 1000)
-        self._submit("metrics", (trial.trial_id, dict(trial.config), metrics, epoch, stamp))
+        self._submit(
+            "metrics",
+            trial_id=trial.trial_id,
+            config=dict(trial.config),
+            metrics=metrics,
+            step=epoch,
+            timestamp=stamp,
+        )
 
     def _end(self, trial, errored: bool) -> None:
         # last_result survives a driver restart (this callback's own memory does not)
         epoch = int((trial.last_result or {}).get("epoch", 0))
         reason = ended_reason(epoch, self.max_epochs, errored=errored)
-        status = "FAILED" if errored else ("FINISHED" if reason == "completed" else "KILLED")
         self.ended.add(trial.trial_id)
-        self._submit("end", (trial.trial_id, dict(trial.config), reason, status))
+        self._submit(
+            "end",
+            trial_id=trial.trial_id,
+            config=dict(trial.config),
+            reason=reason,
+            status=terminal_status(reason),
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial, errored=False)
@@ -163,7 +220,8 @@ class NestedMlflowCallback(Callback):
         self.close()
 
     def close(self, attempts: int = 5, pause: float = 2.0) -> None:
-        """Stop the sender once it has sent what it can, then make a few last attempts here."""
+        """Stop the sender once it has sent what it can, make a few last attempts here, and
+        close the journal. Safe to call again (a driver's `finally` does)."""
         self._closing.set()
         self._wake.set()
         if self._sender is not None:
@@ -172,69 +230,15 @@ class NestedMlflowCallback(Callback):
         self._closing.clear()  # a later event starts a new sender
         for attempt in range(attempts):
             if self.flush():
-                return
+                break
             if attempt + 1 < attempts:
                 time.sleep(pause)
-        print(
-            f"{len(self.pending)} MLflow call(s) could not be sent; "
-            f"run `chestxpert sweep mlflow-sync {self.sweep}`"
-        )
-
-
-_NOT_METRICS = {
-    "training_iteration",
-    "timestamp",
-    "time_this_iter_s",
-    "time_total_s",
-    "time_since_restore",
-    "iterations_since_restore",
-    "pid",
-    "done",
-    "timesteps_total",
-    "episodes_total",
-}
-
-
-def _is_metric(key: str, value: Any) -> bool:
-    return (
-        key not in _NOT_METRICS and isinstance(value, int | float) and not isinstance(value, bool)
-    )
-
-
-def sync_trial(
-    client,
-    experiment: str,
-    sweep: str,
-    parent_run_id: str,
-    trial_id: str,
-    config: dict,
-    results: list[dict],
-    reason: str | None,
-) -> int:
-    """Make one trial's MLflow run hold every result from storage.
-
-    Returns how many metric values were added.
-    """
-    from mlflow.entities import Metric
-
-    run_id = trial_run(
-        client, experiment_id(client, experiment), sweep, parent_run_id, trial_id, config
-    )
-    have: dict[str, set[int]] = {}
-    added = []
-    for result in results:
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        stamp = int(float(result.get("timestamp", time.time())) * 1000)
-        for key, value in result.items():
-            if not _is_metric(key, value):
-                continue
-            if key not in have:
-                have[key] = {m.step for m in client.get_metric_history(run_id, key)}
-            if step not in have[key]:
-                added.append(Metric(key, float(value), stamp, step))
-                have[key].add(step)
-    for start in range(0, len(added), 500):
-        client.log_batch(run_id, metrics=added[start : start + 500])
-    if reason:
-        client.set_tag(run_id, ENDED_TAG, reason)
-    return len(added)
+        if self.journal is not None:
+            self.journal.close()
+        unsent = sum(1 for event in self.pending if event["kind"] != "catch-up")
+        if self.pending:
+            print(
+                f"{unsent} tracking event(s) not yet in MLflow are kept in {self.where}; "
+                f"run `chestxpert sweep mlflow-sync {self.sweep}`",
+                flush=True,
+            )

@@ -1,8 +1,8 @@
 """Session fixtures that start real services on loopback and stop exactly them, by session id.
 
 A three-node Ray cluster (head + two workers with one logical GPU each), an
-MLflow server, an S3-compatible endpoint (moto) with a bucket, and the central
-MLflow of cluster/compose.yaml (PostgreSQL, basic-auth, artifacts in S3).
+MLflow server, an S3-compatible endpoint (moto) with a bucket, a finished tiny sweep, and
+the central MLflow of cluster/compose.yaml (PostgreSQL, basic-auth, artifacts in S3).
 """
 
 from __future__ import annotations
@@ -371,3 +371,47 @@ def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
     )
     manifest = prepare(str(root / "raw"), str(root / "prepared"), opts, endpoints)
     return SyntheticDataset(root / "raw", root / "prepared", manifest)
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_factory) -> dict:
+    """A one-trial sweep run to the end with an in-process Ray, then `chestxpert final` on it once
+    (version 1, the champion); its storage, workspace, environment and the final's output."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("final")
+    spec = {
+        "name": "tiny-final",
+        "dataset": str(synthetic_dataset.prepared),
+        "model_name": "tiny-final-model",
+        "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
+        "search": {"num_samples": 1, "max_concurrent": 1},
+        "scheduler": {"type": "none"},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "CHESTXPERT_STORAGE": str(root / "storage"),
+        "CHESTXPERT_WORKSPACE": str(root / "ws"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        [CHESTXPERT_CLI, "sweep", "run", str(root / "spec.yaml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    final = subprocess.run(
+        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    return {"root": root, "env": env, "stdout": final.stdout, "mlflow": mlflow_server.url}

@@ -26,6 +26,7 @@ RESULT_LINES = {
     "startup_per_backbone": "1 of 1 backbones",
     "asha": "ratio a/b: trial-epochs",
     "driver": "ratio with/without:",
+    "journal": "the journal adds",
     "demo_report": "pointing game above the centre baseline for 1 of 1 findings",
 }
 # Those that start Ray, MLflow or S3 processes.
@@ -140,3 +141,13 @@ def test_benchmark_runs_in_smoke_mode(name: str, smoke_runs: SmokeRuns) -> None:
     assert ran == [name], out
     assert RESULT_LINES[name] in out, out[-3000:]
     assert " failed" not in out, out[-3000:]
+
+
+def test_importing_the_benchmarks_imports_neither_ray_nor_tensorflow() -> None:
+    """Every child process imports the registry before it sets Ray's token variables (Ray fixes
+    its auth mode when first imported) and before it starts its clocks."""
+    code = "import sys, benchmarks; print(sorted({'ray', 'tensorflow'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

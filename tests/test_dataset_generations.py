@@ -140,15 +140,16 @@ def test_force_adds_a_generation_and_a_reader_keeps_the_one_it_opened(tmp_path: 
 
 
 def test_gc_removes_only_generations_nothing_names(tmp_path: Path) -> None:
-    """Four generations: current, one a sweep read, one a final model was trained on, one
-    unused. Dry run deletes nothing; gc removes the unused one; --ignore-references the rest."""
+    """Five generations: current, one a sweep read, one the legacy final model was trained on,
+    one a published final version was, one unused. Dry run deletes nothing; gc removes the
+    unused one; --ignore-references the rest."""
     endpoints = resolve(workspace=tmp_path / "ws", environ={})
     out = tmp_path / "prepared"
     made = [
         prepare(str(FIXTURES / "nih_full"), str(out), opts(val_fraction=v, force=True), endpoints)
-        for v in (0.1, 0.2, 0.3, 0.4)
+        for v in (0.1, 0.2, 0.25, 0.3, 0.4)
     ]
-    swept, finished, unused, current = (m["generation"] for m in made)
+    swept, finished, versioned, unused, current = (m["generation"] for m in made)
     storage = tmp_path / "storage"
     (storage / "lr-sweep").mkdir(parents=True)
     (tmp_path / "link").symlink_to(out)  # the sweep named the dataset through a symlink
@@ -159,6 +160,10 @@ def test_gc_removes_only_generations_nothing_names(tmp_path: Path) -> None:
     (storage / "other" / "chestxpert_spec.json").write_text(json.dumps(other))
     state = {"config": {"dataset": out.as_uri()}, "dataset_digest": made[1]["digest"]}
     (storage / "other" / "final" / "model" / "state.json").write_text(json.dumps(state))
+    version_model = storage / "other" / "final" / "versions" / "2" / "model"
+    version_model.mkdir(parents=True)
+    state = {"config": {"dataset": out.as_uri()}, "dataset_digest": made[2]["digest"]}
+    (version_model / "state.json").write_text(json.dumps(state))
 
     before = tree(out)
     dry = cli("data", "gc", str(out), "--dry-run", "--storage", str(storage), cwd=tmp_path)
@@ -167,12 +172,13 @@ def test_gc_removes_only_generations_nothing_names(tmp_path: Path) -> None:
     assert f"keep    {current}  current" in dry.stdout
     assert f"keep    {swept}  sweep lr-sweep" in dry.stdout
     assert f"keep    {finished}  final model of other" in dry.stdout
+    assert f"keep    {versioned}  final model version 2 of other" in dry.stdout
     assert f"would remove {unused}" in dry.stdout, dry.stdout
 
     done = cli("data", "gc", str(out), "--storage", str(storage), cwd=tmp_path)
     assert done.returncode == 0 and f"removed {unused}" in done.stdout, done.stdout
     assert sorted(p.name for p in (out / "generations").iterdir()) == sorted(
-        [swept, finished, current]
+        [swept, finished, versioned, current]
     )
     assert not (out / "manifests" / f"{unused}.json").exists()
     with pytest.raises(DatasetError, match=f"no longer holds generation {unused}"):

@@ -61,9 +61,10 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
         .exists()
     )
     assert list((ws / "reports").glob("demo-*/report.html")), "no report"
-    assert list((ws / "storage").glob("demo-*/final/model/model.keras.sha256")), (
+    assert list((ws / "storage").glob("demo-*/final/versions/1/model/model.keras.sha256")), (
         "final model not stored"
     )
+    assert list((ws / "storage").glob("demo-*/final/current.json")), "final model not promoted"
     assert not (ws / "services.json").exists(), "--stop must stop the stack"
     assert "stopping ray" in out and "stopping mlflow" in out
     for line in out.splitlines():

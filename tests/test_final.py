@@ -3,56 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
-import yaml
-
-from tests.conftest import CHESTXPERT_CLI, REPO, SyntheticDataset
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_factory) -> dict:
-    """A one-trial sweep run to the end with an in-process Ray; its storage and workspace."""
-    root = tmp_path_factory.mktemp("final")
-    spec = {
-        "name": "tiny-final",
-        "dataset": str(synthetic_dataset.prepared),
-        "model_name": "tiny-final-model",
-        "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
-        "search": {"num_samples": 1, "max_concurrent": 1},
-        "scheduler": {"type": "none"},
-    }
-    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {
-        **dict(__import__("os").environ),
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "CHESTXPERT_STORAGE": str(root / "storage"),
-        "CHESTXPERT_WORKSPACE": str(root / "ws"),
-    }
-    env.pop("RAY_ADDRESS", None)
-    run = subprocess.run(
-        [CHESTXPERT_CLI, "sweep", "run", str(root / "spec.yaml")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    final = subprocess.run(
-        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    return {"root": root, "env": env, "stdout": final.stdout, "mlflow": mlflow_server.url}
 
 
 def test_final_report_has_the_clinical_table_and_is_self_contained(finished_sweep: dict) -> None:
@@ -95,7 +50,8 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
     from chestxpert.results.evaluate import choose_thresholds
     from chestxpert.trainable.checkpoint import file_sha256, load_model, read_state
 
-    model_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "model"
+    version = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "versions" / "1"
+    model_dir = version / "model"
     state = read_state(model_dir)
     assert (model_dir / "model.keras.sha256").read_text().strip() == file_sha256(
         model_dir / "model.keras"
@@ -106,8 +62,15 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
         val["labels"], model.predict(val["image"], verbose=0), state["labels"]
     ).thresholds
     assert state["thresholds"] == pytest.approx(expected)
-    report_dir = finished_sweep["root"] / "storage" / "tiny-final" / "final" / "report"
+    report_dir = version / "report"
     assert (report_dir / "report.html").exists() and (report_dir / "metrics.json").exists()
+    # Sealed: SHA256SUMS lists every other file of the version with its digest.
+    listed = dict(
+        reversed(line.split("  ", 1)) for line in (version / "SHA256SUMS").read_text().splitlines()
+    )
+    files = {p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()}
+    assert set(listed) == files - {"SHA256SUMS"}
+    assert all(file_sha256(version / rel) == digest for rel, digest in listed.items())
 
 
 def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep: dict) -> None:
@@ -115,6 +78,13 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
 
     client = mlflow.MlflowClient(tracking_uri=finished_sweep["mlflow"])
     version = client.get_model_version_by_alias("tiny-final-model", "champion")
+    # The storage pointer and the alias name the same model.
+    final = finished_sweep["root"] / "storage" / "tiny-final" / "final"
+    pointer = json.loads((final / "current.json").read_text())
+    assert pointer["version"] == 1 and pointer["registered_version"] == version.version
+    assert version.tags["chestxpert.final_version"] == (final / "versions" / "1").as_uri()
+    assert pointer["metric"] == "val_auc_macro" and 0.0 <= pointer["value"] <= 1.0
+    assert "champion: version 1 (val_auc_macro" in finished_sweep["stdout"]
     run = client.get_run(version.run_id)
     assert run.data.tags["chestxpert.role"] == "final"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])

@@ -192,10 +192,16 @@ def test_corrupted_model_is_refused_and_nothing_is_left(
     assert (list(to.iterdir()) == []) if to_exists else not to.exists()
 
 
-def test_checkpoint_without_checksum_file_is_pulled(trial_checkpoint, tmp_path) -> None:
+def test_checkpoint_without_checksum_file_is_refused_unless_no_verify(
+    trial_checkpoint, tmp_path
+) -> None:
     sweep = lay_out_sweep(tmp_path / "storage", trial_checkpoint, None)
     (sweep / TRIAL / CHECKPOINT / f"{MODEL_FILE}.sha256").unlink()
-    pulled = pull_best(SWEEP, tmp_path / "out", endpoints=local_endpoints(tmp_path), progress=False)
+    endpoints = local_endpoints(tmp_path)
+    with pytest.raises(ChecksumError, match=r"has no model.keras.sha256, .*--no-verify"):
+        pull_best(SWEEP, tmp_path / "out", endpoints=endpoints, progress=False)
+    assert not (tmp_path / "out").exists(), "a refused pull leaves nothing"
+    pulled = pull_best(SWEEP, tmp_path / "out", endpoints=endpoints, progress=False, verify=False)
     assert sorted(p.name for p in pulled.iterdir()) == [MODEL_FILE, STATE_FILE]
 
 
@@ -245,7 +251,7 @@ def _deleted_checkpoint(sweep: Path) -> str:
         (
             lambda sweep: SWEEP,
             True,
-            r"no final model yet \(looked in .*/pneumo/final/model\); "
+            r"no final model yet \(no .*/pneumo/final/current.json\); "
             r"run `chestxpert final pneumo` first",
         ),
     ],
@@ -297,6 +303,14 @@ def test_pull_best_and_resolve_model_from_the_s3_endpoint(
     modified = (cached / MODEL_FILE).stat().st_mtime_ns
     assert resolve_model(uri, endpoints, progress=False) == cached
     assert (cached / MODEL_FILE).stat().st_mtime_ns == modified
+
+    # A key no ChestXpert wrote, climbing out of the checkpoint folder: refused, nothing written.
+    escape = "../../../../../../escaped-by-a-key.txt"
+    s3_client.put_object(Bucket=s3_endpoint.bucket, Key=f"{best_key}/{escape}", Body=b"x")
+    with pytest.raises(PullError, match=r"would land outside the download folder"):
+        pull_best(SWEEP, tmp_path / "again", endpoints=endpoints, progress=False)
+    assert not (tmp_path / "again").exists()
+    assert not list(tmp_path.parent.glob("**/escaped-by-a-key.txt"))
 
 
 def test_resolve_model_local_folder_and_file_uri(final_model, tmp_path) -> None:

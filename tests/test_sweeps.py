@@ -197,7 +197,8 @@ def test_driver_killed_mid_sweep_then_resumed(
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     time.sleep(3)
-    result = chestxpert("sweep", "resume", name, env=env, cwd=tmp_path)
+    # the killed driver still holds the sweep's lease: its pid is gone from this host
+    result = chestxpert("sweep", "resume", name, "--force", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     status = status_json(name, env, tmp_path)
     assert len(status["trials"]) == 4 and len({t["trial_id"] for t in status["trials"]}) == 4
@@ -241,7 +242,7 @@ def test_mlflow_outage_loses_no_metric(
         stop_group(server["pid"], server["start_time"])  # the server goes away mid-sweep
         output, _ = driver.communicate(timeout=600)
         assert driver.returncode == 0, output[-3000:]
-        assert "queueing metrics" in output
+        assert output.count("does not answer") == 1, output[-3000:]
         server = start_mlflow(opts, (ws / "artifacts").as_uri())  # back, same store
         synced = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)
         assert synced.returncode == 0, synced.stderr[-3000:]

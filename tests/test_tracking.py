@@ -64,19 +64,25 @@ def test_results_are_queued_while_a_hung_server_holds_the_sender(capsys) -> None
         server.release()
     callback.close(attempts=1)
     output = capsys.readouterr().out
-    assert "did not answer" in output
-    assert "2 MLflow call(s) could not be sent; run `chestxpert sweep mlflow-sync sweep`" in output
-    action, (trial_id, config, metrics, step, _) = callback.pending[0]
-    assert (action, trial_id, step, metrics) == (
-        "metrics",
-        "t1",
-        1,
-        {"epoch": 1, "val_auc_macro": 0.7},
-    )
-    assert config == {"learning_rate": 0.001}
+    assert f"MLflow at http://127.0.0.1:{server.port} does not answer" in output
+    assert (
+        "2 tracking event(s) not yet in MLflow are kept in this driver's memory; "
+        "run `chestxpert sweep mlflow-sync sweep`"
+    ) in output
+    first = dict(callback.pending[0])
+    assert first.pop("timestamp") > 0
+    assert first == {
+        "kind": "metrics",
+        "trial_id": "t1",
+        "config": {"learning_rate": 0.001},
+        "metrics": {"epoch": 1, "val_auc_macro": 0.7},
+        "step": 1,
+    }
 
 
-def test_the_callback_pickles_with_its_queue_but_not_its_thread() -> None:
+def test_the_callback_pickles_with_its_settings_only() -> None:
+    """Tune pickles callbacks into the experiment folder; the journal, not a pickled queue,
+    is what outlives the driver, and a restored sweep gets this driver's callback anyway."""
     import pickle
 
     server = HungServer()
@@ -89,9 +95,12 @@ def test_the_callback_pickles_with_its_queue_but_not_its_thread() -> None:
     finally:
         server.release()
         callback.close(attempts=1)
-    assert copy._sender is None and list(copy.pending) == [
-        ("end", ("t1", {}, "completed", "FINISHED"))
-    ]
+    assert copy._sender is None and copy.journal is None and not copy.pending
+    assert (copy.tracking_uri, copy.parent_run_id, copy.max_epochs) == (
+        f"http://127.0.0.1:{server.port}",
+        "p",
+        3,
+    )
 
 
 def test_how_a_trial_ended_reads_as_users_expect() -> None:

@@ -1,0 +1,87 @@
+"""What MLflow lacks of a sweep, sent from storage: for `sweep mlflow-sync`, and for `sweep resume`
+before its own events. Every step is idempotent, so running it twice adds nothing.
+
+Sources, in order: the tracking journal (every event a driver had, including those a killed
+driver never sent), Tune's result.json per trial (metrics, even when a journal buffer was lost
+with its machine), Tune's trial states (FINISHED / KILLED / FAILED), and the sweep's summary
+(the parent run's best metric and status).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from chestxpert.sweeps.journal import read_segments, record_acked
+from chestxpert.sweeps.layout import SUMMARY_FILE, SweepLocation
+from chestxpert.sweeps.status import read_trials
+from chestxpert.sweeps.sweep_runs import SweepRuns, metric_rows, terminal_status
+
+INTERRUPTED = "interrupted: the driver stopped; `chestxpert sweep resume` continues it"
+_ENDED_STATES = ("TERMINATED", "ERROR")
+
+
+@dataclass
+class SyncCounts:
+    """What a replay did, for its one line of output."""
+
+    values: int = 0  # metric values added
+    ended: int = 0  # times a trial run's status or ended tag changed
+    events: int = 0  # journal events replayed (sent or found already there)
+    torn: int = 0  # journal lines cut by a crash, skipped
+
+
+def sync_sweep(
+    runs: SweepRuns,
+    location: SweepLocation,
+    metric: str,
+    mode: str,
+    max_epochs: int,
+    params: dict[str, Any],
+    exclude: tuple[str, ...] = (),
+    interrupted: bool = False,
+) -> SyncCounts:
+    """Bring `runs`' server up to date with the sweep at `location`.
+
+    `params` (the spec) make the parent run if the server has none; `exclude` names journal
+    sessions to leave alone (this driver's own, or a live driver's); `interrupted` (no driver
+    holds the sweep) marks trials Tune left running, and the parent, KILLED.
+    """
+    counts = SyncCounts()
+    segments = read_segments(location, exclude)
+    # The parent first (found by the recorded id or its tags; made from the spec and the tags
+    # the first driver journalled if this server has none), so trial runs nest under it.
+    first = next((e for s in segments for e in s.events if e.get("kind") == "parent"), {})
+    runs.ensure_parent(params, first.get("tags", {}), runs.parent_run_id or first.get("run_id"))
+    for segment in segments:
+        counts.torn += segment.torn
+        last = 0
+        for event in segment.unsent(runs.tracking_uri):
+            if event.get("kind") == "end":
+                counts.ended += runs.end_trial(
+                    event["trial_id"], event.get("config", {}), event["reason"], event["status"]
+                )
+            elif event.get("kind") != "parent":  # the parent is the one ensured above
+                counts.values += runs.apply(event)
+            counts.events += 1
+            last = event["seq"]
+        if last:
+            record_acked(location, segment.session, runs.tracking_uri, last)
+    for trial in read_trials(location, metric, mode, max_epochs):
+        if not trial.results and trial.state != "ERROR":
+            continue  # never reported: the live driver made no run for it either
+        counts.values += runs.log_metrics(trial.trial_id, trial.config, metric_rows(trial.results))
+        if trial.state in _ENDED_STATES:
+            reason = trial.ended
+        elif interrupted:
+            reason = INTERRUPTED
+        else:
+            continue  # running now, under this driver
+        status = "KILLED" if reason == INTERRUPTED else terminal_status(reason)
+        counts.ended += runs.end_trial(trial.trial_id, trial.config, reason, status)
+    summary = location.read_json(SUMMARY_FILE)
+    if summary is not None:
+        runs.end_parent("FINISHED", summary)
+    elif interrupted:
+        runs.end_parent("KILLED")
+    return counts

@@ -1,0 +1,252 @@
+"""Crash drills for tracking and for one writer per sweep, with real processes on the 3-node Ray
+cluster: MLflow down while the driver is SIGKILLed (drill 4), a second `sweep run` of a running
+sweep (drill 5), and a resume that moves tracking to the MLflow server it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from chestxpert.cluster.processes import free_port, stop_group
+from chestxpert.cluster.stack import StackOptions, start_mlflow
+from tests.conftest import CHESTXPERT_CLI, RayCluster, SyntheticDataset, short_tmpdir
+from tests.test_sweeps import chestxpert, status_json, sweep_env, write_spec
+
+pytestmark = pytest.mark.services
+
+TERMINAL = ("FINISHED", "KILLED", "FAILED")
+
+
+def _start_driver(spec: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [CHESTXPERT_CLI, "sweep", "run", str(spec)],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _stored_epochs(folder: Path) -> dict[str, list[int]]:
+    """Trial id -> the epochs Tune's result.json files in storage hold (repeats included)."""
+    epochs = {}
+    for path in folder.glob("train_*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            epochs[rows[0]["trial_id"]] = [int(row["epoch"]) for row in rows]
+    return epochs
+
+
+def _kill_when(driver: subprocess.Popen, ready, what: str, timeout_s: float = 300) -> str:
+    """SIGKILL the driver's process group once `ready()` holds; return all it printed."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, f"{what} before the deadline"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        return driver.stdout.read()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+
+
+def _runs(client, experiment: str) -> tuple[list, dict]:
+    """The sweep's parent runs, and its trial runs by trial id."""
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in found if r.data.tags.get("chestxpert.role") == "sweep"]
+    trials = {
+        r.data.tags["chestxpert.trial_id"]: r
+        for r in found
+        if r.data.tags.get("chestxpert.role") == "trial"
+    }
+    return parents, trials
+
+
+def _steps(client, run, key: str = "val_auc_macro") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def test_drill4_mlflow_down_driver_killed_then_resumed(
+    synthetic_dataset: SyntheticDataset, ray_cluster: RayCluster, s3_endpoint, tmp_path: Path
+) -> None:
+    import mlflow
+
+    ws = short_tmpdir("cxd4")
+    opts = StackOptions(workspace=ws, mlflow_port=free_port())
+    server = start_mlflow(opts, (ws / "artifacts").as_uri())
+    stop_group(server["pid"], server["start_time"])  # down before the sweep starts
+    name = "drill4"
+    storage = tmp_path / "storage"
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        trial__epochs=3,
+        scheduler={"type": "asha", "max_t": 3, "grace_period": 1, "reduction_factor": 2},
+    )
+    env = sweep_env(ray_cluster, s3_endpoint.env(), server["url"], str(storage))
+
+    def journalled_epochs() -> int:
+        lines = [
+            line
+            for path in (storage / name / "tracking").glob("journal-*.jsonl")
+            for line in path.read_text().splitlines()
+        ]
+        return sum('"kind":"metrics"' in line for line in lines)
+
+    driver = _start_driver(spec, env, tmp_path)
+    output = _kill_when(driver, lambda: journalled_epochs() >= 3, "3 epochs were not reported")
+    assert output.count("does not answer") == 1, output[-3000:]
+    assert f"journalled in file://{storage}/{name}/tracking" in output
+
+    server = start_mlflow(opts, (ws / "artifacts").as_uri())  # back: same port, same database
+    try:
+        refused = chestxpert("sweep", "resume", name, env=env, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+        assert f"pid {driver.pid} is not running on this host" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        resumed = chestxpert("sweep", "resume", name, "--force", env=env, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+        client = mlflow.MlflowClient(tracking_uri=server["url"])
+        parents, trials = _runs(client, name)
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert "best_val_auc_macro" in parents[0].data.metrics
+        stored = _stored_epochs(storage / name)
+        assert set(trials) == set(stored) and len(stored) == 3
+        for trial_id, run in trials.items():
+            # each epoch once: none missing against storage, none twice
+            assert _steps(client, run) == sorted(set(stored[trial_id])), trial_id
+            assert run.info.status in TERMINAL, (trial_id, run.info.status)
+            ended = run.data.tags["chestxpert.ended"]
+            expected = {"completed": "FINISHED", "errored": "FAILED"}.get(ended, "KILLED")
+            assert run.info.status == expected, (trial_id, ended, run.info.status)
+            assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    finally:
+        stop_group(server["pid"], server["start_time"])
+
+
+def test_drill5_a_second_run_of_a_running_sweep_is_refused(
+    synthetic_dataset: SyntheticDataset,
+    ray_cluster: RayCluster,
+    s3_endpoint,
+    mlflow_server,
+    tmp_path: Path,
+) -> None:
+    name = "drill5"
+    storage = tmp_path / "storage"
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        search__num_samples=1,
+        trial__epochs=1,
+        scheduler={"type": "none"},
+    )
+    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+    first = _start_driver(spec, env, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (storage / name / "chestxpert_spec.json").exists():
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first driver never started the sweep"
+            time.sleep(0.2)
+        second = chestxpert("sweep", "run", str(spec), env=env, cwd=tmp_path)
+        output, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "sweep 'drill5' is being written by " in second.stderr
+    assert f"(pid {first.pid} on {socket.gethostname()}, `chestxpert sweep run drill5`)" in (
+        second.stderr
+    )
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, output[-3000:]
+    assert "best trial" in output
+    status = status_json(name, env, tmp_path)
+    assert len(status["trials"]) == 1 and status["summary"]["best_trial_id"]
+    assert status["writer"] is None, "the first driver released its lease"
+
+
+def test_resume_moves_tracking_to_the_mlflow_uri_given(
+    synthetic_dataset: SyntheticDataset,
+    ray_cluster: RayCluster,
+    s3_endpoint,
+    mlflow_server,
+    tmp_path: Path,
+) -> None:
+    import mlflow
+
+    name = "moved"
+    storage = tmp_path / "storage"
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        search__num_samples=2,
+        search__max_concurrent=1,
+        scheduler={"type": "none"},
+    )
+    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+    driver = _start_driver(spec, env, tmp_path)
+    _kill_when(driver, lambda: bool(_stored_epochs(storage / name)), "no epoch was reported")
+
+    # mlflow-sync after a crash ends what the dead driver left RUNNING
+    synced = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)
+    assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
+    old = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    parents, trials = _runs(old, name)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert len(trials) == 1
+    (interrupted,) = trials.values()
+    assert interrupted.info.status == "KILLED"
+    assert interrupted.data.tags["chestxpert.ended"].startswith("interrupted")
+
+    port = free_port()
+    new_url = f"http://127.0.0.1:{port}"  # nothing there yet: the resume runs with MLflow down
+    resumed = chestxpert(
+        "sweep", "resume", name, "--force", "--mlflow-uri", new_url, env=env, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert resumed.stdout.count("does not answer") == 1
+    assert f"MLflow at {new_url} does not answer" in resumed.stdout
+    record = json.loads((storage / name / "chestxpert_spec.json").read_text())
+    assert record["mlflow_tracking_uri"] == new_url
+
+    ws = short_tmpdir("cxnew")
+    server = start_mlflow(StackOptions(workspace=ws, mlflow_port=port), (ws / "a").as_uri())
+    try:
+        synced = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)  # no flag
+        assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
+        assert re.search(
+            rf"^MLflow {new_url}: [1-9]\d* metric value\(s\) added, 2 trial run\(s\) given",
+            synced.stdout,
+            re.M,
+        ), synced.stdout
+        new = mlflow.MlflowClient(tracking_uri=new_url)
+        parents, trials = _runs(new, name)
+        assert [p.info.status for p in parents] == ["FINISHED"]
+        assert "best_val_auc_macro" in parents[0].data.metrics
+        assert len(trials) == 2
+        for run in trials.values():
+            assert _steps(new, run) == [1, 2] and run.info.status == "FINISHED"
+        # the old server got nothing from the resumed driver
+        parents, trials = _runs(old, name)
+        assert [p.info.status for p in parents] == ["KILLED"] and len(trials) == 1
+    finally:
+        stop_group(server["pid"], server["start_time"])
