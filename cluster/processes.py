@@ -114,12 +114,26 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port between {FREE_PORTS.start} and {FREE_PORTS.stop - 1}")
 
 
-def spawn(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start `cmd` as the leader of a new session, its output appended to `log_path`."""
+def spawn(
+    cmd: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+) -> subprocess.Popen:
+    """Start `cmd` as the leader of a new session, its output appended to `log_path`.
+
+    `user` (a login name; only root may give one) runs it as that user with that user's
+    group and no others: for servers that refuse to run as root, such as PostgreSQL.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
+    identity: dict = {}
+    if user is not None:
+        import pwd
+
+        identity = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             cmd,
@@ -128,6 +142,7 @@ def spawn(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None) 
             stdin=subprocess.DEVNULL,
             env=full_env,
             start_new_session=True,
+            **identity,
         )
 
 

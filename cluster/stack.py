@@ -20,6 +20,7 @@ from typing import Any
 import requests
 
 from chestxpert.cluster.endpoints import LOCAL_S3_KEY, normalize_storage_uri
+from chestxpert.cluster.mlflow_server import MlflowServerConfig, S3Artifacts, start_mlflow_server
 from chestxpert.cluster.processes import (
     ServiceError,
     boot_id,
@@ -290,47 +291,30 @@ def start_mlflow(
     """Start an MLflow server (SQLite store in the workspace, artifacts under `storage_uri`).
 
     MLflow's job runner (seven worker processes, unused here) is off unless `job_runner`.
+    The server is started by `cluster.mlflow_server`, as the central one is.
     """
     ws = opts.workspace
     ws.mkdir(parents=True, exist_ok=True)
-    log_path = ws / "logs" / "mlflow.log"
     if storage_uri.startswith("file://"):
         Path(storage_uri[len("file://") :]).mkdir(parents=True, exist_ok=True)
-    url = f"http://{opts.host}:{opts.mlflow_port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{ws / 'mlflow.db'}",
-        "--artifacts-destination",
-        f"{storage_uri}/mlflow-artifacts",
-        "--host",
-        opts.host,
-        "--port",
-        str(opts.mlflow_port),
-        "--workers",
-        "2",
-    ]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if job_runner else "false"}
+    s3 = None
     if s3_url:
-        env.update(MLFLOW_S3_ENDPOINT_URL=s3_url, AWS_ENDPOINT_URL_S3=s3_url)
-        if not os.environ.get("AWS_ACCESS_KEY_ID"):
-            env.update(AWS_ACCESS_KEY_ID=LOCAL_S3_KEY, AWS_SECRET_ACCESS_KEY=LOCAL_S3_KEY)
-    proc = spawn(cmd, log_path, env=env)
-    record = {
-        "pid": proc.pid,
-        "start_time": process_start_time(proc.pid),
-        "log": str(log_path),
-        "url": url,
-    }
-    if on_spawn is not None:
-        on_spawn(record)
-    wait_until(
-        "MLflow server", lambda: _http_ok(f"{url}/health"), proc.pid, log_path, opts.timeout_s
+        # Our loopback endpoint's stand-in keys, unless the user's own are in the environment.
+        local_keys = not os.environ.get("AWS_ACCESS_KEY_ID")
+        s3 = S3Artifacts(
+            s3_url,
+            access_key_id=LOCAL_S3_KEY if local_keys else None,
+            secret_access_key=LOCAL_S3_KEY if local_keys else None,
+        )
+    config = MlflowServerConfig(
+        host=opts.host,
+        port=opts.mlflow_port,
+        backend_store_uri=f"sqlite:///{ws / 'mlflow.db'}",
+        artifacts_destination=f"{storage_uri}/mlflow-artifacts",
+        job_runner=job_runner,
+        s3=s3,
     )
-    return record
+    return start_mlflow_server(config, ws / "logs" / "mlflow.log", opts.timeout_s, on_spawn)
 
 
 def start_s3(opts: StackOptions, on_spawn: OnSpawn | None = None) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """Session fixtures that start real services on loopback and stop exactly them, by session id.
 
 A three-node Ray cluster (head + two workers with one logical GPU each), an
-MLflow server, an S3-compatible endpoint (moto) with a bucket, and a finished tiny sweep.
+MLflow server, an S3-compatible endpoint (moto) with a bucket, a finished tiny sweep, and
+the central MLflow of cluster/compose.yaml (PostgreSQL, basic-auth, artifacts in S3).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
+from chestxpert.cluster.mlflow_server import (
+    BasicAuth,
+    MlflowServerConfig,
+    S3Artifacts,
+    start_mlflow_server,
+    write_basic_auth_ini,
+)
 from chestxpert.cluster.processes import free_port, stop_group
 from chestxpert.cluster.stack import (
     LOCAL_BUCKET,
@@ -27,6 +37,7 @@ from chestxpert.cluster.stack import (
     start_ray_node,
     start_s3,
 )
+from tests.postgres_helpers import PostgresServer, start_postgres, stop_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 # The installed console script, as users run it: `python -m` would put the current folder
@@ -234,6 +245,106 @@ def mlflow_server() -> Iterator[MlflowServer]:
     )
     try:
         yield MlflowServer(record["url"], ws, record)
+    finally:
+        stop_group(record["pid"], record["start_time"])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on loopback with database `mlflow` and a password login for `mlflow`
+    (the system's binaries, else pgserver's); its folder under /tmp is deleted afterwards."""
+    # `@`, `/` and `:` in the password: the store URI must quote them.
+    server = start_postgres(free_port(), f"pg@{secrets.token_urlsafe(18)}/:")
+    try:
+        yield server
+    finally:
+        stop_postgres(server)
+
+
+@dataclass(frozen=True)
+class CentralMlflow:
+    """The central MLflow of cluster/compose.yaml with real processes, and its logins.
+
+    `username`/`password` is the login clients use, made through the auth API as
+    cluster/README.md step 4 makes the cluster's. `credentials` names every secret the stack
+    was given, for tests that search for them.
+    """
+
+    url: str
+    workspace: Path
+    username: str
+    password: str
+    admin_username: str
+    admin_password: str
+    credentials: dict[str, str]
+    postgres: PostgresServer
+    record: dict
+
+    def login_env(self) -> dict[str, str]:
+        """MLflow's client variables: this server, with the client login."""
+        return {
+            "MLFLOW_TRACKING_URI": self.url,
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
+
+
+@pytest.fixture(scope="session")
+def central_mlflow(
+    s3_endpoint: S3Endpoint, postgres_server: PostgresServer
+) -> Iterator[CentralMlflow]:
+    """`mlflow server` as compose.yaml runs it (same arguments and variables, built by
+    cluster/mlflow_server.py): PostgreSQL store, `--app-name basic-auth`, artifacts proxied to
+    the S3 endpoint with a key pair only the server has; the compose user `chestxpert`."""
+    ws = short_tmpdir("cxcm")
+    ini = write_basic_auth_ini(ws / "basic_auth.ini", f"sqlite:///{ws / 'basic_auth.db'}", "admin")
+    auth = BasicAuth(
+        config_path=str(ini),
+        admin_username="admin",
+        admin_password=f"admin-{secrets.token_urlsafe(18)}",
+        flask_secret_key=secrets.token_hex(24),
+    )
+    s3 = S3Artifacts(
+        s3_endpoint.url,
+        access_key_id=f"mlflow-server-{secrets.token_hex(8)}",
+        secret_access_key=f"mlflow-s3-secret-{secrets.token_hex(16)}",
+        region="us-east-1",
+    )
+    config = MlflowServerConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        backend_store_uri=postgres_server.store_uri(),
+        artifacts_destination=f"s3://{s3_endpoint.bucket}/mlflow",
+        auth=auth,
+        s3=s3,
+    )
+    record = start_mlflow_server(config, ws / "logs" / "mlflow.log")
+    try:
+        password = f"cluster-{secrets.token_urlsafe(18)}"
+        created = requests.post(
+            f"{record['url']}/api/2.0/mlflow/users/create",
+            json={"username": "chestxpert", "password": password},
+            auth=(auth.admin_username, auth.admin_password),
+            timeout=30,
+        )
+        assert created.status_code == 200, created.text
+        yield CentralMlflow(
+            url=record["url"],
+            workspace=ws,
+            username="chestxpert",
+            password=password,
+            admin_username=auth.admin_username,
+            admin_password=auth.admin_password,
+            credentials={
+                "MLflow client password": password,
+                "MLflow admin password": auth.admin_password,
+                "Flask secret key": auth.flask_secret_key,
+                "PostgreSQL password": postgres_server.password,
+                "MLflow server's S3 secret key": s3.secret_access_key or "",
+            },
+            postgres=postgres_server,
+            record=record,
+        )
     finally:
         stop_group(record["pid"], record["start_time"])
 

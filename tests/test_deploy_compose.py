@@ -231,3 +231,35 @@ def test_docker_compose_accepts_the_file_with_the_example_env() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_runs_mlflow_as_the_tested_central_server_does() -> None:
+    """tests/test_central_mlflow.py runs the server `cluster.mlflow_server` builds; compose.yaml
+    must start the same one: same arguments, same variables, same auth config."""
+    from chestxpert.cluster.mlflow_server import (
+        BasicAuth,
+        MlflowServerConfig,
+        S3Artifacts,
+        basic_auth_ini,
+        server_args,
+        server_environment,
+    )
+
+    mlflow = load_compose()["services"]["mlflow"]
+    env = environment(mlflow)
+    config = MlflowServerConfig(
+        host="0.0.0.0",
+        port=5000,
+        backend_store_uri=env["MLFLOW_BACKEND_STORE_URI"],
+        artifacts_destination="s3://chestxpert/mlflow",
+        auth=BasicAuth(env["MLFLOW_AUTH_CONFIG_PATH"], "admin", "x", "y"),
+        s3=S3Artifacts("http://minio:9000", "key", "secret", "us-east-1"),
+        allowed_hosts="",
+    )
+    assert mlflow["command"] == ["mlflow", *server_args(config)]
+    # AWS_ENDPOINT_URL_S3 is boto3's newer spelling of the endpoint; compose gives the older one.
+    assert set(env) == set(server_environment(config)) - {"AWS_ENDPOINT_URL_S3"}
+    written = re.search(r"printf '([^']*)' > (\S+)", mlflow["build"]["dockerfile_inline"])
+    assert written, "compose's mlflow image no longer writes basic_auth.ini"
+    ini = written.group(1).replace("\\n", "\n")
+    assert ini == basic_auth_ini("sqlite:////var/lib/mlflow-auth/basic_auth.db", "admin")
