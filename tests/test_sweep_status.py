@@ -1,0 +1,56 @@
+"""`sweep status` reads a sweep from its storage alone: which trials Tune knows, and which a
+killed driver started but Tune never recorded (run again by the resume under a new id)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from chestxpert.sweeps.layout import SPEC_FILE, SweepLocation
+from chestxpert.sweeps.spec import SweepSpec
+from chestxpert.sweeps.status import sweep_status
+
+
+def _trial(folder: Path, trial_id: str, values: list[float], started: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"learning_rate": 0.001}))
+    rows = [
+        {"trial_id": trial_id, "epoch": epoch, "val_auc_macro": value}
+        for epoch, value in enumerate(values, start=1)
+    ]
+    (folder / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.utime(folder / "params.json", (started, started))
+
+
+def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    sweep = tmp_path / "resumed"
+    sweep.mkdir()
+    spec = SweepSpec.model_validate(
+        {"name": "resumed", "dataset": str(tmp_path / "data"), "trial": {"epochs": 2}}
+    )
+    (sweep / SPEC_FILE).write_text(json.dumps({"raw": spec.model_dump(mode="json")}))
+    snapshot = 1_800_000_000.0
+    _trial(sweep / "train_aaaa0001", "aaaa0001", [0.6, 0.7], snapshot - 300)
+    # started by the killed driver after its last snapshot; the resume never knew it
+    _trial(sweep / "train_dead0002", "dead0002", [], snapshot - 100)
+    # started by the live driver after the snapshot it has written so far
+    _trial(sweep / "train_bbbb0003", "bbbb0003", [0.65], snapshot + 50)
+    state = sweep / "experiment_state-2026-12-02_15-00-00.json"
+    trial = {"trial_id": "aaaa0001", "status": "TERMINATED"}
+    state.write_text(json.dumps({"trial_data": [[json.dumps(trial), "{}"]]}))
+    os.utime(state, (snapshot, snapshot))
+
+    location = SweepLocation(pafs.LocalFileSystem(), str(tmp_path), "resumed", sweep.as_uri())
+    status = sweep_status(location)
+
+    assert status["abandoned"] == ["dead0002"]
+    rows = {row["trial_id"]: row for row in status["trials"]}
+    assert sorted(rows) == ["aaaa0001", "bbbb0003"]
+    assert rows["aaaa0001"]["state"] == "TERMINATED" and rows["aaaa0001"]["ended"] == "completed"
+    assert rows["bbbb0003"]["state"] == "UNKNOWN" and rows["bbbb0003"]["epochs"] == 1
+    assert status["best_so_far"]["trial_id"] == "aaaa0001"
