@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import requests
 
-from chestxpert.cluster.processes import process_start_time, spawn, wait_until
+from chestxpert.cluster.processes import spawn_service, wait_until
 
 # The compose image's auth config: MLflow's own defaults, the user store on a volume.
 AUTH_FUNCTION = "mlflow.server.auth:authenticate_request_basic_auth"
@@ -149,15 +149,9 @@ def start_mlflow_server(
     """
     url = f"http://{config.host}:{config.port}"
     cmd = [sys.executable, "-m", "mlflow", *server_args(config)]
-    proc = spawn(cmd, log_path, env=server_environment(config))
-    record = {
-        "pid": proc.pid,
-        "start_time": process_start_time(proc.pid),
-        "log": str(log_path),
-        "url": url,
-    }
-    if on_spawn is not None:
-        on_spawn(record)
+    proc, record = spawn_service(
+        cmd, log_path, env=server_environment(config), on_spawn=on_spawn, url=url
+    )
 
     def healthy() -> bool:
         return requests.get(f"{url}/health", timeout=2).status_code == 200

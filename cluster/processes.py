@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -144,6 +145,30 @@ def spawn(
             start_new_session=True,
             **identity,
         )
+
+
+def spawn_service(
+    cmd: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    on_spawn: Callable[[dict[str, Any]], None] | None = None,
+    **fields: Any,
+) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """`spawn` a service and make its record (pid, start time, log, and `fields` such as its url).
+
+    `on_spawn` gets the record as soon as the process exists, before anyone waits for it: a
+    caller killed while the service starts has already recorded what to stop.
+    """
+    proc = spawn(cmd, log_path, env=env)
+    record = {
+        "pid": proc.pid,
+        "start_time": process_start_time(proc.pid),
+        "log": str(log_path),
+        **fields,
+    }
+    if on_spawn is not None:
+        on_spawn(record)
+    return proc, record
 
 
 def log_tail(log_path: Path, lines: int = 25) -> str:

@@ -27,8 +27,7 @@ from chestxpert.cluster.processes import (
     free_port,
     is_ours,
     port_in_use,
-    process_start_time,
-    spawn,
+    spawn_service,
     stop_group,
     wait_until,
 )
@@ -164,10 +163,8 @@ def start_ray_node(
     else:
         assert join_address is not None
         cmd.append(f"--address={join_address}")
-    proc = spawn(cmd, log_path, env={**ray_node_env(token_path, temp_dir), **(extra_env or {})})
-    record = {"pid": proc.pid, "start_time": process_start_time(proc.pid), "log": str(log_path)}
-    if on_spawn is not None:
-        on_spawn(record)
+    env = {**ray_node_env(token_path, temp_dir), **(extra_env or {})}
+    _, record = spawn_service(cmd, log_path, env=env, on_spawn=on_spawn)
     return record
 
 
@@ -325,15 +322,7 @@ def start_s3(opts: StackOptions, on_spawn: OnSpawn | None = None) -> dict[str, A
     log_path = opts.workspace / "logs" / "s3.log"
     url = f"http://{opts.host}:{opts.s3_port}"
     cmd = [sys.executable, "-m", "moto.server", "-H", opts.host, "-p", str(opts.s3_port)]
-    proc = spawn(cmd, log_path)
-    record = {
-        "pid": proc.pid,
-        "start_time": process_start_time(proc.pid),
-        "log": str(log_path),
-        "url": url,
-    }
-    if on_spawn is not None:
-        on_spawn(record)
+    proc, record = spawn_service(cmd, log_path, on_spawn=on_spawn, url=url)
     wait_until(
         "S3 endpoint", lambda: _http_ok(f"{url}/moto-api/"), proc.pid, log_path, opts.timeout_s
     )
