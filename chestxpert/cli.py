@@ -173,11 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     from chestxpert.trainable.cli import register as register_trainable
 
     register_trainable(sub)
+    from chestxpert.results.cli import register as register_results
+    from chestxpert.results.cli import register_sweep_report
     from chestxpert.sweeps.cli import register as register_sweeps
 
-    register_sweeps(sub)
-    from chestxpert.results.cli import register as register_results
-
+    register_sweep_report(register_sweeps(sub))
     register_results(sub)
     return parser
 

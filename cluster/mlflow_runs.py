@@ -39,6 +39,14 @@ def client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
+def failures() -> tuple[type[BaseException], ...]:
+    """What a call to an absent, slow or refusing MLflow server raises through the client."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, OSError)
+
+
 def experiment_id(mlflow_client, name: str) -> str:
     """The id of MLflow experiment `name`, created if missing.
 

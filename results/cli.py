@@ -1,4 +1,5 @@
-"""`chestxpert final | pull-best | predict`: the final model, its report, and using it."""
+"""`chestxpert final | pull-best | predict | sweep report`: the final model, its report, using
+it, and the sweep's own report."""
 
 from __future__ import annotations
 
@@ -91,6 +92,72 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    import shutil
+    import sys
+
+    from chestxpert.results.sweep_report import (
+        build_report,
+        log_to_mlflow,
+        recorded_spec,
+        write_report,
+    )
+    from chestxpert.sweeps.layout import SWEEP_REPORT_DATA, SWEEP_REPORT_HTML, locate
+
+    endpoints = _endpoints(args)
+    location = locate(endpoints, args.name)
+    recorded, spec = recorded_spec(location)
+    data, page = build_report(location)
+    folder = write_report(location, data, page, Path(args.out) if args.out else None)
+    try:
+        tracking_uri = (
+            args.mlflow_uri
+            or recorded.get("mlflow_tracking_uri")
+            or spec.mlflow.tracking_uri
+            or endpoints.mlflow_tracking_uri
+        )
+        logged = log_to_mlflow(location, folder, tracking_uri, recorded)
+    finally:
+        if args.out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    # With --json the data is stdout's; where things went goes to stderr.
+    say = sys.stderr if args.json else sys.stdout
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    kept = [t for t in data["trials"] if t["number"] is not None]
+    best = data["best"]
+    found = f", best {data['metric']} {best['value']:.4f} ({best['trial_id']})" if best else ""
+    print(
+        f"sweep {data['name']} ({data['state']}): {len(kept)} of "
+        f"{data['budget']['num_samples']} trials{found}",
+        file=say,
+    )
+    print(f"report: {location.uri}/{SWEEP_REPORT_HTML}", file=say)
+    print(f"data:   {location.uri}/{SWEEP_REPORT_DATA}", file=say)
+    if args.out:
+        print(f"copied to {folder}/", file=say)
+    print(logged, file=say)
+    return 0
+
+
+def register_sweep_report(sweep_sub: argparse._SubParsersAction) -> None:
+    """Add `chestxpert sweep report` to the `sweep` subcommands (it is here: it reads results)."""
+    report = sweep_sub.add_parser(
+        "report",
+        help="the sweep in one self-contained HTML page (curves, history, importances, trials, "
+        "budget, best trial), from storage; also logged to the sweep's MLflow parent run",
+    )
+    report.add_argument("name")
+    report.add_argument(
+        "--out", default=None, metavar="DIR", help="also write report.html and report.json here"
+    )
+    report.add_argument(
+        "--json", action="store_true", help="print the report's data (trials, budget, best)"
+    )
+    _flags(report)
+    report.set_defaults(func=cmd_sweep_report)
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

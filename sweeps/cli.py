@@ -352,8 +352,9 @@ def _force_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `chestxpert sweep run|resume|status|list|mlflow-sync|submit`."""
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `chestxpert sweep run|resume|status|list|mlflow-sync|submit`; return the `sweep`
+    subcommands, so the app can add `sweep report` (which is in `results`) beside them."""
     sweep = sub.add_parser("sweep", help="hyperparameter sweeps on Ray Tune")
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
 
@@ -421,3 +422,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="interpreter on the cluster (default: ours on loopback, else python)",
     )
     submit.set_defaults(func=cmd_submit)
+    return sweep_sub

@@ -22,6 +22,10 @@ FINAL_STATE = "final/model/state.json"  # the final model's state: config, datas
 # every snapshot, which would roll a lease back to the heartbeat it had at restore.
 LEASE_FILE = "chestxpert.lease"
 TRACKING_DIR = "tracking"  # one journal segment per driver session, and what MLflow has of it
+# `chestxpert sweep report`: the sweep in one self-contained page, and the numbers behind it
+SWEEP_REPORT_DIR = "report"
+SWEEP_REPORT_HTML = f"{SWEEP_REPORT_DIR}/report.html"
+SWEEP_REPORT_DATA = f"{SWEEP_REPORT_DIR}/report.json"
 
 
 def journal_name(session: str) -> str:
