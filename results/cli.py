@@ -138,7 +138,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     print(f"data:   {location.uri}/{SWEEP_REPORT_DATA}", file=say)
     if args.out:
         print(f"copied to {folder}/", file=say)
-    print(logged, file=say)
+    print(logged, file=sys.stderr if logged.startswith("warning") else say)
     return 0
 
 

@@ -15,7 +15,8 @@ import html5lib
 import pyarrow.fs as pafs
 import pytest
 
-from chestxpert.results.sweep_report import asha_rungs, build_report, write_report
+from chestxpert.cluster.processes import free_port
+from chestxpert.results.sweep_report import asha_rungs, build_report, log_to_mlflow, write_report
 from chestxpert.sweeps.layout import SPEC_FILE, SWEEP_REPORT_DATA, SWEEP_REPORT_HTML, SweepLocation
 from chestxpert.sweeps.spec import SweepSpec
 
@@ -208,3 +209,16 @@ def test_asha_rungs_are_where_rays_bracket_puts_them(
 ) -> None:
     spec = _spec(tmp_path, trial={"epochs": 20}, scheduler=scheduler)
     assert asha_rungs(spec) == rungs
+
+
+def test_an_mlflow_that_does_not_answer_costs_one_warning_not_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    location = _sweep(tmp_path, {"aaaa00000": TRIALS["aaaa00000"]}, _spec(tmp_path))
+    out = write_report(location, *build_report(location), tmp_path / "out")
+    absent = f"http://127.0.0.1:{free_port()}"
+    said = log_to_mlflow(location, out, absent, {"parent_run_id": "0123abcd"})
+    assert said.startswith(f"warning: not logged to MLflow at {absent}"), said
+    assert "report is in storage" in said and "\n" not in said

@@ -196,7 +196,17 @@ def test_driver_killed_mid_sweep_then_resumed(
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    time.sleep(3)
+    # the sweep report builds from storage after the SIGKILL, and lists the finished trial
+    report = chestxpert("sweep", "report", name, "--json", env=env, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    shown = json.loads(report.stdout)
+    page = (storage / name / "report" / "report.html").read_text()
+    assert shown["state"] == "interrupted" and "logged to the sweep's parent run" in report.stderr
+    ended = {t["trial_id"]: t["ended"] for t in shown["trials"]}
+    for path in done:
+        trial_id = json.loads(path.read_text().splitlines()[0])["trial_id"]
+        assert ended[trial_id] == "completed" and f"<td>{trial_id}</td>" in page
+    # (the report's seconds stand in for the pause that let Ray see the driver gone)
     # the killed driver still holds the sweep's lease: its pid is gone from this host
     result = chestxpert("sweep", "resume", name, "--force", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
