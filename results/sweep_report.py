@@ -190,7 +190,7 @@ def sweep_report_data(location: SweepLocation, spec: SweepSpec) -> dict[str, Any
         "storage": location.uri,
         "metric": metric,
         "mode": mode,
-        "state": "finished" if summary else ("running" if live else "interrupted"),
+        "state": "running" if live else ("finished" if summary else "interrupted"),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "scheduler": {**spec.scheduler.model_dump(mode="json"), "rungs": asha_rungs(spec)},
         "space": {key: dim.model_dump(mode="json") for key, dim in spec.space.items()},
