@@ -6,15 +6,15 @@ are computed with ranks in numpy, a chunk of resamples at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from chestxpert.results.inputs import (
-    EvaluationError,
     check_arrays,
+    check_bootstrap,
     check_patients,
     has_both_classes,
     known_values,
@@ -71,19 +71,13 @@ def bootstrap_auc_ci(
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     names: Sequence[Any] = labels if labels is not None else range(y_true.shape[1])
     check_patients(patient_ids, len(y_true))
-    if n_boot < 1:
-        raise EvaluationError(f"n_boot must be at least 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise EvaluationError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
+    check_bootstrap(n_boot, alpha)
 
-    patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
     boot_aucs = np.full((n_boot, len(names)), np.nan)
-    chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, len(y_true)))
-    for start in range(0, n_boot, chunk):
-        image_weights = patient_counts[start : start + chunk][:, patient_codes].astype(np.float64)
+    for rows, image_weights in patient_weight_chunks(patient_ids, n_boot, seed):
         for column in range(len(names)):
             known = ~np.isnan(y_true[:, column])
-            boot_aucs[start : start + chunk, column] = _weighted_auc(
+            boot_aucs[rows, column] = weighted_auc(
                 y_true[known, column], y_prob[known, column], image_weights[:, known]
             )
 
@@ -101,6 +95,21 @@ def bootstrap_auc_ci(
     return out
 
 
+def patient_weight_chunks(
+    patient_ids: Sequence[Any], n_boot: int, seed: int = 0
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """The rows of `patient_bootstrap_weights` as float64, a chunk of resamples at a time.
+
+    Yields (which resamples, their image weights) with chunks kept near _BOOT_CHUNK_ENTRIES
+    entries, so a large test split never needs the whole n_boot × N matrix in memory.
+    """
+    patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
+    chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, len(patient_codes)))
+    for start in range(0, n_boot, chunk):
+        rows = slice(start, min(start + chunk, n_boot))
+        yield rows, patient_counts[rows][:, patient_codes].astype(np.float64)
+
+
 def _draw_patients(
     patient_ids: Sequence[Any], n_boot: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +122,7 @@ def _draw_patients(
     return patient_codes.ravel(), counts.reshape(n_boot, n_patients)
 
 
-def _weighted_auc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_auc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """ROC AUC of each row of `weights` (B × n image weights) by weighted Mann-Whitney.
 
     Ties count half; NaN for a row whose positives or negatives all have zero weight.

@@ -43,6 +43,14 @@ def check_arrays(
     return y_true, y_prob
 
 
+def check_bootstrap(n_boot: int, alpha: float) -> None:
+    """An EvaluationError unless there is at least one resample and alpha lies in (0, 1)."""
+    if n_boot < 1:
+        raise EvaluationError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise EvaluationError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
+
+
 def check_patients(patient_ids: Sequence[Any], n_images: int) -> None:
     """An EvaluationError unless there is one patient id per image."""
     if len(patient_ids) != n_images:
