@@ -166,8 +166,9 @@ def resolve_model(model_ref: str, endpoints: Endpoints, progress: bool = True) -
     """The local checkpoint folder that `model_ref` names, downloaded first if it is remote.
 
     `model_ref` is a local folder; a storage URI (`s3://…` or `file://…`) of a checkpoint folder;
-    or `models:/NAME@ALIAS` from the MLflow registry at `endpoints.mlflow_tracking_uri` (the
-    version's run holds the folder as artifacts under `checkpoint/`). Remote folders are cached
+    or `models:/NAME@ALIAS` or `models:/NAME/VERSION` from the MLflow registry at
+    `endpoints.mlflow_tracking_uri` (the version's run holds the folder as artifacts under
+    `checkpoint/`). Remote folders are cached
     in `<workspace>/cache/models/<sha1>`: by URI (fetched again when the remote checksum differs
     from the cached one) or by run (a run's artifacts do not change); `progress` shows a tqdm
     bar for storage downloads. Raises PullError (ChecksumError for a corrupted download).
@@ -243,7 +244,7 @@ def download_folder(
                     f"{VERSION_CHECKSUMS} says {wanted}; nothing was kept. Pull again; if it "
                     f"repeats, the copy in storage is damaged"
                 )
-        _replace_folder(partial, destination)
+        replace_folder(partial, destination)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         if created:
@@ -348,7 +349,7 @@ def _storage_model(uri: str, endpoints: Endpoints, progress: bool) -> Path:
         return cache
     staging = _staging(cache)
     try:
-        _replace_folder(download_folder(fs, path, uri, staging, progress=progress), cache)
+        replace_folder(download_folder(fs, path, uri, staging, progress=progress), cache)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return cache
@@ -359,18 +360,23 @@ def _registry_model(model_ref: str, endpoints: Endpoints) -> Path:
     from mlflow.exceptions import MlflowException
 
     name, _, alias = model_ref[len("models:/") :].partition("@")
-    if not name or not alias or "/" in name:
+    name, _, number = name.partition("/") if not alias else (name, "", "")
+    if not name or "/" in name or not (alias or number.isdigit()):
         raise PullError(
-            f"MODEL {model_ref!r}: expected models:/NAME@ALIAS, e.g. models:/chestxpert@champion"
+            f"MODEL {model_ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION, e.g. "
+            "models:/chestxpert@champion or models:/chestxpert/3"
         )
     tracking_uri = endpoints.mlflow_tracking_uri
     if endpoints.s3_endpoint_url:
         apply_client_environment(endpoints)  # artifacts kept in S3-compatible storage
     client = mlflow_runs.client(tracking_uri)
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            version = client.get_model_version(name, number)
     except MlflowException as err:
-        raise PullError(_registry_miss(client, tracking_uri, name, alias, err)) from None
+        raise PullError(_registry_miss(client, tracking_uri, name, alias, number, err)) from None
     if not version.run_id:
         raise PullError(
             f"{model_ref} is version {version.version} of {name!r} in the MLflow registry at "
@@ -400,13 +406,15 @@ def _registry_model(model_ref: str, endpoints: Endpoints) -> Path:
         if missing:
             raise PullError(f"{source} is not a complete checkpoint: missing {', '.join(missing)}")
         verify_checksum(fetched, source)
-        _replace_folder(fetched, cache)
+        replace_folder(fetched, cache)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return cache
 
 
-def _registry_miss(client, tracking_uri: str, name: str, alias: str, err: Exception) -> str:
+def _registry_miss(
+    client, tracking_uri: str, name: str, alias: str, number: str, err: Exception
+) -> str:
     try:
         model = client.get_registered_model(name)
     except Exception:
@@ -420,6 +428,11 @@ def _registry_miss(client, tracking_uri: str, name: str, alias: str, err: Except
             f"{listed}); `chestxpert final SWEEP` registers one"
         )
     aliases = ", ".join(f"@{a} → version {v}" for a, v in sorted(model.aliases.items()))
+    if not alias:
+        return (
+            f"model {name!r} in the MLflow registry at {tracking_uri} has no version {number} "
+            f"(aliases: {aliases or 'none'})"
+        )
     return (
         f"model {name!r} in the MLflow registry at {tracking_uri} has no alias {alias!r} "
         f"(aliases: {aliases or 'none'})"
@@ -440,7 +453,7 @@ def _cached_matches(cache: Path, remote_sum: str | None) -> bool:
     return local_sum.is_file() and local_sum.read_text().split()[:1] == remote_sum.split()[:1]
 
 
-def _replace_folder(new: Path, destination: Path) -> None:
+def replace_folder(new: Path, destination: Path) -> None:
     """Rename `new` to `destination`; an older `destination` is moved aside first, then deleted."""
     old = None
     if destination.exists():

@@ -458,5 +458,9 @@ def test_registered_champion_resolves_and_predicts(
         rf"\(registered models: .*{name}",
     ):
         resolve_model("models:/nobody@champion", endpoints)
-    with pytest.raises(PullError, match="expected models:/NAME@ALIAS"):
-        resolve_model(f"models:/{name}/1", endpoints)
+    # A version by number, as `compare` and `final` name one that is not the champion.
+    assert_same_files(resolve_model(f"models:/{name}/{version.version}", endpoints), final_model)
+    with pytest.raises(PullError, match=rf"model '{name}' .* has no version 7 \(aliases: @champ"):
+        resolve_model(f"models:/{name}/7", endpoints)
+    with pytest.raises(PullError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+        resolve_model(f"models:/{name}/one", endpoints)
