@@ -95,33 +95,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
-    import shutil
     import sys
 
-    from chestxpert.results.sweep_report import (
-        build_report,
-        log_to_mlflow,
-        recorded_spec,
-        write_report,
-    )
+    from chestxpert.results.sweep_report import report_sweep
     from chestxpert.sweeps.layout import SWEEP_REPORT_DATA, SWEEP_REPORT_HTML, locate
 
     endpoints = _endpoints(args)
     location = locate(endpoints, args.name)
-    recorded, spec = recorded_spec(location)
-    data, page = build_report(location)
-    folder = write_report(location, data, page, Path(args.out) if args.out else None)
-    try:
-        tracking_uri = (
-            args.mlflow_uri
-            or recorded.get("mlflow_tracking_uri")
-            or spec.mlflow.tracking_uri
-            or endpoints.mlflow_tracking_uri
-        )
-        logged = log_to_mlflow(location, folder, tracking_uri, recorded)
-    finally:
-        if args.out is None:
-            shutil.rmtree(folder, ignore_errors=True)
+    out = Path(args.out) if args.out else None
+    data, logged = report_sweep(location, endpoints, args.mlflow_uri, out)
     # With --json the data is stdout's; where things went goes to stderr.
     say = sys.stderr if args.json else sys.stdout
     if args.json:
@@ -137,7 +119,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     print(f"report: {location.uri}/{SWEEP_REPORT_HTML}", file=say)
     print(f"data:   {location.uri}/{SWEEP_REPORT_DATA}", file=say)
     if args.out:
-        print(f"copied to {folder}/", file=say)
+        print(f"copied to {out}/", file=say)
     print(logged, file=sys.stderr if logged.startswith("warning") else say)
     return 0
 

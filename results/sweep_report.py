@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
 from chestxpert.sweeps.layout import (
     SPEC_FILE,
@@ -39,6 +41,7 @@ from chestxpert.sweeps.status import TrialRow, read_trials
 COLOURS = {
     "completed": "#2a9d8f",
     "stopped by ASHA": "#e9a03b",
+    "stopped early": "#8a6d3b",  # by search.time_budget_s: ASHA stops trials at rungs only
     "errored": "#d62828",
     "running": "#1d4e89",
     "interrupted": "#7d5ba6",
@@ -54,7 +57,25 @@ class SweepReportError(UserError, RuntimeError):
 
 def ending_kind(ended: str) -> str:
     """The colour key of an `ended` text: `stopped by ASHA at epoch 3` is `stopped by ASHA`."""
-    return "stopped by ASHA" if ended.startswith("stopped by ASHA") else ended
+    for kind in ("stopped by ASHA", "stopped early"):
+        if ended.startswith(kind):
+            return kind
+    return ended
+
+
+def how_it_ended(row: TrialRow, rungs: list[int], live: bool) -> str:
+    """`sweep status`'s words for how a trial ended, corrected with what the report knows.
+
+    With no live driver a running or pending trial never ends on its own: interrupted. A
+    trial Tune ended before max_t was stopped by ASHA only at one of ASHA's rungs; stopped
+    elsewhere (or without ASHA at all), it was `search.time_budget_s` that ended it, and it
+    saved nothing ASHA can be credited with.
+    """
+    if row.ended in UNFINISHED and not live:
+        return "interrupted"
+    if row.ended.startswith("stopped by ASHA") and row.epochs not in rungs:
+        return f"stopped early at epoch {row.epochs}"
+    return row.ended
 
 
 def asha_rungs(spec: SweepSpec) -> list[int]:
@@ -143,11 +164,9 @@ def sweep_report_data(location: SweepLocation, spec: SweepSpec) -> dict[str, Any
     starts = {row.trial_id: _started_at(row, location.fs) for row in rows}
     rows.sort(key=lambda row: (starts[row.trial_id], row.trial_id))
 
-    trials, number = [], 0
+    trials, number, rungs = [], 0, asha_rungs(spec)
     for row in rows:
-        ended = row.ended
-        if ended in UNFINISHED and not live:
-            ended = "interrupted"
+        ended = how_it_ended(row, rungs, live)
         start = starts[row.trial_id]
         trials.append(
             {
@@ -192,7 +211,7 @@ def sweep_report_data(location: SweepLocation, spec: SweepSpec) -> dict[str, Any
         "mode": mode,
         "state": "running" if live else ("finished" if summary else "interrupted"),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "scheduler": {**spec.scheduler.model_dump(mode="json"), "rungs": asha_rungs(spec)},
+        "scheduler": {**spec.scheduler.model_dump(mode="json"), "rungs": rungs},
         "space": {key: dim.model_dump(mode="json") for key, dim in spec.space.items()},
         "trials": trials,
         "budget": budget,
@@ -670,3 +689,31 @@ def log_to_mlflow(
             "report is in storage; run the report again when MLflow answers"
         )
     return f"MLflow {where}: logged to the sweep's parent run {parent} as report/"
+
+
+def report_sweep(
+    location: SweepLocation,
+    endpoints: Endpoints,
+    mlflow_uri: str | None = None,
+    out: Path | None = None,
+) -> tuple[dict[str, Any], str]:
+    """`chestxpert sweep report` as a function: build the report, publish it to storage (and a
+    copy to `out`), log it to MLflow; returns its data and the line saying where MLflow has it
+    (or why not). The MLflow server is `mlflow_uri`, else the one the sweep recorded, its
+    spec's, or the endpoints'.
+    """
+    recorded, spec = recorded_spec(location)
+    data, page = build_report(location)
+    folder = write_report(location, data, page, out)
+    try:
+        tracking_uri = (
+            mlflow_uri
+            or recorded.get("mlflow_tracking_uri")
+            or spec.mlflow.tracking_uri
+            or endpoints.mlflow_tracking_uri
+        )
+        logged = log_to_mlflow(location, folder, tracking_uri, recorded)
+    finally:
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return data, logged

@@ -222,3 +222,56 @@ def test_an_mlflow_that_does_not_answer_costs_one_warning_not_the_report(
     said = log_to_mlflow(location, out, absent, {"parent_run_id": "0123abcd"})
     assert said.startswith(f"warning: not logged to MLflow at {absent}"), said
     assert "report is in storage" in said and "\n" not in said
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "stopped_at", "ended"),
+    [
+        # ASHA's rungs here are epochs 1 and 2: at epoch 3 it was the time budget, not ASHA
+        ({"type": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2}, 3, "early"),
+        ({"type": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2}, 2, "ASHA"),
+        ({"type": "none"}, 2, "early"),
+    ],
+)
+def test_a_trial_the_time_budget_stopped_is_not_credited_to_asha(
+    tmp_path: Path, scheduler: dict, stopped_at: int, ended: str
+) -> None:
+    spec = _spec(tmp_path, scheduler=scheduler, search={"num_samples": 2, "time_budget_s": 600})
+    values = [0.6, 0.62, 0.64, 0.66][:stopped_at]
+    trials = {"aaaa00000": TRIALS["aaaa00000"], "bbbb00001": ("TERMINATED", 3e-4, 32, values)}
+    data, page = build_report(_sweep(tmp_path, trials, spec))
+
+    stopped = next(t for t in data["trials"] if t["trial_id"] == "bbbb00001")
+    budget = data["budget"]
+    if ended == "ASHA":
+        assert stopped["ended"] == f"stopped by ASHA at epoch {stopped_at}"
+        assert budget["stopped_by_asha"] == 1 and budget["saved_by_asha_trial_epochs"] == 2
+    else:
+        assert stopped["ended"] == f"stopped early at epoch {stopped_at}"
+        assert budget["stopped_by_asha"] == 0 and budget["saved_by_asha_trial_epochs"] == 0
+        assert (
+            "stopped early at epoch" in _table(html5lib.parse(page), "trial-table")["bbbb00001"][2]
+        )
+    assert budget["spent_trial_epochs"] == 4 + stopped_at
+
+
+def test_the_sweep_report_command_publishes_and_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from chestxpert.cli import main
+
+    location = _sweep(tmp_path, TRIALS, _spec(tmp_path))
+    # What main() sets for Ray goes back as it was when the test ends.
+    for key, value in (("RAY_AUTH_MODE", "token"), ("RAY_USAGE_STATS_ENABLED", "0")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "ray_auth_token"))
+    root = str(tmp_path / "storage")
+    argv = ["--workspace", str(tmp_path / "ws"), "sweep", "report", NAME, "--storage", root]
+    assert main([*argv, "--out", str(tmp_path / "copy"), "--json"]) == 0
+    said = capsys.readouterr()
+    data = json.loads(said.out)
+    assert data["name"] == NAME and data["state"] == "interrupted"
+    assert f"report: {location.uri}/{SWEEP_REPORT_HTML}" in said.err
+    assert "warning: not logged to MLflow: the sweep has no parent run recorded" in said.err
+    stored = (tmp_path / "storage" / NAME / SWEEP_REPORT_HTML).read_text()
+    assert (tmp_path / "copy" / "report.html").read_text() == stored
