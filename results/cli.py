@@ -1,5 +1,5 @@
-"""`chestxpert final | pull-best | predict | sweep report`: the final model, its report, using
-it, and the sweep's own report."""
+"""`chestxpert final | pull-best | predict | compare | sweep report`: the final model, its
+report, using it, comparing two models, and the sweep's own report."""
 
 from __future__ import annotations
 
@@ -94,6 +94,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import sys
+
+    from chestxpert.results.compare import compare_models
+
+    data, folder = compare_models(
+        args.a,
+        args.b,
+        _endpoints(args),
+        dataset_uri=args.dataset,
+        out=Path(args.out) if args.out else None,
+        n_boot=args.bootstrap,
+    )
+    # With --json the data is stdout's; the summary goes to stderr.
+    say = sys.stderr if args.json else sys.stdout
+    if args.json:
+        print(json.dumps(data, indent=2))
+    macro = data["macro"]
+    if macro["difference"] is not None:
+        print(
+            f"macro AUC: A {macro['auc_a']:.4f}, B {macro['auc_b']:.4f}, B − A "
+            f"{macro['difference']:+.4f} (95% CI {macro['low']:.4f} to {macro['high']:.4f}, "
+            f"p {macro['p_value']:.4f}) on {data['counts']['images']} test images",
+            file=say,
+        )
+    differing = ", ".join(data["differing_labels"]) or "none"
+    print(f"labels whose difference excludes zero: {differing}", file=say)
+    print(f"report: {folder}/compare.html (also compare.md, compare.json)", file=say)
+    return 0
+
+
 def cmd_sweep_report(args: argparse.Namespace) -> int:
     import sys
 
@@ -152,7 +183,7 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `chestxpert final`, `pull-best` and `predict`."""
+    """Add `chestxpert final`, `pull-best`, `predict` and `compare`."""
     final = sub.add_parser(
         "final", help="retrain the sweep's best config, evaluate on test, report, register"
     )
@@ -253,3 +284,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--json", action="store_true")
     _flags(pred)
     pred.set_defaults(func=cmd_predict)
+
+    compare = sub.add_parser(
+        "compare",
+        help="two models on one dataset's test split: per-label AUC of each, the paired "
+        "difference B − A with a patient-bootstrap CI and p-value",
+    )
+    for side in ("a", "b"):
+        compare.add_argument(
+            side,
+            metavar=side.upper(),
+            help="a sweep name (its final model), models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "a storage URI or a model folder",
+        )
+    compare.add_argument(
+        "--dataset",
+        default=None,
+        metavar="URI",
+        help="prepared dataset whose test split both are scored on (default: the one A was "
+        "trained on)",
+    )
+    compare.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="report folder (default: <workspace>/reports/compare/A-vs-B)",
+    )
+    compare.add_argument(
+        "--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default 1000)"
+    )
+    compare.add_argument("--json", action="store_true", help="print compare.json")
+    _flags(compare)
+    compare.set_defaults(func=cmd_compare)
