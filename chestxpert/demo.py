@@ -1,5 +1,5 @@
 """`chestxpert demo`: the whole path on this machine — stack, synthetic data, prepare, a DenseNet121
-sweep, then the final retrain and report.
+sweep, then the final retrain and its clinical report, and the sweep report.
 
 Sized for 2 CPU cores (about 14 minutes with the defaults); it prints where to
 look afterwards and leaves the services up for looking, unless `--stop`.
@@ -98,6 +98,14 @@ def run_demo(
         cpus = int(state["ray"].get("resources", {}).get("CPU") or os.cpu_count() or 1)
         final = run_final(name, FinalOptions(bootstrap=500, cpus=cpus), endpoints)
         summary["final"] = {k: final[k] for k in ("report_dir", "storage_dir", "mlflow")}
+        from chestxpert.results.sweep_report import report_sweep
+        from chestxpert.sweeps.layout import SWEEP_REPORT_HTML, locate
+
+        print("\nthe sweep report: curves, history, importances, trials, budget ...", flush=True)
+        location = locate(endpoints, name)
+        _, logged = report_sweep(location, endpoints)
+        print(logged)
+        summary["sweep_report"] = f"{location.uri}/{SWEEP_REPORT_HTML}"
         minutes = (time.monotonic() - clock) / 60
         print(f"\ndemo finished in {minutes:.1f} min. Where to look:")
         print(
@@ -107,7 +115,8 @@ def run_demo(
         print(f"  MLflow          {state['mlflow']['url']}  experiment {spec.mlflow.experiment!r}")
         print(f"  storage         {endpoints.storage_uri}/{name}")
         print(f"  sweep status    .venv/bin/chestxpert sweep status {name}")
-        print(f"  report          {final['report_dir']}/report.html")
+        print(f"  final report    {final['report_dir']}/report.html")
+        print(f"  sweep report    {summary['sweep_report']}")
         print(
             f"  model           {final['mlflow']['uri']}  "
             f"(or .venv/bin/chestxpert pull-best {name} --final --to DIR)"

@@ -46,6 +46,7 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
         "best trial",
         "[4/4] final",
         "demo finished",
+        "final report",
         "report.html",
         "models:/",
     ):
@@ -60,7 +61,12 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
         .joinpath(summary["best_checkpoint"].split("/storage/", 1)[1], "model.keras")
         .exists()
     )
-    assert list((ws / "reports").glob("demo-*/report.html")), "no report"
+    assert list((ws / "reports").glob("demo-*/report.html")), "no final report"
+    sweep_reports = list((ws / "storage").glob("demo-*/report/report.html"))
+    assert sweep_reports, "no sweep report"
+    shown = f"sweep report    {(ws / 'storage').as_uri()}/"
+    assert shown in out and out.split(shown, 1)[1].split("\n")[0].endswith("/report/report.html")
+    assert "<h2>Learning curves</h2>" in sweep_reports[0].read_text()
     assert list((ws / "storage").glob("demo-*/final/versions/1/model/model.keras.sha256")), (
         "final model not stored"
     )
