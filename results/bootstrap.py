@@ -1,12 +1,16 @@
-"""ROC AUC per label with a percentile interval from a patient-level (cluster) bootstrap.
+"""Patient-level (cluster) bootstrap intervals: per-label AUC, sensitivity, specificity, PPV and
+NPV at the operating thresholds, and macro and micro AUC, all from the same resamples.
 
-Patients, not images, are resampled, so all images of one patient move together; resample AUCs
-are computed with ranks in numpy, a chunk of resamples at a time.
+Patients, not images, are resampled, so all images of one patient move together; every statistic
+of a resample is computed in numpy with each image weighted by its draw count, a chunk of
+resamples at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +28,9 @@ from chestxpert.results.inputs import (
 # many entries (~40 MB of float64), whatever the size of the test split.
 _BOOT_CHUNK_ENTRIES = 5_000_000
 
+# The operating-point rates the bootstrap gives intervals for, in the order _weighted_rates returns.
+RATES = ("sensitivity", "specificity", "ppv", "npv")
+
 
 class AucInterval(NamedTuple):
     """A label's AUC on the whole split and its bootstrap percentile interval.
@@ -39,18 +46,51 @@ class AucInterval(NamedTuple):
     n_used: int
 
 
+class Interval(NamedTuple):
+    """A statistic on the whole split and its bootstrap percentile interval.
+
+    `value` is None when the statistic is undefined on the split (sensitivity without positives,
+    PPV when nothing is called positive); `low`/`high` are None when no resample defined it.
+    `n_used` counts the resamples that did, and entered the interval.
+    """
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n_used: int
+
+
+NO_INTERVAL = Interval(None, None, None, 0)
+
+
+@dataclass
+class BootstrapIntervals:
+    """What `patient_bootstrap` estimates, every interval from the same patient resamples.
+
+    `auc` per label; `rates` per label {sensitivity, specificity, ppv, npv: Interval} at the
+    given thresholds (empty without thresholds); `auc_macro` (the mean AUC over the labels with
+    both classes; in a resample, over those that have both classes in it) and `auc_micro` (one
+    AUC over every known label entry pooled).
+    """
+
+    auc: dict[Any, AucInterval]
+    rates: dict[Any, dict[str, Interval]] = field(default_factory=dict)
+    auc_macro: Interval = NO_INTERVAL
+    auc_micro: Interval = NO_INTERVAL
+
+
 def patient_bootstrap_weights(patient_ids: Sequence[Any], n_boot: int, seed: int = 0) -> np.ndarray:
     """How many times each image appears in each patient-level bootstrap resample (n_boot × N ints).
 
     Each resample draws as many patients as there are, with replacement, and takes all images of
     every drawn patient: all images of one patient share one count (0 when the patient was not
-    drawn). `bootstrap_auc_ci` uses exactly these draws for the same seed.
+    drawn). `patient_bootstrap` uses exactly these draws for the same seed.
     """
     patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
     return patient_counts[:, patient_codes]
 
 
-def bootstrap_auc_ci(
+def patient_bootstrap(
     y_true: np.ndarray,
     y_prob: np.ndarray,
     patient_ids: Sequence[Any],
@@ -59,13 +99,16 @@ def bootstrap_auc_ci(
     alpha: float = 0.05,
     *,
     labels: Sequence[str] | None = None,
-) -> dict[Any, AucInterval]:
-    """ROC AUC per label with a (1 - alpha) percentile interval from a patient (cluster) bootstrap.
+    thresholds: Mapping[Any, float] | None = None,
+) -> BootstrapIntervals:
+    """(1 - alpha) percentile intervals from one patient (cluster) bootstrap of the test split.
 
     Resamples patients, not images (see `patient_bootstrap_weights`), so images of one patient
-    move together. The point estimate is sklearn's roc_auc_score on the whole split; resample
-    AUCs are the same statistic with each image weighted by its resample count, computed with
-    ranks in numpy. A resample where a label has only one class is skipped for that label
+    move together. Point AUCs are sklearn's roc_auc_score on the whole split; resample AUCs are
+    the same statistic with each image weighted by its resample count (weighted Mann-Whitney,
+    ties count half). With `thresholds` (label → probability, positive when >=), sensitivity,
+    specificity, PPV and NPV get intervals too. A resample where a statistic is undefined (a
+    label with one class, a rate with a zero denominator) is skipped for that statistic only
     (`n_used` counts the rest). Keys are `labels` when given, else column indices.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
@@ -75,30 +118,74 @@ def bootstrap_auc_ci(
         raise EvaluationError(f"n_boot must be at least 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise EvaluationError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
+    n_labels = len(names)
+    known = ~np.isnan(y_true)
+    called = None
+    if thresholds is not None:
+        called = y_prob >= np.array([thresholds[name] for name in names], dtype=np.float64)
+    entry_images = np.nonzero(known)[0]  # the image of each pooled entry, row-major like y[known]
+    per_label = [_RankedScores(*known_values(y_true, y_prob, c)) for c in range(n_labels)]
+    pooled = _RankedScores(y_true[known], y_prob[known])
 
     patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
-    boot_aucs = np.full((n_boot, len(names)), np.nan)
-    chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, len(y_true)))
+    boot_auc = np.full((n_boot, n_labels), np.nan)
+    boot_micro = np.full(n_boot, np.nan)
+    boot_rates = np.full((n_boot, n_labels, len(RATES)), np.nan)
+    chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, len(y_true), entry_images.size))
     for start in range(0, n_boot, chunk):
-        image_weights = patient_counts[start : start + chunk][:, patient_codes].astype(np.float64)
-        for column in range(len(names)):
-            known = ~np.isnan(y_true[:, column])
-            boot_aucs[start : start + chunk, column] = _weighted_auc(
-                y_true[known, column], y_prob[known, column], image_weights[:, known]
-            )
+        rows = slice(start, start + chunk)
+        image_weights = patient_counts[rows][:, patient_codes].astype(np.float64)
+        for column in range(n_labels):
+            column_known = known[:, column]
+            weights = image_weights if column_known.all() else image_weights[:, column_known]
+            boot_auc[rows, column] = per_label[column].auc(weights)
+            if called is not None:
+                boot_rates[rows, column] = _weighted_rates(
+                    y_true[known[:, column], column] == 1, called[known[:, column], column], weights
+                )
+        boot_micro[rows] = pooled.auc(image_weights[:, entry_images])
 
-    out: dict[Any, AucInterval] = {}
+    out = BootstrapIntervals(auc={})
+    scorable = []
     for column, name in enumerate(names):
         truth, scores = known_values(y_true, y_prob, column)
         if not has_both_classes(truth):
-            out[name] = AucInterval(None, None, None, 0)
-            continue
-        usable = boot_aucs[:, column][~np.isnan(boot_aucs[:, column])]
-        low = high = None
-        if usable.size:
-            low, high = (float(q) for q in np.quantile(usable, [alpha / 2, 1 - alpha / 2]))
-        out[name] = AucInterval(float(roc_auc_score(truth, scores)), low, high, int(usable.size))
+            out.auc[name] = AucInterval(None, None, None, 0)
+        else:
+            scorable.append(column)
+            out.auc[name] = AucInterval(
+                *_interval(roc_auc_score(truth, scores), boot_auc[:, column], alpha)
+            )
+        if called is not None:
+            point = _weighted_rates(
+                truth == 1, called[known[:, column], column], np.ones((1, truth.size))
+            )[0]
+            out.rates[name] = {
+                rate: Interval(*_interval(point[i], boot_rates[:, column, i], alpha))
+                for i, rate in enumerate(RATES)
+            }
+    if scorable:
+        with warnings.catch_warnings():  # an all-NaN row's mean is NaN, as wanted
+            warnings.simplefilter("ignore", RuntimeWarning)
+            boot_macro = np.nanmean(boot_auc[:, scorable], axis=1)
+        point_macro = float(np.mean([out.auc[names[c]].auc for c in scorable]))
+        out.auc_macro = Interval(*_interval(point_macro, boot_macro, alpha))
+    if has_both_classes(y_true[known]):
+        point_micro = roc_auc_score(y_true[known], y_prob[known])
+        out.auc_micro = Interval(*_interval(point_micro, boot_micro, alpha))
     return out
+
+
+def _interval(
+    point: float, samples: np.ndarray, alpha: float
+) -> tuple[float | None, float | None, float | None, int]:
+    """The point value (None if NaN) and the percentile interval of the defined samples."""
+    usable = samples[~np.isnan(samples)]
+    low = high = None
+    if usable.size:
+        low, high = (float(q) for q in np.quantile(usable, [alpha / 2, 1 - alpha / 2]))
+    value = None if point is None or np.isnan(point) else float(point)
+    return value, low, high, int(usable.size)
 
 
 def _draw_patients(
@@ -113,22 +200,44 @@ def _draw_patients(
     return patient_codes.ravel(), counts.reshape(n_boot, n_patients)
 
 
-def _weighted_auc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row of `weights` (B × n image weights) by weighted Mann-Whitney.
+class _RankedScores:
+    """One label's truth and scores sorted once, so each chunk of resamples only sums weights."""
 
-    Ties count half; NaN for a row whose positives or negatives all have zero weight.
+    def __init__(self, truth: np.ndarray, scores: np.ndarray) -> None:
+        self.order = np.argsort(scores, kind="stable")
+        sorted_scores = scores[self.order]
+        self.tie_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+        self.positive = truth[self.order] == 1
+
+    def auc(self, weights: np.ndarray) -> np.ndarray:
+        """ROC AUC of each row of `weights` (B × n image weights) by weighted Mann-Whitney.
+
+        Ties count half; NaN for a row whose positives or negatives all have zero weight.
+        """
+        if self.order.size == 0:
+            return np.full(len(weights), np.nan)
+        weights = weights[:, self.order]
+        pos_per_tie = np.add.reduceat(
+            np.where(self.positive, weights, 0.0), self.tie_starts, axis=1
+        )
+        neg_per_tie = np.add.reduceat(
+            np.where(self.positive, 0.0, weights), self.tie_starts, axis=1
+        )
+        neg_below = np.cumsum(neg_per_tie, axis=1) - neg_per_tie
+        wins = np.sum(pos_per_tie * (neg_below + 0.5 * neg_per_tie), axis=1)
+        pairs = pos_per_tie.sum(axis=1) * neg_per_tie.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+def _weighted_rates(positive: np.ndarray, called: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Sensitivity, specificity, PPV, NPV (B × 4, in RATES order) of each row of `weights`.
+
+    NaN where a rate's denominator has zero weight.
     """
-    if truth.size == 0:
-        return np.full(len(weights), np.nan)
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    tie_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    positive = truth[order] == 1
-    weights = weights[:, order]
-    pos_per_tie = np.add.reduceat(np.where(positive, weights, 0.0), tie_starts, axis=1)
-    neg_per_tie = np.add.reduceat(np.where(positive, 0.0, weights), tie_starts, axis=1)
-    neg_below = np.cumsum(neg_per_tie, axis=1) - neg_per_tie
-    wins = np.sum(pos_per_tie * (neg_below + 0.5 * neg_per_tie), axis=1)
-    pairs = pos_per_tie.sum(axis=1) * neg_per_tie.sum(axis=1)
+    tp = weights @ (positive & called).astype(np.float64)
+    fn = weights @ (positive & ~called).astype(np.float64)
+    fp = weights @ (~positive & called).astype(np.float64)
+    tn = weights @ (~positive & ~called).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, wins / pairs, np.nan)
+        return np.stack([tp / (tp + fn), tn / (tn + fp), tp / (tp + fp), tn / (tn + fn)], axis=1)

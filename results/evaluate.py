@@ -17,11 +17,10 @@ import numpy as np
 from sklearn.metrics import (
     average_precision_score,
     precision_recall_curve,
-    roc_auc_score,
     roc_curve,
 )
 
-from chestxpert.results.bootstrap import bootstrap_auc_ci
+from chestxpert.results.bootstrap import RATES, Interval, patient_bootstrap
 from chestxpert.results.inputs import (
     EvaluationError,
     check_arrays,
@@ -168,13 +167,14 @@ def calibration(
     *,
     labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Reliability bins and expected calibration error, per label and pooled over all known entries.
+    """Reliability bins, expected calibration error and Brier score, per label and pooled.
 
     Bins are `n_bins` equal-width probability intervals on [0, 1] (the last one closed); ECE is the
-    count-weighted mean of |frac_pos - mean_pred| over non-empty bins. Returns
-    {"labels": {label: {ece, bins}}, "pooled": {ece, bins}} with bins [{low, high, mean_pred,
-    frac_pos, count}]; an empty bin has NaN mean_pred/frac_pos, a label with no known values NaN
-    ece. Keys are `labels` when given, else column indices.
+    count-weighted mean of |frac_pos - mean_pred| over non-empty bins; Brier is the mean squared
+    difference between probability and 0/1 truth. "pooled" is over all known entries. Returns
+    {"labels": {label: {ece, brier, bins}}, "pooled": {ece, brier, bins}} with bins [{low, high,
+    mean_pred, frac_pos, count}]; an empty bin has NaN mean_pred/frac_pos, a label with no known
+    values NaN ece and brier. Keys are `labels` when given, else column indices.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     names: Sequence[Any] = labels if labels is not None else range(y_true.shape[1])
@@ -225,31 +225,51 @@ def evaluate(
     thresholds: Mapping[str, float] | ThresholdChoice,
     n_boot: int = 1000,
     seed: int = 0,
+    y_prob_calibrated: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Everything the report needs about the TEST split, as plain JSON-ready Python (NaN → None).
 
     `thresholds` come from `choose_thresholds` on the validation split and are used as given, never
-    re-fitted here. Returns "counts" (images, patients, positives/negatives per label),
-    "auc_macro" (mean over labels with both classes), "auc_micro" (one AUC over all known label
-    entries pooled), "pr_auc_macro", "scorable_labels", "per_label" {label: {auc, auc_low, auc_high,
-    auc_boot_used, pr_auc, chexnet_reference_auc, operating_point}}, "calibration", "curves",
-    "bootstrap" (settings) and "thresholds".
+    re-fitted here. Returns "counts" (images, patients, positives/negatives/prevalence per
+    label), "auc_macro" (mean over labels with both classes) and "auc_micro" (one AUC over all
+    known label entries pooled), each with "_low"/"_high", "pr_auc_macro", "scorable_labels",
+    "per_label" {label: {auc, auc_low, auc_high, auc_boot_used, pr_auc, chexnet_reference_auc,
+    operating_point, scorable}}, "calibration" (ECE and Brier), "curves", "bootstrap" (settings)
+    and "thresholds". Every interval comes from the same patient resamples (see
+    `bootstrap.patient_bootstrap`); the operating point's sensitivity, specificity, ppv and npv
+    carry "_low"/"_high". `scorable` says "yes", "no positives in test", "no negatives in test"
+    or "no known labels in test". With `y_prob_calibrated` (the same images through a calibrator
+    fitted on validation), "calibration_calibrated" holds their ECE and Brier.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     check_patients(patient_ids, len(y_true))
     alpha = 0.05
-    intervals = bootstrap_auc_ci(y_true, y_prob, patient_ids, n_boot, seed, alpha, labels=labels)
     operating = operating_point_metrics(y_true, y_prob, thresholds, labels)
+    boot = patient_bootstrap(
+        y_true,
+        y_prob,
+        patient_ids,
+        n_boot,
+        seed,
+        alpha,
+        labels=labels,
+        thresholds={name: operating[name]["threshold"] for name in labels},
+    )
 
     per_label: dict[str, dict[str, Any]] = {}
     positives: dict[str, int] = {}
     negatives: dict[str, int] = {}
+    prevalence: dict[str, float] = {}
     for column, name in enumerate(labels):
         truth, scores = known_values(y_true, y_prob, column)
         positives[name] = int(np.sum(truth == 1))
         negatives[name] = int(np.sum(truth == 0))
-        interval = intervals[name]
+        prevalence[name] = _ratio(positives[name], truth.size)
+        interval = boot.auc[name]
         scorable = interval.auc is not None
+        for rate in RATES:
+            ci = boot.rates[name][rate]
+            operating[name][f"{rate}_low"], operating[name][f"{rate}_high"] = ci.low, ci.high
         per_label[name] = {
             "auc": interval.auc,
             "auc_low": interval.low,
@@ -258,24 +278,22 @@ def evaluate(
             "pr_auc": float(average_precision_score(truth, scores)) if scorable else None,
             "chexnet_reference_auc": CHEXNET_REFERENCE_AUROC.get(name),
             "operating_point": operating[name],
+            "scorable": _scorability(positives[name], negatives[name]),
         }
 
     scorable_labels = [name for name in labels if per_label[name]["auc"] is not None]
-    known = ~np.isnan(y_true)
-    pooled_truth = y_true[known]
     result = {
         "counts": {
             "images": int(len(y_true)),
             "patients": int(len(np.unique(np.asarray(patient_ids)))),
             "positives": positives,
             "negatives": negatives,
+            "prevalence": prevalence,
         },
-        "auc_macro": _mean_or_none([per_label[name]["auc"] for name in scorable_labels]),
-        "auc_micro": (
-            float(roc_auc_score(pooled_truth, y_prob[known]))
-            if has_both_classes(pooled_truth)
-            else None
-        ),
+        "auc_macro": boot.auc_macro.value,
+        **_interval_fields("auc_macro", boot.auc_macro),
+        "auc_micro": boot.auc_micro.value,
+        **_interval_fields("auc_micro", boot.auc_micro),
         "pr_auc_macro": _mean_or_none([per_label[name]["pr_auc"] for name in scorable_labels]),
         "scorable_labels": scorable_labels,
         "per_label": per_label,
@@ -284,6 +302,8 @@ def evaluate(
         "bootstrap": {"unit": "patient", "n_boot": n_boot, "seed": seed, "alpha": alpha},
         "thresholds": {name: operating[name]["threshold"] for name in labels},
     }
+    if y_prob_calibrated is not None:
+        result["calibration_calibrated"] = calibration(y_true, y_prob_calibrated, labels=labels)
     return to_json_ready(result)
 
 
@@ -316,6 +336,18 @@ def _threshold_map(
             "choose them on the validation split with choose_thresholds()"
         )
     return threshold_of
+
+
+def _scorability(positives: int, negatives: int) -> str:
+    if positives and negatives:
+        return "yes"
+    if not positives and not negatives:
+        return "no known labels in test"
+    return "no positives in test" if not positives else "no negatives in test"
+
+
+def _interval_fields(key: str, interval: Interval) -> dict[str, float | None]:
+    return {f"{key}_low": interval.low, f"{key}_high": interval.high}
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -351,7 +383,8 @@ def _reliability(truth: np.ndarray, scores: np.ndarray, n_bins: int) -> dict[str
         }
         for i in range(n_bins)
     ]
-    return {"ece": ece, "bins": bins}
+    brier = float(np.mean((scores - truth) ** 2)) if truth.size else float("nan")
+    return {"ece": ece, "brier": brier, "bins": bins}
 
 
 def _thin(n_points: int, max_points: int) -> np.ndarray:
