@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from chestxpert.results.inputs import EvaluationError, check_arrays, has_both_classes, known_values
+from chestxpert.trainable.checkpoint import CALIBRATOR_FILE
 
-CALIBRATOR_FILE = "calibrator.json"
+__all__ = ["CALIBRATOR_FILE", "Calibrator", "fit_platt", "read_calibrator"]
 # Probabilities are clipped to [eps, 1 - eps] before the logit: a float32 sigmoid reaches 0 and 1.
 _EPS = 1e-12
 

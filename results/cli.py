@@ -87,7 +87,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model(args.model, _endpoints(args))
     results = predict(
-        model_dir, [Path(p) for p in args.images], Path(args.gradcam) if args.gradcam else None
+        model_dir,
+        [Path(p) for p in args.images],
+        Path(args.gradcam) if args.gradcam else None,
+        calibrated=not args.uncalibrated,
     )
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
@@ -202,5 +205,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--gradcam", default=None, metavar="OUT", help="write overlays for the top findings here"
     )
     pred.add_argument("--json", action="store_true")
+    pred.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="report the network's own probabilities, not the final model's calibrated ones "
+        "(the calls are the same)",
+    )
     _flags(pred)
     pred.set_defaults(func=cmd_predict)

@@ -312,6 +312,7 @@ def evaluate_model(
     the sweep's metric is read from when deciding whether the model becomes the champion.
     """
     from chestxpert.datasets.reader import open_dataset, read_split
+    from chestxpert.results.calibrate import fit_platt
     from chestxpert.results.evaluate import choose_thresholds, evaluate
     from chestxpert.results.figures import curves_figure, reliability_figure
     from chestxpert.results.gradcam import (
@@ -320,7 +321,7 @@ def evaluate_model(
         localization_scores,
         select_examples,
     )
-    from chestxpert.results.report import write_html, write_markdown
+    from chestxpert.results.report import ReportFigure, write_html, write_markdown
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
     from chestxpert.trainable.metrics import auc_metrics
@@ -347,19 +348,52 @@ def evaluate_model(
         method=opts.threshold_method,
         target_sensitivity=opts.target_sensitivity,
     )
+    calibrator = fit_platt(val["labels"], val_prob, labels)
     evaluation = evaluate(
-        test["labels"], test_prob, test["patient_id"], labels, choice, n_boot=opts.bootstrap
+        test["labels"],
+        test_prob,
+        test["patient_id"],
+        labels,
+        choice,
+        n_boot=opts.bootstrap,
+        y_prob_calibrated=calibrator.apply(test_prob),
     )
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
-    figures: dict[str, str] = {}
     (out / "figures").mkdir(exist_ok=True)
     reliability_figure(evaluation["calibration"], out / "figures" / "reliability.png")
-    figures["reliability diagram"] = "figures/reliability.png"
+    reliability_figure(
+        evaluation["calibration_calibrated"], out / "figures" / "reliability_calibrated.png"
+    )
     for kind in ("roc", "pr"):
         curves_figure(evaluation["curves"], out / "figures" / f"{kind}.png", kind=kind)
-        figures[f"{kind.upper()} curves"] = f"figures/{kind}.png"
+    figures = [
+        ReportFigure(
+            "Reliability: raw probabilities",
+            "Observed fraction positive against mean predicted probability per bin on the test "
+            "split, pooled then per label; the diagonal is perfect calibration.",
+            "figures/reliability.png",
+        ),
+        ReportFigure(
+            "Reliability: after Platt scaling",
+            "The same diagrams after the per-label calibration fitted on validation, the "
+            "probabilities `predict` reports.",
+            "figures/reliability_calibrated.png",
+        ),
+        ReportFigure(
+            "ROC curves",
+            "Sensitivity against 1 - specificity on the test split, one panel per label; the "
+            "grey diagonal is chance.",
+            "figures/roc.png",
+        ),
+        ReportFigure(
+            "Precision-recall curves",
+            "Precision (PPV) against recall (sensitivity) on the test split, one panel per "
+            "label; low-prevalence labels sit low.",
+            "figures/pr.png",
+        ),
+    ]
 
     backbone = get_backbone(config["backbone"])
     layer, note = _gradcam_layer(model, backbone.last_conv_layer, opts.gradcam_layer)
@@ -391,7 +425,16 @@ def evaluate_model(
                 picture = _readable_overlay(test["image"][index][..., 0], heat, box, title)
                 rel = f"gradcam/{label}_{kind}_{rank}.png"
                 picture.save(out / rel)
-                figures[f"{label} {kind} {rank}"] = rel
+                what = kind.replace("_", " ")[:-1]
+                figures.append(
+                    ReportFigure(
+                        f"{label.replace('_', ' ')}: {what} {rank}",
+                        f"p={test_prob[index, column]:.2f} at threshold "
+                        f"{choice.thresholds[label]:.2f}; heatmap over the test image"
+                        + ("; box: the annotated finding" if box else ""),
+                        rel,
+                    )
+                )
     localization = {}
     with_boxes = [i for i, boxes in enumerate(test["boxes"]) if boxes is not None and len(boxes)]
     if with_boxes:
@@ -408,6 +451,7 @@ def evaluate_model(
     metrics = {
         "sweep": name,
         "source": dataset.manifest.get("source"),
+        "synthetic": bool(dataset.manifest.get("synthetic")),
         "dataset": config["dataset"],
         "dataset_digest": dataset.manifest.get("digest"),
         "config": config,
@@ -423,6 +467,7 @@ def evaluate_model(
         "bootstrap_resamples": opts.bootstrap,
         "evaluation": evaluation,
         "validation": validation,
+        "calibrator": calibrator.to_json(),
         "gradcam_layer": layer,
         "gradcam_note": note,
         "localization": localization,
@@ -430,7 +475,9 @@ def evaluate_model(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False, default=str))
     write_markdown(metrics, figures, out / "report.md")
     write_html(metrics, figures, out, out / "report.html")
-    # The model carries its operating points, so predict needs nothing else.
+    # The model carries its operating points and its calibrator, so predict needs nothing else;
+    # both are in the model folder, so the version's publish and SHA256SUMS cover them.
+    calibrator.write(model_dir)
     state.update(
         thresholds=choice.thresholds,
         threshold_method=metrics["threshold_method"],

@@ -21,11 +21,20 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
         op = item["operating_point"]
         assert op["tp"] + op["fn"] == metrics["evaluation"]["counts"]["positives"][label]
     md = (report / "report.md").read_text()
-    assert "| Pathology | AUC (95% CI) | Sensitivity | Specificity |" in md
     assert (
-        "CheXNet" in md and "own split" in md
-    )  # the reference column is labelled as another split
+        "| Pathology | Positives | Negatives | Prevalence | AUC (95% CI) | Sensitivity (95% CI) "
+        "| Specificity (95% CI) | PPV (95% CI) | NPV (95% CI) | F1 | Threshold |\n" in md
+    )
+    # the fixture's dataset was drawn by `data synth`: the manifest says so, and so does the report
+    assert metrics["synthetic"] is True
+    assert "Synthetic phantoms: for testing the pipeline, not a clinical result" in md
+    assert "CheXNet" not in md and "Intended use: research use only" in md
+    ev = metrics["evaluation"]
+    assert ev["auc_macro_low"] <= ev["auc_macro"] <= ev["auc_macro_high"]
+    assert "brier" in ev["calibration"]["pooled"] and "calibration_calibrated" in ev
+    assert metrics["calibrator"]["fitted_on"] == "validation"
     page = (report / "report.html").read_text()
+    assert page.count("<figure>") == page.count("<figcaption>") >= 4
     assert (
         "src='data:image/png;base64," in page
         and "src='http" not in page
@@ -62,6 +71,9 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
         val["labels"], model.predict(val["image"], verbose=0), state["labels"]
     ).thresholds
     assert state["thresholds"] == pytest.approx(expected)
+    # the calibrator travels with the model, inside the sealed version
+    calibrator = json.loads((model_dir / "calibrator.json").read_text())
+    assert calibrator["labels"] == state["labels"] and calibrator["method"] == "platt"
     report_dir = version / "report"
     assert (report_dir / "report.html").exists() and (report_dir / "metrics.json").exists()
     # Sealed: SHA256SUMS lists every other file of the version with its digest.
@@ -69,7 +81,7 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
         reversed(line.split("  ", 1)) for line in (version / "SHA256SUMS").read_text().splitlines()
     )
     files = {p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()}
-    assert set(listed) == files - {"SHA256SUMS"}
+    assert set(listed) == files - {"SHA256SUMS"} and "model/calibrator.json" in listed
     assert all(file_sha256(version / rel) == digest for rel, digest in listed.items())
 
 

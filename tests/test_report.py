@@ -1,0 +1,178 @@
+"""The clinical report from constructed predictions: what it shows, that it says the numbers of
+metrics.json, that a browser's parser reads it and that it fetches nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import html5lib
+import numpy as np
+import pytest
+from PIL import Image
+
+from chestxpert.results.calibrate import fit_platt
+from chestxpert.results.evaluate import evaluate
+from chestxpert.results.report import (
+    CHEXNET_HEADER,
+    INTENDED_USE,
+    SYNTHETIC_BANNER,
+    ReportFigure,
+    write_html,
+    write_markdown,
+)
+
+LABELS = ["Atelectasis", "Effusion", "Hernia", "Mass"]
+XHTML = "{http://www.w3.org/1999/xhtml}"
+
+
+def report_metrics(synthetic: bool) -> dict:
+    """metrics.json as `final` writes it, from constructed truth and scores: Hernia has no
+    positives in test, Mass no negatives."""
+    rng = np.random.default_rng(0)
+    n = 240
+    y_true = (rng.random((n, len(LABELS))) < 0.3).astype(float)
+    y_true[:, 2], y_true[:, 3] = 0.0, 1.0
+    y_prob = np.clip(0.4 * y_true + 0.6 * rng.random(y_true.shape), 0, 1)
+    patients = rng.integers(0, 80, n)
+    calibrator = fit_platt(y_true[:120], y_prob[:120], LABELS)
+    evaluation = evaluate(
+        y_true[120:],
+        y_prob[120:],
+        patients[120:],
+        LABELS,
+        dict.fromkeys(LABELS, 0.5),
+        n_boot=50,
+        y_prob_calibrated=calibrator.apply(y_prob[120:]),
+    )
+    return {
+        "sweep": "constructed",
+        "source": "nih",
+        "synthetic": synthetic,
+        "dataset": "file:///data/prepared",
+        "config": {"backbone": "densenet_tiny"},
+        "epochs": 2,
+        "train_splits": "train",
+        "image_size": 64,
+        "threshold_method": "youden",
+        "thresholds_defaulted": [],
+        "bootstrap_resamples": 50,
+        "evaluation": evaluation,
+        "gradcam_note": None,
+        "localization": {},
+    }
+
+
+@pytest.fixture(params=[False, True], ids=["real", "synthetic"])
+def written(request, tmp_path: Path) -> tuple[dict, str, str, list[ReportFigure]]:
+    metrics = report_metrics(synthetic=request.param)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "gradcam").mkdir()
+    figures = [
+        ReportFigure("ROC curves", "Sensitivity against 1 - specificity.", "figures/roc.png"),
+        ReportFigure("Mass: true positive 1", "p=0.91 at threshold 0.50", "gradcam/Mass_tp_1.png"),
+    ]
+    for figure in figures:
+        Image.new("L", (8, 8)).save(tmp_path / figure.path)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics, allow_nan=False))
+    write_markdown(metrics, figures, tmp_path / "report.md")
+    write_html(metrics, figures, tmp_path, tmp_path / "report.html")
+    return (
+        metrics,
+        (tmp_path / "report.md").read_text(),
+        (tmp_path / "report.html").read_text(),
+        figures,
+    )
+
+
+def parse(page: str):
+    return html5lib.HTMLParser(strict=True).parse(page)  # raises on any parse error
+
+
+def table_cells(document, css: str) -> list[list[str]]:
+    table = next(t for t in document.iter(f"{XHTML}table") if t.get("class") == css)
+    return [
+        ["".join(cell.itertext()) for cell in row if cell.tag in (f"{XHTML}td", f"{XHTML}th")]
+        for row in table.iter(f"{XHTML}tr")
+    ]
+
+
+def test_the_html_parses_and_fetches_nothing(written):
+    _, _, page, _ = written
+    document = parse(page)
+    for element in document.iter():
+        for attribute in ("src", "href", "srcset", "action"):
+            value = element.get(attribute)
+            assert value is None or value.startswith("data:"), (element.tag, value)
+    assert not re.search(r"https?://|url\(", page.replace("http://www.w3.org", ""))
+
+
+def test_the_table_says_the_numbers_of_metrics_json(written):
+    metrics, _, page, _ = written
+    rows = table_cells(parse(page), "headline")
+    header, body = rows[0], rows[1:]
+    ev = metrics["evaluation"]
+    for row in body:
+        cell = dict(zip(header, row, strict=True))
+        label = cell["Pathology"]
+        item, op = ev["per_label"][label], ev["per_label"][label]["operating_point"]
+        assert cell["Positives"] == str(ev["counts"]["positives"][label])
+        assert cell["Negatives"] == str(ev["counts"]["negatives"][label])
+        assert cell["Prevalence"] == f"{ev['counts']['prevalence'][label]:.3f}"
+        if item["auc"] is not None:
+            assert cell["AUC (95% CI)"] == (
+                f"{item['auc']:.3f} ({item['auc_low']:.3f}–{item['auc_high']:.3f})"
+            )
+        for key, title in [("sensitivity", "Sensitivity"), ("ppv", "PPV"), ("npv", "NPV")]:
+            if op[key] is not None:
+                assert cell[f"{title} (95% CI)"].startswith(f"{op[key]:.3f}"), (label, key)
+            if op[f"{key}_low"] is not None:
+                assert (
+                    f"({op[f'{key}_low']:.3f}–{op[f'{key}_high']:.3f})" in cell[f"{title} (95% CI)"]
+                )
+        assert cell["Threshold"] == f"{op['threshold']:.3f}"
+    summary = "".join(parse(page).find(f".//{XHTML}p[@class='summary']").itertext())
+    assert (
+        f"Macro AUC {ev['auc_macro']:.3f} ({ev['auc_macro_low']:.3f}–{ev['auc_macro_high']:.3f})"
+        in summary
+    )
+    calibration = table_cells(parse(page), "calibration")
+    pooled = dict(zip(calibration[0], calibration[1], strict=True))
+    assert pooled["ECE"] == f"{ev['calibration']['pooled']['ece']:.3f}"
+    assert pooled["Brier calibrated"] == f"{ev['calibration_calibrated']['pooled']['brier']:.3f}"
+
+
+def test_no_positives_and_no_negatives_read_differently(written):
+    _, md, page, _ = written
+    by_label = {row[0]: row for row in table_cells(parse(page), "headline")[1:]}
+    assert by_label["Hernia"][4] == "no positives in test"
+    assert by_label["Mass"][4] == "no negatives in test"
+    assert "| Hernia | 0 |" in md
+
+
+def test_every_report_states_its_intended_use_and_synthetic_data_says_so(written):
+    metrics, md, page, _ = written
+    assert INTENDED_USE in md and INTENDED_USE in page
+    header = table_cells(parse(page), "headline")[0]
+    if metrics["synthetic"]:
+        assert SYNTHETIC_BANNER.split(":")[0] in md and "class='banner synthetic'" in page
+        assert CHEXNET_HEADER not in header and "CheXNet" not in md
+    else:
+        assert "Synthetic phantoms" not in md and "synthetic" not in header
+        assert CHEXNET_HEADER in header and "own test split" in md
+
+
+def test_every_figure_has_a_heading_and_a_caption(written):
+    _, md, page, figures = written
+    shown = list(parse(page).iter(f"{XHTML}figure"))
+    assert len(shown) == len(figures)
+    for element, figure in zip(shown, figures, strict=True):
+        heading = (
+            element.find(f"{XHTML}h3")
+            if element.find(f"{XHTML}h3") is not None
+            else element.find(f"{XHTML}h4")
+        )
+        assert heading.text == figure.heading
+        assert element.find(f"{XHTML}figcaption").text == figure.caption
+        assert f"### {figure.heading}" in md and f"*{figure.caption}*" in md
