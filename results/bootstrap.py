@@ -68,13 +68,15 @@ class BootstrapIntervals:
     """What `patient_bootstrap` estimates, every interval from the same patient resamples.
 
     `auc` per label; `rates` per label {sensitivity, specificity, ppv, npv: Interval} at the
-    given thresholds (empty without thresholds); `auc_macro` (the mean AUC over the labels with
+    given thresholds (empty without thresholds), `more_rates` the same for each further set of
+    thresholds (other operating points); `auc_macro` (the mean AUC over the labels with
     both classes; in a resample, over those that have both classes in it) and `auc_micro` (one
     AUC over every known label entry pooled).
     """
 
     auc: dict[Any, AucInterval]
     rates: dict[Any, dict[str, Interval]] = field(default_factory=dict)
+    more_rates: list[dict[Any, dict[str, Interval]]] = field(default_factory=list)
     auc_macro: Interval = NO_INTERVAL
     auc_micro: Interval = NO_INTERVAL
 
@@ -100,6 +102,7 @@ def patient_bootstrap(
     *,
     labels: Sequence[str] | None = None,
     thresholds: Mapping[Any, float] | None = None,
+    more_thresholds: Sequence[Mapping[Any, float]] = (),
 ) -> BootstrapIntervals:
     """(1 - alpha) percentile intervals from one patient (cluster) bootstrap of the test split.
 
@@ -107,7 +110,8 @@ def patient_bootstrap(
     move together. Point AUCs are sklearn's roc_auc_score on the whole split; resample AUCs are
     the same statistic with each image weighted by its resample count (weighted Mann-Whitney,
     ties count half). With `thresholds` (label → probability, positive when >=), sensitivity,
-    specificity, PPV and NPV get intervals too. A resample where a statistic is undefined (a
+    specificity, PPV and NPV get intervals too, and so at every set in `more_thresholds` (other
+    operating points, from the same resamples). A resample where a statistic is undefined (a
     label with one class, a rate with a zero denominator) is skipped for that statistic only
     (`n_used` counts the rest). Keys are `labels` when given, else column indices.
     """
@@ -120,9 +124,11 @@ def patient_bootstrap(
         raise EvaluationError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
     n_labels = len(names)
     known = ~np.isnan(y_true)
-    called = None
-    if thresholds is not None:
-        called = y_prob >= np.array([thresholds[name] for name in names], dtype=np.float64)
+    threshold_sets = ([thresholds] if thresholds is not None else []) + list(more_thresholds)
+    called = [
+        y_prob >= np.array([chosen[name] for name in names], dtype=np.float64)
+        for chosen in threshold_sets
+    ]
     entry_images = np.nonzero(known)[0]  # the image of each pooled entry, row-major like y[known]
     per_label = [_RankedScores(*known_values(y_true, y_prob, c)) for c in range(n_labels)]
     pooled = _RankedScores(y_true[known], y_prob[known])
@@ -130,7 +136,7 @@ def patient_bootstrap(
     patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
     boot_auc = np.full((n_boot, n_labels), np.nan)
     boot_micro = np.full(n_boot, np.nan)
-    boot_rates = np.full((n_boot, n_labels, len(RATES)), np.nan)
+    boot_rates = np.full((len(called), n_boot, n_labels, len(RATES)), np.nan)
     chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, len(y_true), entry_images.size))
     for start in range(0, n_boot, chunk):
         rows = slice(start, start + chunk)
@@ -139,13 +145,15 @@ def patient_bootstrap(
             column_known = known[:, column]
             weights = image_weights if column_known.all() else image_weights[:, column_known]
             boot_auc[rows, column] = per_label[column].auc(weights)
-            if called is not None:
-                boot_rates[rows, column] = _weighted_rates(
-                    y_true[known[:, column], column] == 1, called[known[:, column], column], weights
+            positive = y_true[column_known, column] == 1
+            for which, calls in enumerate(called):
+                boot_rates[which, rows, column] = _weighted_rates(
+                    positive, calls[column_known, column], weights
                 )
         boot_micro[rows] = pooled.auc(image_weights[:, entry_images])
 
     out = BootstrapIntervals(auc={})
+    rate_sets: list[dict[Any, dict[str, Interval]]] = [{} for _ in called]
     scorable = []
     for column, name in enumerate(names):
         truth, scores = known_values(y_true, y_prob, column)
@@ -156,14 +164,18 @@ def patient_bootstrap(
             out.auc[name] = AucInterval(
                 *_interval(roc_auc_score(truth, scores), boot_auc[:, column], alpha)
             )
-        if called is not None:
+        for which, calls in enumerate(called):
             point = _weighted_rates(
-                truth == 1, called[known[:, column], column], np.ones((1, truth.size))
+                truth == 1, calls[known[:, column], column], np.ones((1, truth.size))
             )[0]
-            out.rates[name] = {
-                rate: Interval(*_interval(point[i], boot_rates[:, column, i], alpha))
+            rates = {
+                rate: Interval(*_interval(point[i], boot_rates[which, :, column, i], alpha))
                 for i, rate in enumerate(RATES)
             }
+            rate_sets[which][name] = rates
+    if thresholds is not None:
+        out.rates = rate_sets.pop(0)
+    out.more_rates = rate_sets
     if scorable:
         with warnings.catch_warnings():  # an all-NaN row's mean is NaN, as wanted
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -30,6 +30,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         train_on=args.train_on,
         threshold_method="sensitivity" if args.target_sensitivity else "youden",
         target_sensitivity=args.target_sensitivity,
+        operating_points=tuple(args.operating_point or ("spec=0.9",)),
         bootstrap=args.bootstrap,
         gradcam_layer=args.gradcam_layer,
         on_cluster=False if args.local else None,
@@ -120,6 +121,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="choose thresholds reaching this sensitivity on validation (default: Youden's J)",
+    )
+    final.add_argument(
+        "--operating-point",
+        action="append",
+        default=None,
+        metavar="POINT",
+        help="a further operating point to report, chosen on validation: spec=0.9 (sensitivity "
+        "at specificity 0.9, the default), sens=0.8, youden; repeat for more",
     )
     final.add_argument(
         "--bootstrap", type=int, default=1000, help="patient bootstrap resamples for the CIs"

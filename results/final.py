@@ -47,6 +47,9 @@ class FinalOptions:
     train_on: str = "train"
     threshold_method: str = "youden"
     target_sensitivity: float | None = None
+    # Further operating points reported beside the main one, each chosen on validation
+    # ("spec=0.9": the sensitivity at a specificity of 0.9; see evaluate.parse_operating_point).
+    operating_points: tuple[str, ...] = ("spec=0.9",)
     bootstrap: int = 1000
     gradcam_layer: str | None = None
     examples_per_label: int = 3
@@ -143,6 +146,10 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
     location, spec = sweep.location, sweep.spec
     if opts.train_on not in ("train", "train+val"):
         raise FinalError(f"--train-on {opts.train_on!r}: expected train or train+val")
+    from chestxpert.results.evaluate import parse_operating_point
+
+    for text in opts.operating_points:  # a typo fails now, not after the retrain
+        parse_operating_point(text)
     config = dict(sweep.summary["best_config"])
     config["epochs"] = opts.epochs or int(config.get("epochs") or spec.epochs())
     config["train_splits"] = opts.train_on
@@ -313,7 +320,12 @@ def evaluate_model(
     """
     from chestxpert.datasets.reader import open_dataset, read_split
     from chestxpert.results.calibrate import fit_platt
-    from chestxpert.results.evaluate import choose_thresholds, evaluate
+    from chestxpert.results.evaluate import (
+        choose_thresholds,
+        evaluate,
+        parse_operating_point,
+        to_json_ready,
+    )
     from chestxpert.results.figures import curves_figure, reliability_figure
     from chestxpert.results.gradcam import (
         GradCam,
@@ -322,6 +334,7 @@ def evaluate_model(
         select_examples,
     )
     from chestxpert.results.report import ReportFigure, write_html, write_markdown
+    from chestxpert.results.subgroups import subgroup_aucs, subgroup_masks
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
     from chestxpert.trainable.metrics import auc_metrics
@@ -332,7 +345,8 @@ def evaluate_model(
     labels = state["labels"]
     dataset = open_dataset(config["dataset"], endpoints, config.get("dataset_generation", ""))
     columns = ("image", "labels", "patient_id", "image_id", "boxes")
-    val, test = read_split(dataset, "val", columns), read_split(dataset, "test", columns)
+    val = read_split(dataset, "val", columns)
+    test = read_split(dataset, "test", (*columns, "sex", "view", "age_years"))
     if len(test["image"]) == 0:
         raise FinalError(f"{config['dataset']} has an empty test split; nothing to evaluate")
     size = state["preprocessing"]["image_size"]
@@ -348,6 +362,17 @@ def evaluate_model(
         method=opts.threshold_method,
         target_sensitivity=opts.target_sensitivity,
     )
+    other_points = {}
+    for text in opts.operating_points:
+        method, target = parse_operating_point(text)
+        other_points[text] = choose_thresholds(
+            val["labels"],
+            val_prob,
+            labels,
+            method=method,
+            target_sensitivity=target if method == "sensitivity" else None,
+            target_specificity=target if method == "specificity" else None,
+        )
     calibrator = fit_platt(val["labels"], val_prob, labels)
     evaluation = evaluate(
         test["labels"],
@@ -357,6 +382,17 @@ def evaluate_model(
         choice,
         n_boot=opts.bootstrap,
         y_prob_calibrated=calibrator.apply(test_prob),
+        other_points=other_points,
+    )
+    subgroups = to_json_ready(
+        subgroup_aucs(
+            test["labels"],
+            test_prob,
+            test["patient_id"],
+            labels,
+            subgroup_masks(test["sex"], test["view"], test["age_years"]),
+            n_boot=opts.bootstrap,
+        )
     )
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
@@ -366,8 +402,26 @@ def evaluate_model(
     reliability_figure(
         evaluation["calibration_calibrated"], out / "figures" / "reliability_calibrated.png"
     )
+    main_point = "youden" if choice.method == "youden" else f"sens={choice.target_sensitivity}"
+    marked = {
+        main_point: {
+            name: item["operating_point"] for name, item in evaluation["per_label"].items()
+        },
+        **evaluation.get("operating_points", {}),
+    }
+    subtitles = {
+        name: f"AUC {item['auc']:.2f} ({item['auc_low']:.2f}–{item['auc_high']:.2f})"
+        for name, item in evaluation["per_label"].items()
+        if item["auc"] is not None and item["auc_low"] is not None
+    }
     for kind in ("roc", "pr"):
-        curves_figure(evaluation["curves"], out / "figures" / f"{kind}.png", kind=kind)
+        curves_figure(
+            evaluation["curves"],
+            out / "figures" / f"{kind}.png",
+            kind=kind,
+            points=marked,
+            subtitles=subtitles,
+        )
     figures = [
         ReportFigure(
             "Reliability: raw probabilities",
@@ -383,8 +437,9 @@ def evaluate_model(
         ),
         ReportFigure(
             "ROC curves",
-            "Sensitivity against 1 - specificity on the test split, one panel per label; the "
-            "grey diagonal is chance.",
+            "Sensitivity against 1 - specificity on the test split, one panel per label, with "
+            f"AUC (95% CI); markers: the operating points ({', '.join(marked)}) chosen on "
+            "validation, where they fall on test.",
             "figures/roc.png",
         ),
         ReportFigure(
@@ -464,10 +519,12 @@ def evaluate_model(
         else f"lowest threshold reaching sensitivity {choice.target_sensitivity}",
         "thresholds": choice.thresholds,
         "thresholds_defaulted": list(choice.defaulted),
+        "operating_points": {name: point.thresholds for name, point in other_points.items()},
         "bootstrap_resamples": opts.bootstrap,
         "evaluation": evaluation,
         "validation": validation,
         "calibrator": calibrator.to_json(),
+        "subgroups": subgroups,
         "gradcam_layer": layer,
         "gradcam_note": note,
         "localization": localization,
@@ -480,6 +537,7 @@ def evaluate_model(
     calibrator.write(model_dir)
     state.update(
         thresholds=choice.thresholds,
+        operating_points=metrics["operating_points"],
         threshold_method=metrics["threshold_method"],
         last_conv_layer=layer,
     )

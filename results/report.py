@@ -41,6 +41,12 @@ HEADER = [
     "Threshold",
 ]
 CALIBRATION_HEADER = ["Pathology", "ECE", "ECE calibrated", "Brier", "Brier calibrated"]
+POINT_HEADER = [
+    "Pathology",
+    "Threshold",
+    *(f"{title} (95% CI)" for _, title in RATE_COLUMNS),
+    "F1",
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,105 @@ def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
             row.append(_fmt(item.get("chexnet_reference_auc")))
         rows.append(row)
     return rows
+
+
+def point_rows(metrics: dict[str, Any], point: str) -> list[list[str]]:
+    """One row per label at a further operating point (e.g. "spec=0.9"), in POINT_HEADER."""
+    rows = []
+    for label, op in metrics["evaluation"]["operating_points"][point].items():
+        rows.append(
+            [
+                label.replace("_", " "),
+                _fmt(op.get("threshold")),
+                *(
+                    _with_ci(op.get(key), op.get(f"{key}_low"), op.get(f"{key}_high"))
+                    for key, _ in RATE_COLUMNS
+                ),
+                _fmt(op.get("f1")),
+            ]
+        )
+    return rows
+
+
+def point_caption(point: str) -> str:
+    """What a further operating point is, in words."""
+    kind, _, target = point.partition("=")
+    what = {
+        "spec": f"the most sensitive threshold whose validation specificity is at least {target}",
+        "sens": f"the highest threshold whose validation sensitivity is at least {target}",
+    }.get(kind, "the threshold maximising Youden's J on validation")
+    return (
+        f"Operating point {point}: {what}; its rates on the test split with 95% patient-"
+        "bootstrap CIs (specificity on test can fall below the target: it was met on validation)."
+    )
+
+
+SUBGROUP_HEADER = [
+    "Pathology",
+    "Attribute",
+    "Group",
+    "Images",
+    "Positives",
+    "Negatives",
+    "AUC (95% CI)",
+    "Largest gap",
+]
+
+
+def subgroup_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row per (label, attribute, group) whose counts allowed an AUC, label by label.
+
+    The "Largest gap" cell of a label's two groups that differ most (within one attribute)
+    holds the gap, flagged with ◆; other rows leave it empty.
+    """
+    subgroups = metrics.get("subgroups") or {}
+    gaps = subgroups.get("largest_gap") or {}
+    rows = []
+    for row in sorted(subgroups.get("rows") or [], key=lambda r: r["label"]):
+        gap = gaps.get(row["label"])
+        flagged = (
+            gap is not None
+            and gap["attribute"] == row["attribute"]
+            and row["group"] in gap["groups"]
+        )
+        rows.append(
+            [
+                row["label"].replace("_", " "),
+                row["attribute"],
+                row["group"],
+                str(row["images"]),
+                str(row["positives"]),
+                str(row["negatives"]),
+                _with_ci(row["auc"], row["auc_low"], row["auc_high"]),
+                f"◆ {_fmt(gap['gap'])}" if flagged else "",
+            ]
+        )
+    return rows
+
+
+def subgroup_caption(metrics: dict[str, Any]) -> str:
+    """What the subgroup table shows and which subgroups it leaves out, in words."""
+    subgroups = metrics.get("subgroups") or {}
+    if not subgroups:
+        return "No subgroup analysis was run."
+    caption = (
+        "AUC with 95% patient-bootstrap CI within subgroups of the test split by sex, view and "
+        "age band; ◆ marks, per pathology, the two groups of one attribute whose AUCs differ "
+        f"most. A subgroup needs at least {subgroups['min_positives']} positives and "
+        f"{subgroups['min_negatives']} negatives for a row."
+    )
+    skipped = subgroups.get("skipped") or []
+    if skipped:
+        caption += (
+            " Skipped for too few cases: "
+            + "; ".join(
+                f"{s['label'].replace('_', ' ')} in {s['attribute']} {s['group']} "
+                f"({s['positives']} positives, {s['negatives']} negatives)"
+                for s in skipped
+            )
+            + "."
+        )
+    return caption
 
 
 def calibration_rows(metrics: dict[str, Any]) -> list[list[str]]:
@@ -261,8 +366,14 @@ def write_markdown(metrics: dict[str, Any], figures: list[ReportFigure], path: P
     lines += [" · ".join(f"**{name}** {value}" for name, value in summary_line(metrics)), ""]
     lines += ["## Per-pathology results", "", TABLE_CAPTION, ""]
     lines += _md_table(headline_header(metrics), headline_rows(metrics))
+    for point in metrics["evaluation"].get("operating_points") or {}:
+        lines += ["", f"## Operating point {point}", "", point_caption(point), ""]
+        lines += _md_table(POINT_HEADER, point_rows(metrics, point))
     lines += ["", "## Calibration", "", CALIBRATION_CAPTION, ""]
     lines += _md_table(CALIBRATION_HEADER, calibration_rows(metrics))
+    lines += ["", "## Subgroups", "", subgroup_caption(metrics), ""]
+    if subgroup_rows(metrics):
+        lines += _md_table(SUBGROUP_HEADER, subgroup_rows(metrics))
     if metrics.get("localization"):
         lines += ["", f"## Localisation (Grad-CAM layer `{metrics['gradcam_layer']}`)", ""]
         lines += _md_table(LOCALISATION_HEADER, _localisation_rows(metrics))
@@ -316,8 +427,14 @@ def write_html(
     )
     parts += ["<h2>Per-pathology results</h2>", f"<p>{esc(TABLE_CAPTION)}</p>"]
     parts.append(table(headline_header(metrics), headline_rows(metrics), "headline"))
+    for point in metrics["evaluation"].get("operating_points") or {}:
+        parts += [f"<h2>Operating point {esc(point)}</h2>", f"<p>{esc(point_caption(point))}</p>"]
+        parts.append(table(POINT_HEADER, point_rows(metrics, point), f"point {point}"))
     parts += ["<h2>Calibration</h2>", f"<p>{esc(CALIBRATION_CAPTION)}</p>"]
     parts.append(table(CALIBRATION_HEADER, calibration_rows(metrics), "calibration"))
+    parts += ["<h2>Subgroups</h2>", f"<p>{esc(subgroup_caption(metrics))}</p>"]
+    if subgroup_rows(metrics):
+        parts.append(table(SUBGROUP_HEADER, subgroup_rows(metrics), "subgroups"))
     if metrics.get("localization"):
         parts.append(
             f"<h2>Localisation (Grad-CAM layer <code>{esc(metrics['gradcam_layer'])}</code>)</h2>"

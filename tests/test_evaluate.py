@@ -23,6 +23,7 @@ from chestxpert.results.evaluate import (
     curves,
     evaluate,
     operating_point_metrics,
+    parse_operating_point,
 )
 from chestxpert.results.figures import curves_figure, reliability_figure
 from chestxpert.results.inputs import EvaluationError
@@ -65,21 +66,70 @@ def test_youden_threshold_has_the_known_answer(negatives, positives, expected):
     assert choice.defaulted == [] and choice.method == "youden"
 
 
+def rate_at(truth: np.ndarray, scores: np.ndarray, threshold: float, rate: str) -> float:
+    if rate == "sensitivity":
+        return float(np.mean(scores[truth == 1] >= threshold))
+    return float(np.mean(scores[truth == 0] < threshold))
+
+
+@pytest.mark.parametrize("rate", ["sensitivity", "specificity"])
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 1.0])
-def test_target_sensitivity_is_reached_at_the_least_specificity_cost(target):
+def test_target_rate_is_reached_at_the_least_cost_to_the_other(rate, target):
     y_true, y_prob, _, labels = synthetic_split(n_images=400, seed=1)
-    choice = choose_thresholds(
-        y_true, y_prob, labels, method="sensitivity", target_sensitivity=target
-    )
+    choice = choose_thresholds(y_true, y_prob, labels, method=rate, **{f"target_{rate}": target})
     for column_index, name in enumerate(labels):
         known = ~np.isnan(y_true[:, column_index])
         truth, scores = y_true[known, column_index], y_prob[known, column_index]
         threshold = choice.thresholds[name]
-        assert np.mean(scores[truth == 1] >= threshold) >= target
-        # the next higher score as threshold would miss the target: no cheaper threshold exists
-        higher = np.unique(scores[scores > threshold])
-        if higher.size:
-            assert np.mean(scores[truth == 1] >= higher[0]) < target
+        assert rate_at(truth, scores, threshold, rate) >= target
+        # the next score towards the other rate would miss the target: no cheaper threshold
+        if rate == "sensitivity":
+            neighbours = np.unique(scores[scores > threshold])[:1]
+        else:
+            neighbours = np.unique(scores[scores < threshold])[-1:]
+        for neighbour in neighbours:
+            assert rate_at(truth, scores, neighbour, rate) < target
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("youden", ("youden", None)),
+        ("spec=0.9", ("specificity", 0.9)),
+        ("sens=0.8", ("sensitivity", 0.8)),
+    ],
+)
+def test_operating_points_are_spelled_as_final_takes_them(text, expected):
+    assert parse_operating_point(text) == expected
+
+
+@pytest.mark.parametrize("text", ["spec", "spec=1.5", "specificity=0.9", "ppv=0.5", "spec=x"])
+def test_an_operating_point_final_cannot_read_says_how_to_spell_it(text):
+    with pytest.raises(EvaluationError, match="spec=0.9"):
+        parse_operating_point(text)
+
+
+def test_other_operating_points_get_intervals_from_the_same_resamples():
+    y_true, y_prob, patient_ids, labels = synthetic_split(n_images=200, seed=14)
+    youden = choose_thresholds(y_true, y_prob, labels)
+    spec = choose_thresholds(y_true, y_prob, labels, "specificity", target_specificity=0.9)
+    result = evaluate(
+        y_true,
+        y_prob,
+        patient_ids,
+        labels,
+        youden,
+        n_boot=40,
+        other_points={"spec=0.9": spec, "same": youden},
+    )
+    for name in labels:
+        main = result["per_label"][name]["operating_point"]
+        # the same thresholds through the same resamples give the very same intervals
+        assert result["operating_points"]["same"][name] == main
+        point = result["operating_points"]["spec=0.9"][name]
+        assert point["threshold"] == spec.thresholds[name]
+        assert point["specificity_low"] <= point["specificity"] <= point["specificity_high"]
+        assert point["specificity"] >= 0.9  # chosen on these very arrays here
 
 
 @pytest.mark.parametrize("method", ["youden", "sensitivity"])
@@ -503,6 +553,30 @@ def test_inputs_that_do_not_fit_are_user_errors(y_true, y_prob, message):
 
 
 # --- figures --------------------------------------------------------------------------------------
+
+
+def test_roc_panels_mark_the_operating_points_and_carry_the_auc(tmp_path):
+    y_true, y_prob, patient_ids, labels = synthetic_split(n_images=150, n_labels=2, seed=15)
+    result = evaluate(
+        y_true,
+        y_prob,
+        patient_ids,
+        labels,
+        dict.fromkeys(labels, 0.5),
+        n_boot=10,
+        other_points={"spec=0.9": dict.fromkeys(labels, 0.8)},
+    )
+    points = {
+        "youden": {n: result["per_label"][n]["operating_point"] for n in labels},
+        **result["operating_points"],
+    }
+    subtitles = {n: f"AUC {result['per_label'][n]['auc']:.2f}" for n in labels}
+    plain = curves_figure(result["curves"], tmp_path / "plain.png")
+    marked = curves_figure(
+        result["curves"], tmp_path / "marked.png", points=points, subtitles=subtitles
+    )
+    assert marked.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert marked.read_bytes() != plain.read_bytes()
 
 
 @pytest.mark.parametrize("figure", ["reliability", "roc", "pr"])

@@ -33,6 +33,13 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
     assert ev["auc_macro_low"] <= ev["auc_macro"] <= ev["auc_macro_high"]
     assert "brier" in ev["calibration"]["pooled"] and "calibration_calibrated" in ev
     assert metrics["calibrator"]["fitted_on"] == "validation"
+    # beside Youden, the default further operating point, chosen on validation, with its CIs
+    spec = ev["operating_points"]["spec=0.9"]
+    assert set(spec) == set(per_label) and metrics["operating_points"]["spec=0.9"]
+    assert "## Operating point spec=0.9" in md and "## Subgroups" in md
+    subgroups = metrics["subgroups"]
+    for row in subgroups["rows"]:  # rows only where counts allow
+        assert row["positives"] >= subgroups["min_positives"], row
     page = (report / "report.html").read_text()
     assert page.count("<figure>") == page.count("<figcaption>") >= 4
     assert (
@@ -74,6 +81,7 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
     # the calibrator travels with the model, inside the sealed version
     calibrator = json.loads((model_dir / "calibrator.json").read_text())
     assert calibrator["labels"] == state["labels"] and calibrator["method"] == "platt"
+    assert set(state["operating_points"]["spec=0.9"]) == set(state["labels"])
     report_dir = version / "report"
     assert (report_dir / "report.html").exists() and (report_dir / "metrics.json").exists()
     # Sealed: SHA256SUMS lists every other file of the version with its digest.

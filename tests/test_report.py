@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from chestxpert.results.calibrate import fit_platt
-from chestxpert.results.evaluate import evaluate
+from chestxpert.results.evaluate import evaluate, to_json_ready
 from chestxpert.results.report import (
     CHEXNET_HEADER,
     INTENDED_USE,
@@ -22,6 +22,7 @@ from chestxpert.results.report import (
     write_html,
     write_markdown,
 )
+from chestxpert.results.subgroups import subgroup_aucs, subgroup_masks
 
 LABELS = ["Atelectasis", "Effusion", "Hernia", "Mass"]
 XHTML = "{http://www.w3.org/1999/xhtml}"
@@ -45,6 +46,16 @@ def report_metrics(synthetic: bool) -> dict:
         dict.fromkeys(LABELS, 0.5),
         n_boot=50,
         y_prob_calibrated=calibrator.apply(y_prob[120:]),
+        other_points={"spec=0.9": dict.fromkeys(LABELS, 0.8)},
+    )
+    sex = np.where(np.arange(120) % 2 == 0, "F", "M")
+    subgroups = subgroup_aucs(
+        y_true[120:],
+        y_prob[120:],
+        patients[120:],
+        LABELS,
+        {"sex": subgroup_masks(sex, [None] * 120, [np.nan] * 120)["sex"]},
+        n_boot=20,
     )
     return {
         "sweep": "constructed",
@@ -61,6 +72,7 @@ def report_metrics(synthetic: bool) -> dict:
         "evaluation": evaluation,
         "gradcam_note": None,
         "localization": {},
+        "subgroups": to_json_ready(subgroups),
     }
 
 
@@ -176,3 +188,22 @@ def test_every_figure_has_a_heading_and_a_caption(written):
         assert heading.text == figure.heading
         assert element.find(f"{XHTML}figcaption").text == figure.caption
         assert f"### {figure.heading}" in md and f"*{figure.caption}*" in md
+
+
+def test_the_other_operating_point_and_the_subgroups_have_their_tables(written):
+    metrics, md, page, _ = written
+    document = parse(page)
+    point = table_cells(document, "point spec=0.9")
+    assert point[0][:3] == ["Pathology", "Threshold", "Sensitivity (95% CI)"]
+    assert {row[1] for row in point[1:]} == {"0.800"}
+    assert "## Operating point spec=0.9" in md
+    rows = table_cells(document, "subgroups")[1:]
+    shown = {(row[0], row[2]) for row in rows}
+    expected = {(r["label"], r["group"]) for r in metrics["subgroups"]["rows"]}
+    assert shown == expected and ("Hernia", "female") not in shown  # no positives: no row
+    assert any(s["label"] == "Hernia" for s in metrics["subgroups"]["skipped"])
+    assert "Skipped for too few cases: " in md and "Hernia in sex female" in md
+    flagged = [row for row in rows if row[-1].startswith("◆")]
+    for label, gap in metrics["subgroups"]["largest_gap"].items():
+        marked = [row for row in flagged if row[0] == label]
+        assert len(marked) == 2 and marked[0][-1] == f"◆ {gap['gap']:.3f}"
