@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.report_helpers import assert_numbers_match, assert_self_contained
+
 pytestmark = pytest.mark.services
 
 
@@ -42,6 +44,8 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
         assert row["positives"] >= subgroups["min_positives"], row
     page = (report / "report.html").read_text()
     assert page.count("<figure>") == page.count("<figcaption>") >= 4
+    assert_self_contained(page)
+    assert_numbers_match(metrics, page)
     assert (
         "src='data:image/png;base64," in page
         and "src='http" not in page
