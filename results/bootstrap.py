@@ -103,6 +103,7 @@ def patient_bootstrap(
     labels: Sequence[str] | None = None,
     thresholds: Mapping[Any, float] | None = None,
     more_thresholds: Sequence[Mapping[Any, float]] = (),
+    micro: bool = True,
 ) -> BootstrapIntervals:
     """(1 - alpha) percentile intervals from one patient (cluster) bootstrap of the test split.
 
@@ -113,7 +114,8 @@ def patient_bootstrap(
     specificity, PPV and NPV get intervals too, and so at every set in `more_thresholds` (other
     operating points, from the same resamples). A resample where a statistic is undefined (a
     label with one class, a rate with a zero denominator) is skipped for that statistic only
-    (`n_used` counts the rest). Keys are `labels` when given, else column indices.
+    (`n_used` counts the rest). `micro`=False skips the micro AUC, which costs about as much as
+    all per-label AUCs together. Keys are `labels` when given, else column indices.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     names: Sequence[Any] = labels if labels is not None else range(y_true.shape[1])
@@ -129,28 +131,35 @@ def patient_bootstrap(
         y_prob >= np.array([chosen[name] for name in names], dtype=np.float64)
         for chosen in threshold_sets
     ]
-    entry_images = np.nonzero(known)[0]  # the image of each pooled entry, row-major like y[known]
-    per_label = [_RankedScores(*known_values(y_true, y_prob, c)) for c in range(n_labels)]
-    pooled = _RankedScores(y_true[known], y_prob[known])
-
     patient_codes, patient_counts = _draw_patients(patient_ids, n_boot, np.random.default_rng(seed))
+    per_label = [
+        _RankedScores(*known_values(y_true, y_prob, c), patient_codes[known[:, c]])
+        for c in range(n_labels)
+    ]
+    # each label's calls in its own score order, so they line up with its resample weights
+    called_sorted = [
+        [calls[known[:, c], c][per_label[c].order] for c in range(n_labels)] for calls in called
+    ]
+    entry_images = np.nonzero(known)[0]  # the image of each pooled entry, row-major like y[known]
+    pooled = _RankedScores(y_true[known], y_prob[known], patient_codes[entry_images])
+
     boot_auc = np.full((n_boot, n_labels), np.nan)
     boot_micro = np.full(n_boot, np.nan)
     boot_rates = np.full((len(called), n_boot, n_labels, len(RATES)), np.nan)
-    chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, len(y_true), entry_images.size))
+    widest = entry_images.size if micro else len(y_true)
+    chunk = max(1, _BOOT_CHUNK_ENTRIES // max(1, widest))
     for start in range(0, n_boot, chunk):
         rows = slice(start, start + chunk)
-        image_weights = patient_counts[rows][:, patient_codes].astype(np.float64)
-        for column in range(n_labels):
-            column_known = known[:, column]
-            weights = image_weights if column_known.all() else image_weights[:, column_known]
-            boot_auc[rows, column] = per_label[column].auc(weights)
-            positive = y_true[column_known, column] == 1
-            for which, calls in enumerate(called):
+        counts = patient_counts[rows]
+        for column, ranked in enumerate(per_label):
+            weights = ranked.weights(counts)
+            boot_auc[rows, column] = ranked.auc(weights)
+            for which, calls in enumerate(called_sorted):
                 boot_rates[which, rows, column] = _weighted_rates(
-                    positive, calls[column_known, column], weights
+                    ranked.positive, calls[column], weights
                 )
-        boot_micro[rows] = pooled.auc(image_weights[:, entry_images])
+        if micro:
+            boot_micro[rows] = pooled.auc(pooled.weights(counts))
 
     out = BootstrapIntervals(auc={})
     rate_sets: list[dict[Any, dict[str, Interval]]] = [{} for _ in called]
@@ -182,7 +191,7 @@ def patient_bootstrap(
             boot_macro = np.nanmean(boot_auc[:, scorable], axis=1)
         point_macro = float(np.mean([out.auc[names[c]].auc for c in scorable]))
         out.auc_macro = Interval(*_interval(point_macro, boot_macro, alpha))
-    if has_both_classes(y_true[known]):
+    if micro and has_both_classes(y_true[known]):
         point_micro = roc_auc_score(y_true[known], y_prob[known])
         out.auc_micro = Interval(*_interval(point_micro, boot_micro, alpha))
     return out
@@ -213,31 +222,35 @@ def _draw_patients(
 
 
 class _RankedScores:
-    """One label's truth and scores sorted once, so each chunk of resamples only sums weights."""
+    """Truth, scores and patients of one label's known entries (or of all, pooled), sorted by
+    score once, so each chunk of resamples only gathers counts and sums weights."""
 
-    def __init__(self, truth: np.ndarray, scores: np.ndarray) -> None:
+    def __init__(self, truth: np.ndarray, scores: np.ndarray, patients: np.ndarray) -> None:
         self.order = np.argsort(scores, kind="stable")
         sorted_scores = scores[self.order]
         self.tie_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
         self.positive = truth[self.order] == 1
+        self.patients = patients[self.order]
+
+    def weights(self, patient_counts: np.ndarray) -> np.ndarray:
+        """Each entry's weight (B × n, in score order) from patient draw counts (B × P)."""
+        return patient_counts[:, self.patients].astype(np.float64)
 
     def auc(self, weights: np.ndarray) -> np.ndarray:
-        """ROC AUC of each row of `weights` (B × n image weights) by weighted Mann-Whitney.
+        """ROC AUC of each row of `weights` (B × n, in score order) by weighted Mann-Whitney.
 
         Ties count half; NaN for a row whose positives or negatives all have zero weight.
         """
         if self.order.size == 0:
             return np.full(len(weights), np.nan)
-        weights = weights[:, self.order]
-        pos_per_tie = np.add.reduceat(
-            np.where(self.positive, weights, 0.0), self.tie_starts, axis=1
-        )
-        neg_per_tie = np.add.reduceat(
-            np.where(self.positive, 0.0, weights), self.tie_starts, axis=1
-        )
-        neg_below = np.cumsum(neg_per_tie, axis=1) - neg_per_tie
-        wins = np.sum(pos_per_tie * (neg_below + 0.5 * neg_per_tie), axis=1)
-        pairs = pos_per_tie.sum(axis=1) * neg_per_tie.sum(axis=1)
+        pos = np.where(self.positive, weights, 0.0)
+        neg = weights - pos
+        if self.tie_starts.size < self.order.size:  # tied scores are summed, and count half
+            pos = np.add.reduceat(pos, self.tie_starts, axis=1)
+            neg = np.add.reduceat(neg, self.tie_starts, axis=1)
+        neg_below = np.cumsum(neg, axis=1) - neg
+        wins = np.einsum("ij,ij->i", pos, neg_below + 0.5 * neg)
+        pairs = pos.sum(axis=1) * neg.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(pairs > 0, wins / pairs, np.nan)
 

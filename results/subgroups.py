@@ -91,7 +91,12 @@ def subgroup_aucs(
                 continue
             columns = np.flatnonzero(enough)
             intervals = patient_bootstrap(
-                truth[:, columns], y_prob[mask][:, columns], patient_ids[mask], n_boot, seed
+                truth[:, columns],
+                y_prob[mask][:, columns],
+                patient_ids[mask],
+                n_boot,
+                seed,
+                micro=False,
             ).auc
             for index, column in enumerate(columns):
                 interval = intervals[index]
