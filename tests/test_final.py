@@ -117,6 +117,8 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
         and parent.data.tags["chestxpert.sweep"] == "tiny-final"
     )
     assert "test_auc_macro" in run.data.metrics
+    assert run.data.metrics["test_ece_pooled_calibrated"] >= 0.0
+    assert {"test_auc_macro_low", "test_brier_pooled"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report", "checkpoint"} <= artifacts
     mlflow.set_tracking_uri(finished_sweep["mlflow"])
