@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
 from chestxpert.results import versions
 from chestxpert.results.publish import FinalError, load_sweep, register_and_promote
+from chestxpert.results.report import ReportFigure
 from chestxpert.sweeps.layout import (
     DATASET_GENERATION,
     FINAL_STAGING,
@@ -30,6 +31,9 @@ from chestxpert.sweeps.layout import (
     dataset_version,
 )
 from chestxpert.sweeps.spec import SweepSpec
+
+if TYPE_CHECKING:
+    from chestxpert.results.evaluate import ThresholdChoice
 
 __all__ = ["FinalError", "FinalOptions", "evaluate_model", "retrain", "run_final"]
 
@@ -305,6 +309,67 @@ def _dataset_generation(
     return version[DATASET_GENERATION]
 
 
+def _summary_figures(
+    evaluation: dict[str, Any], choice: ThresholdChoice, out: Path
+) -> list[ReportFigure]:
+    """The reliability diagrams (raw, calibrated), ROC and PR panels into `out/figures`, with the
+    operating points marked and each label's AUC and CI under its ROC panel title."""
+    from chestxpert.results.figures import curves_figure, reliability_figure
+
+    (out / "figures").mkdir(exist_ok=True)
+    reliability_figure(evaluation["calibration"], out / "figures" / "reliability.png")
+    reliability_figure(
+        evaluation["calibration_calibrated"], out / "figures" / "reliability_calibrated.png"
+    )
+    main_point = "youden" if choice.method == "youden" else f"sens={choice.target_sensitivity}"
+    marked = {
+        main_point: {
+            name: item["operating_point"] for name, item in evaluation["per_label"].items()
+        },
+        **evaluation.get("operating_points", {}),
+    }
+    subtitles = {
+        name: f"AUC {item['auc']:.2f} ({item['auc_low']:.2f}–{item['auc_high']:.2f})"
+        for name, item in evaluation["per_label"].items()
+        if item["auc"] is not None and item["auc_low"] is not None
+    }
+    for kind in ("roc", "pr"):
+        curves_figure(
+            evaluation["curves"],
+            out / "figures" / f"{kind}.png",
+            kind=kind,
+            points=marked,
+            subtitles=subtitles,
+        )
+    return [
+        ReportFigure(
+            "Reliability: raw probabilities",
+            "Observed fraction positive against mean predicted probability per bin on the test "
+            "split, pooled then per label; the diagonal is perfect calibration.",
+            "figures/reliability.png",
+        ),
+        ReportFigure(
+            "Reliability: after Platt scaling",
+            "The same diagrams after the per-label calibration fitted on validation, the "
+            "probabilities `predict` reports.",
+            "figures/reliability_calibrated.png",
+        ),
+        ReportFigure(
+            "ROC curves",
+            "Sensitivity against 1 - specificity on the test split, one panel per label, with "
+            f"AUC (95% CI); markers: the operating points ({', '.join(marked)}) chosen on "
+            "validation, where they fall on test.",
+            "figures/roc.png",
+        ),
+        ReportFigure(
+            "Precision-recall curves",
+            "Precision (PPV) against recall (sensitivity) on the test split, one panel per "
+            "label; low-prevalence labels sit low.",
+            "figures/pr.png",
+        ),
+    ]
+
+
 def evaluate_model(
     model_dir: Path,
     config: dict,
@@ -326,14 +391,13 @@ def evaluate_model(
         parse_operating_point,
         to_json_ready,
     )
-    from chestxpert.results.figures import curves_figure, reliability_figure
     from chestxpert.results.gradcam import (
         GradCam,
         heatmaps_for_boxes,
         localization_scores,
         select_examples,
     )
-    from chestxpert.results.report import ReportFigure, write_html, write_markdown
+    from chestxpert.results.report import write_html, write_markdown
     from chestxpert.results.subgroups import subgroup_aucs, subgroup_masks
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
@@ -397,58 +461,7 @@ def evaluate_model(
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
-    (out / "figures").mkdir(exist_ok=True)
-    reliability_figure(evaluation["calibration"], out / "figures" / "reliability.png")
-    reliability_figure(
-        evaluation["calibration_calibrated"], out / "figures" / "reliability_calibrated.png"
-    )
-    main_point = "youden" if choice.method == "youden" else f"sens={choice.target_sensitivity}"
-    marked = {
-        main_point: {
-            name: item["operating_point"] for name, item in evaluation["per_label"].items()
-        },
-        **evaluation.get("operating_points", {}),
-    }
-    subtitles = {
-        name: f"AUC {item['auc']:.2f} ({item['auc_low']:.2f}–{item['auc_high']:.2f})"
-        for name, item in evaluation["per_label"].items()
-        if item["auc"] is not None and item["auc_low"] is not None
-    }
-    for kind in ("roc", "pr"):
-        curves_figure(
-            evaluation["curves"],
-            out / "figures" / f"{kind}.png",
-            kind=kind,
-            points=marked,
-            subtitles=subtitles,
-        )
-    figures = [
-        ReportFigure(
-            "Reliability: raw probabilities",
-            "Observed fraction positive against mean predicted probability per bin on the test "
-            "split, pooled then per label; the diagonal is perfect calibration.",
-            "figures/reliability.png",
-        ),
-        ReportFigure(
-            "Reliability: after Platt scaling",
-            "The same diagrams after the per-label calibration fitted on validation, the "
-            "probabilities `predict` reports.",
-            "figures/reliability_calibrated.png",
-        ),
-        ReportFigure(
-            "ROC curves",
-            "Sensitivity against 1 - specificity on the test split, one panel per label, with "
-            f"AUC (95% CI); markers: the operating points ({', '.join(marked)}) chosen on "
-            "validation, where they fall on test.",
-            "figures/roc.png",
-        ),
-        ReportFigure(
-            "Precision-recall curves",
-            "Precision (PPV) against recall (sensitivity) on the test split, one panel per "
-            "label; low-prevalence labels sit low.",
-            "figures/pr.png",
-        ),
-    ]
+    figures = _summary_figures(evaluation, choice, out)
 
     backbone = get_backbone(config["backbone"])
     layer, note = _gradcam_layer(model, backbone.last_conv_layer, opts.gradcam_layer)
