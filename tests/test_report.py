@@ -4,7 +4,6 @@ metrics.json, that a browser's parser reads it and that it fetches nothing."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +79,10 @@ def report_metrics(synthetic: bool) -> dict:
     }
 
 
-@pytest.fixture(params=[False, True], ids=["real", "synthetic"])
-def written(request, tmp_path: Path) -> tuple[dict, str, str, list[ReportFigure]]:
+@pytest.fixture(scope="module", params=[False, True], ids=["real", "synthetic"])
+def written(request, tmp_path_factory) -> tuple[dict, str, str, list[ReportFigure]]:
+    """The two reports, built once each: read-only for every test."""
+    tmp_path = tmp_path_factory.mktemp("report")
     metrics = report_metrics(synthetic=request.param)
     (tmp_path / "figures").mkdir()
     (tmp_path / "gradcam").mkdir()
