@@ -35,6 +35,7 @@ from chestxpert.datasets.schema import (
     GENERATION_CHARS,
     SCHEMA_VERSION,
     SPLITS,
+    SYNTHETIC_MARKER,
     DatasetError,
     SourceTable,
 )
@@ -98,15 +99,30 @@ def read_source(opts: PrepareOptions, input_dir: Path) -> SourceTable:
     """Read a local source folder with its adapter.
 
     Images the source lists but does not hold are skipped or fatal, as `opts.on_bad_image` says.
+    A folder holding SYNTHETIC_MARKER (written by `data synth`) gives a synthetic table.
     """
     skip = opts.on_bad_image == "skip"
     if opts.source == "nih":
         from chestxpert.datasets.nih import read_nih
 
-        return read_nih(input_dir, skip_missing=skip)
-    from chestxpert.datasets.chexpert import read_chexpert
+        table = read_nih(input_dir, skip_missing=skip)
+    else:
+        from chestxpert.datasets.chexpert import read_chexpert
 
-    return read_chexpert(input_dir, views=opts.views, uncertain=opts.uncertain, skip_missing=skip)
+        table = read_chexpert(
+            input_dir, views=opts.views, uncertain=opts.uncertain, skip_missing=skip
+        )
+    marker = input_dir / SYNTHETIC_MARKER
+    if marker.is_file():
+        try:
+            table.provenance = json.loads(marker.read_text())
+        except ValueError as err:
+            raise DatasetError(
+                f"{marker} is not JSON ({err}); it marks a folder drawn by `chestxpert data "
+                "synth`: restore it, or run `data synth` again"
+            ) from None
+        table.notes.insert(0, "Synthetic phantoms drawn by `chestxpert data synth`.")
+    return table
 
 
 # --- splitting -------------------------------------------------------------------------------
@@ -379,7 +395,7 @@ def _prepare_into(
     boxes = _boxes_by_image(table, placements)
     images["boxes"] = images["image_id"].map(lambda i: boxes.get(i, []))
 
-    digest = _content_digest(images, table.labels, opts)
+    digest = _content_digest(images, table.labels, opts, table.synthetic)
     generation = digest[:GENERATION_CHARS]
     existing = output.current_manifest()
     if existing is not None:
@@ -404,6 +420,8 @@ def _prepare_into(
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "source": table.source,
+        "synthetic": table.synthetic,
+        "provenance": table.provenance,
         "labels": list(labels),
         "image_size": opts.image_size,
         "channels": 1,
@@ -455,8 +473,14 @@ def _prepare_into(
     return manifest
 
 
-def _content_digest(images: pd.DataFrame, labels: tuple[str, ...], opts: PrepareOptions) -> str:
-    """SHA-256 over the parameters and, per image in order, its id, split, labels and pixels."""
+def _content_digest(
+    images: pd.DataFrame, labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool
+) -> str:
+    """SHA-256 over the parameters and, per image in order, its id, split, labels and pixels.
+
+    Synthetic phantoms digest differently from the same files without their marker, so a
+    dataset prepared before the mark existed is replaced (with --force), not reused unmarked.
+    """
     digest = hashlib.sha256()
     params = {
         "size": opts.image_size,
@@ -468,6 +492,8 @@ def _content_digest(images: pd.DataFrame, labels: tuple[str, ...], opts: Prepare
         "views": list(opts.views),
         "schema": SCHEMA_VERSION,
     }
+    if synthetic:
+        params["synthetic"] = True
     digest.update(json.dumps(params, sort_keys=True).encode())
     label_matrix = images[list(labels)].to_numpy(dtype=np.float32)
     for row, image_id in enumerate(images["image_id"]):

@@ -29,6 +29,12 @@ GENERATIONS = "generations"
 MANIFESTS = "manifests"
 GENERATION_CHARS = 16
 
+# A raw folder written by `chestxpert data synth` holds this file (what drew it, with which
+# settings); a source adapter that finds it marks its table synthetic, and `prepare` carries the
+# mark into the manifest ("synthetic": true, "provenance": the file's content), so every report
+# built on the dataset can say its images are phantoms.
+SYNTHETIC_MARKER = "SYNTHETIC.json"
+
 
 def generation_of(manifest: dict) -> str:
     """The generation a manifest describes: its "generation" key, or for a dataset written
@@ -102,7 +108,8 @@ class SourceTable:
     order); `boxes` has BOX_COLUMNS (empty when the source has none); `source`
     is "nih" or "chexpert"; `notes` are human-readable remarks for the manifest;
     `missing` lists image ids the label file names but no file exists for (only
-    when the caller asked to skip them; otherwise they are a DatasetError).
+    when the caller asked to skip them; otherwise they are a DatasetError). `provenance` is the
+    content of the folder's SYNTHETIC_MARKER when synthetic phantoms drew it, else None.
     """
 
     source: str
@@ -111,6 +118,12 @@ class SourceTable:
     boxes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(BOX_COLUMNS)))
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    provenance: dict | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the images are synthetic phantoms (the source folder carried the marker)."""
+        return self.provenance is not None
 
 
 class DatasetError(UserError, ValueError):

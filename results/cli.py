@@ -31,6 +31,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         train_on=args.train_on,
         threshold_method="sensitivity" if args.target_sensitivity else "youden",
         target_sensitivity=args.target_sensitivity,
+        operating_points=tuple(args.operating_point or ("spec=0.9",)),
         bootstrap=args.bootstrap,
         gradcam_layer=args.gradcam_layer,
         on_cluster=False if args.local else None,
@@ -88,7 +89,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model(args.model, _endpoints(args))
     results = predict(
-        model_dir, [Path(p) for p in args.images], Path(args.gradcam) if args.gradcam else None
+        model_dir,
+        [Path(p) for p in args.images],
+        Path(args.gradcam) if args.gradcam else None,
+        calibrated=not args.uncalibrated,
     )
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
@@ -199,6 +203,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="choose thresholds reaching this sensitivity on validation (default: Youden's J)",
     )
     final.add_argument(
+        "--operating-point",
+        action="append",
+        default=None,
+        metavar="POINT",
+        help="a further operating point to report, chosen on validation: spec=0.9 (sensitivity "
+        "at specificity 0.9, the default), sens=0.8, youden; repeat for more",
+    )
+    final.add_argument(
         "--bootstrap", type=int, default=1000, help="patient bootstrap resamples for the CIs"
     )
     final.add_argument(
@@ -282,6 +294,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--gradcam", default=None, metavar="OUT", help="write overlays for the top findings here"
     )
     pred.add_argument("--json", action="store_true")
+    pred.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="report the network's own probabilities, not the final model's calibrated ones "
+        "(the calls are the same)",
+    )
     _flags(pred)
     pred.set_defaults(func=cmd_predict)
 

@@ -14,26 +14,18 @@ import json
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
-from chestxpert.results.bootstrap import patient_weight_chunks, weighted_auc
+from chestxpert.results.bootstrap import AucInterval, Interval, patient_bootstrap
 from chestxpert.results.evaluate import to_json_ready
-from chestxpert.results.inputs import (
-    check_arrays,
-    check_bootstrap,
-    check_patients,
-    has_both_classes,
-    known_values,
-)
+from chestxpert.results.inputs import check_arrays
 
 DIFFERENCE = "B - A"  # every difference in the report is model B's AUC minus model A's
 FILES = ("compare.html", "compare.md", "compare.json")
@@ -70,58 +62,38 @@ def paired_auc_difference(
 ) -> dict[str, Any]:
     """Per-label and macro ROC AUC of models A and B and their paired difference B − A.
 
-    Every resample draws patients with replacement (`patient_weight_chunks`, the draws
-    `bootstrap_auc_ci` makes for the same seed) and scores BOTH models on it, so the
-    interval is of the paired difference. Per label: `auc_a`, `auc_b` (sklearn on the whole
-    split) with their percentile intervals, `difference` (B − A) with its (1 − alpha)
-    percentile interval `low`/`high`, a two-sided bootstrap `p_value` (twice the smaller
-    share of resample differences at or beyond zero on either side, each share counted as
-    (k + 1) / (n + 1) so it is never 0; capped at 1), `excludes_zero` and `n_used` (resamples
-    where the label had both classes). A label without both classes in the split has None
-    throughout. The macro row averages the scorable labels, in each resample over those with
-    both classes in it. Returns JSON-ready values (NaN → None).
+    Both models go through `patient_bootstrap` with the same patients, n_boot and seed, so
+    through the same patient resamples, and each resample's B − A is one paired difference.
+    Per label: `auc_a`, `auc_b` (sklearn on the whole split) with their percentile intervals,
+    `difference` (B − A) with its (1 − alpha) percentile interval `low`/`high`, a two-sided
+    bootstrap `p_value` (twice the smaller share of resample differences at or beyond zero on
+    either side, each share counted as (k + 1) / (n + 1) so it is never 0; capped at 1),
+    `excludes_zero` and `n_used` (resamples where the label had both classes). A label without
+    both classes in the split has None throughout. The macro row averages the scorable labels,
+    in each resample over those with both classes in it. Returns JSON-ready values (NaN → None).
     """
-    y_true, prob_a = check_arrays(y_true, prob_a, labels)
-    _, prob_b = check_arrays(y_true, prob_b, labels)
-    check_patients(patient_ids, len(y_true))
-    check_bootstrap(n_boot, alpha)
-
-    boot_a = np.full((n_boot, len(labels)), np.nan)
-    boot_b = np.full((n_boot, len(labels)), np.nan)
-    for rows, weights in patient_weight_chunks(patient_ids, n_boot, seed):
-        for column in range(len(labels)):
-            known = ~np.isnan(y_true[:, column])
-            truth, used = y_true[known, column], weights[:, known]
-            boot_a[rows, column] = weighted_auc(truth, prob_a[known, column], used)
-            boot_b[rows, column] = weighted_auc(truth, prob_b[known, column], used)
-
-    per_label: dict[str, dict[str, Any]] = {}
-    scorable: list[int] = []
-    for column, name in enumerate(labels):
-        truth, scores_a = known_values(y_true, prob_a, column)
-        _, scores_b = known_values(y_true, prob_b, column)
-        counts = {"positives": int(np.sum(truth == 1)), "negatives": int(np.sum(truth == 0))}
-        if not has_both_classes(truth):
-            per_label[name] = {**_row(None, None, np.empty(0), np.empty(0), alpha), **counts}
-            continue
-        scorable.append(column)
-        auc_a, auc_b = roc_auc_score(truth, scores_a), roc_auc_score(truth, scores_b)
-        row = _row(auc_a, auc_b, boot_a[:, column], boot_b[:, column], alpha)
-        per_label[name] = {**row, **counts}
-
-    macro = _row(None, None, np.empty(0), np.empty(0), alpha)
-    if scorable:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no scorable label
-            macro_a = np.nanmean(boot_a[:, scorable], axis=1)
-            macro_b = np.nanmean(boot_b[:, scorable], axis=1)
-        macro = _row(
-            float(np.mean([per_label[labels[c]]["auc_a"] for c in scorable])),
-            float(np.mean([per_label[labels[c]]["auc_b"] for c in scorable])),
-            macro_a,
-            macro_b,
-            alpha,
+    y_true, prob_a = check_arrays(y_true, prob_a, labels)  # patient_bootstrap checks the rest
+    a, b = (
+        patient_bootstrap(
+            y_true, prob, patient_ids, n_boot, seed, alpha, labels=labels, micro=False
         )
+        for prob in (prob_a, prob_b)
+    )
+    per_label: dict[str, dict[str, Any]] = {}
+    for column, name in enumerate(labels):
+        truth = y_true[~np.isnan(y_true[:, column]), column]
+        per_label[name] = {
+            **_row(
+                a.auc[name],
+                b.auc[name],
+                a.resample_auc[:, column],
+                b.resample_auc[:, column],
+                alpha,
+            ),
+            "positives": int(np.sum(truth == 1)),
+            "negatives": int(np.sum(truth == 0)),
+        }
+    macro = _row(a.auc_macro, b.auc_macro, a.resample_macro, b.resample_macro, alpha)
     return to_json_ready(
         {
             "difference": DIFFERENCE,
@@ -139,22 +111,25 @@ def paired_auc_difference(
 
 
 def _row(
-    auc_a: float | None,
-    auc_b: float | None,
+    a: AucInterval | Interval,
+    b: AucInterval | Interval,
     boot_a: np.ndarray,
     boot_b: np.ndarray,
     alpha: float,
 ) -> dict[str, Any]:
-    """One label's (or the macro's) numbers from its whole-split AUCs and resample AUCs."""
+    """One label's (or the macro's) numbers: each model's AUC and interval from its
+    `patient_bootstrap`, and B − A with the percentile interval and p-value of the paired
+    resample differences, row by row where both are defined (with one truth, both or neither)."""
+    auc_a, auc_b = a[0], b[0]  # AucInterval.auc or Interval.value
     usable = ~(np.isnan(boot_a) | np.isnan(boot_b))
     diffs = boot_b[usable] - boot_a[usable]
     row: dict[str, Any] = {
         "auc_a": auc_a,
-        "auc_a_low": None,
-        "auc_a_high": None,
+        "auc_a_low": a.low,
+        "auc_a_high": a.high,
         "auc_b": auc_b,
-        "auc_b_low": None,
-        "auc_b_high": None,
+        "auc_b_low": b.low,
+        "auc_b_high": b.high,
         "difference": None if auc_a is None or auc_b is None else auc_b - auc_a,
         "low": None,
         "high": None,
@@ -162,12 +137,9 @@ def _row(
         "excludes_zero": False,
         "n_used": int(diffs.size),
     }
-    if auc_a is None or auc_b is None or not diffs.size:
+    if row["difference"] is None or not diffs.size:
         return row
-    quantiles = [alpha / 2, 1 - alpha / 2]
-    row["auc_a_low"], row["auc_a_high"] = (float(q) for q in np.quantile(boot_a[usable], quantiles))
-    row["auc_b_low"], row["auc_b_high"] = (float(q) for q in np.quantile(boot_b[usable], quantiles))
-    low, high = (float(q) for q in np.quantile(diffs, quantiles))
+    low, high = (float(q) for q in np.quantile(diffs, [alpha / 2, 1 - alpha / 2]))
     n = diffs.size
     below, above = (np.sum(diffs <= 0) + 1) / (n + 1), (np.sum(diffs >= 0) + 1) / (n + 1)
     row.update(

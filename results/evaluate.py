@@ -17,11 +17,10 @@ import numpy as np
 from sklearn.metrics import (
     average_precision_score,
     precision_recall_curve,
-    roc_auc_score,
     roc_curve,
 )
 
-from chestxpert.results.bootstrap import bootstrap_auc_ci
+from chestxpert.results.bootstrap import RATES, Interval, patient_bootstrap
 from chestxpert.results.inputs import (
     EvaluationError,
     check_arrays,
@@ -51,7 +50,10 @@ CHEXNET_REFERENCE_AUROC: dict[str, float] = {
     "Hernia": 0.9164,
 }
 
-THRESHOLD_METHODS = ("youden", "sensitivity")
+THRESHOLD_METHODS = ("youden", "sensitivity", "specificity")
+# `final --operating-point` spellings: "youden", "sens=0.8" (sensitivity at least 0.8), "spec=0.9"
+# (specificity at least 0.9, i.e. sensitivity at fixed specificity).
+OPERATING_POINT_PREFIXES = {"sens": "sensitivity", "spec": "specificity"}
 DEFAULT_THRESHOLD = 0.5
 CURVE_POINTS = 200
 
@@ -69,6 +71,24 @@ class ThresholdChoice:
     defaulted: list[str] = field(default_factory=list)
     method: str = "youden"
     target_sensitivity: float | None = None
+    target_specificity: float | None = None
+
+
+def parse_operating_point(text: str) -> tuple[str, float | None]:
+    """ "youden", "sens=0.8" or "spec=0.9" as (method, target) for `choose_thresholds`."""
+    if text.strip() == "youden":
+        return "youden", None
+    prefix, _, value = text.strip().partition("=")
+    try:
+        target = float(value)
+    except ValueError:
+        target = float("nan")
+    if prefix not in OPERATING_POINT_PREFIXES or not 0.0 < target <= 1.0:
+        raise EvaluationError(
+            f"operating point {text!r} is not one of youden, sens=T or spec=T with T in (0, 1]; "
+            "e.g. spec=0.9 for the sensitivity at a specificity of 0.9"
+        )
+    return OPERATING_POINT_PREFIXES[prefix], target
 
 
 def choose_thresholds(
@@ -77,6 +97,7 @@ def choose_thresholds(
     labels: Sequence[str],
     method: str = "youden",
     target_sensitivity: float | None = None,
+    target_specificity: float | None = None,
 ) -> ThresholdChoice:
     """Choose one operating threshold per label from VALIDATION predictions only.
 
@@ -84,7 +105,9 @@ def choose_thresholds(
     method="youden" takes the ROC threshold maximising sensitivity + specificity - 1 (the highest
     such threshold on ties); method="sensitivity" takes the highest threshold whose validation
     sensitivity is >= `target_sensitivity` (in (0, 1]), i.e. the one that costs the least
-    specificity. Thresholds are predicted probabilities, compared with >=. Labels with no
+    specificity; method="specificity" takes the lowest threshold whose validation specificity is
+    >= `target_specificity` (the most sensitive such one; the highest threshold when none
+    reaches it). Thresholds are predicted probabilities, compared with >=. Labels with no
     positives or no negatives get 0.5 and are listed in `defaulted`.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
@@ -92,19 +115,21 @@ def choose_thresholds(
         raise EvaluationError(
             f"threshold method {method!r} is unknown; use one of {THRESHOLD_METHODS}"
         )
-    if method == "sensitivity":
-        if target_sensitivity is None or not 0.0 < target_sensitivity <= 1.0:
+    for rate, target in (("sensitivity", target_sensitivity), ("specificity", target_specificity)):
+        if method == rate and (target is None or not 0.0 < target <= 1.0):
+            raise EvaluationError(f"method='{rate}' needs target_{rate} in (0, 1], got {target!r}")
+        if method != rate and target is not None:
             raise EvaluationError(
-                "method='sensitivity' needs target_sensitivity in (0, 1], "
-                f"got {target_sensitivity!r}"
+                f"target_{rate}={target} only applies to method='{rate}'; "
+                f"pass method='{rate}' or drop target_{rate}"
             )
-    elif target_sensitivity is not None:
-        raise EvaluationError(
-            f"target_sensitivity={target_sensitivity} only applies to method='sensitivity'; "
-            "pass method='sensitivity' or drop target_sensitivity"
-        )
 
-    choice = ThresholdChoice(thresholds={}, method=method, target_sensitivity=target_sensitivity)
+    choice = ThresholdChoice(
+        thresholds={},
+        method=method,
+        target_sensitivity=target_sensitivity,
+        target_specificity=target_specificity,
+    )
     for column, name in enumerate(labels):
         truth, scores = known_values(y_true, y_prob, column)
         if not has_both_classes(truth):
@@ -116,6 +141,11 @@ def choose_thresholds(
         fpr, tpr, candidates = fpr[1:], tpr[1:], candidates[1:]
         if method == "youden":
             best = int(np.argmax(tpr - fpr))
+        elif method == "specificity":
+            # fpr rises as the threshold falls; the last index within the budget is the most
+            # sensitive one.
+            within = np.flatnonzero(fpr <= 1.0 - target_specificity + 1e-12)
+            best = int(within[-1]) if within.size else 0
         else:
             # tpr rises as the threshold falls; the first index reaching the target has the
             # lowest fpr.
@@ -168,13 +198,14 @@ def calibration(
     *,
     labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Reliability bins and expected calibration error, per label and pooled over all known entries.
+    """Reliability bins, expected calibration error and Brier score, per label and pooled.
 
     Bins are `n_bins` equal-width probability intervals on [0, 1] (the last one closed); ECE is the
-    count-weighted mean of |frac_pos - mean_pred| over non-empty bins. Returns
-    {"labels": {label: {ece, bins}}, "pooled": {ece, bins}} with bins [{low, high, mean_pred,
-    frac_pos, count}]; an empty bin has NaN mean_pred/frac_pos, a label with no known values NaN
-    ece. Keys are `labels` when given, else column indices.
+    count-weighted mean of |frac_pos - mean_pred| over non-empty bins; Brier is the mean squared
+    difference between probability and 0/1 truth. "pooled" is over all known entries. Returns
+    {"labels": {label: {ece, brier, bins}}, "pooled": {ece, brier, bins}} with bins [{low, high,
+    mean_pred, frac_pos, count}]; an empty bin has NaN mean_pred/frac_pos, a label with no known
+    values NaN ece and brier. Keys are `labels` when given, else column indices.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     names: Sequence[Any] = labels if labels is not None else range(y_true.shape[1])
@@ -225,30 +256,61 @@ def evaluate(
     thresholds: Mapping[str, float] | ThresholdChoice,
     n_boot: int = 1000,
     seed: int = 0,
+    y_prob_calibrated: np.ndarray | None = None,
+    other_points: Mapping[str, Mapping[str, float] | ThresholdChoice] | None = None,
 ) -> dict[str, Any]:
     """Everything the report needs about the TEST split, as plain JSON-ready Python (NaN → None).
 
     `thresholds` come from `choose_thresholds` on the validation split and are used as given, never
-    re-fitted here. Returns "counts" (images, patients, positives/negatives per label),
-    "auc_macro" (mean over labels with both classes), "auc_micro" (one AUC over all known label
-    entries pooled), "pr_auc_macro", "scorable_labels", "per_label" {label: {auc, auc_low, auc_high,
-    auc_boot_used, pr_auc, chexnet_reference_auc, operating_point}}, "calibration", "curves",
-    "bootstrap" (settings) and "thresholds".
+    re-fitted here. Returns "counts" (images, patients, positives/negatives/prevalence per
+    label), "auc_macro" (mean over labels with both classes) and "auc_micro" (one AUC over all
+    known label entries pooled), each with "_low"/"_high", "pr_auc_macro", "scorable_labels",
+    "per_label" {label: {auc, auc_low, auc_high, auc_boot_used, pr_auc, chexnet_reference_auc,
+    operating_point, scorable}}, "calibration" (ECE and Brier), "curves", "bootstrap" (settings)
+    and "thresholds". Every interval comes from the same patient resamples (see
+    `bootstrap.patient_bootstrap`); the operating point's sensitivity, specificity, ppv and npv
+    carry "_low"/"_high". `scorable` says "yes", "no positives in test", "no negatives in test"
+    or "no known labels in test". With `y_prob_calibrated` (the same images through a calibrator
+    fitted on validation), "calibration_calibrated" holds their ECE and Brier. `other_points`
+    (name → thresholds, e.g. {"spec=0.9": …} chosen on validation) add "operating_points"
+    {name: {label: operating point with CIs}}, from the same resamples.
     """
     y_true, y_prob = check_arrays(y_true, y_prob, labels)
     check_patients(patient_ids, len(y_true))
     alpha = 0.05
-    intervals = bootstrap_auc_ci(y_true, y_prob, patient_ids, n_boot, seed, alpha, labels=labels)
     operating = operating_point_metrics(y_true, y_prob, thresholds, labels)
+    other_points = dict(other_points or {})
+    others = {
+        name: operating_point_metrics(y_true, y_prob, chosen, labels)
+        for name, chosen in other_points.items()
+    }
+    boot = patient_bootstrap(
+        y_true,
+        y_prob,
+        patient_ids,
+        n_boot,
+        seed,
+        alpha,
+        labels=labels,
+        thresholds={name: operating[name]["threshold"] for name in labels},
+        more_thresholds=[
+            {name: point[name]["threshold"] for name in labels} for point in others.values()
+        ],
+    )
+    for point, rates in zip(others.values(), boot.more_rates, strict=True):
+        _add_rate_intervals(point, rates)
+    _add_rate_intervals(operating, boot.rates)
 
     per_label: dict[str, dict[str, Any]] = {}
     positives: dict[str, int] = {}
     negatives: dict[str, int] = {}
+    prevalence: dict[str, float] = {}
     for column, name in enumerate(labels):
         truth, scores = known_values(y_true, y_prob, column)
         positives[name] = int(np.sum(truth == 1))
         negatives[name] = int(np.sum(truth == 0))
-        interval = intervals[name]
+        prevalence[name] = _ratio(positives[name], truth.size)
+        interval = boot.auc[name]
         scorable = interval.auc is not None
         per_label[name] = {
             "auc": interval.auc,
@@ -258,24 +320,22 @@ def evaluate(
             "pr_auc": float(average_precision_score(truth, scores)) if scorable else None,
             "chexnet_reference_auc": CHEXNET_REFERENCE_AUROC.get(name),
             "operating_point": operating[name],
+            "scorable": _scorability(positives[name], negatives[name]),
         }
 
     scorable_labels = [name for name in labels if per_label[name]["auc"] is not None]
-    known = ~np.isnan(y_true)
-    pooled_truth = y_true[known]
     result = {
         "counts": {
             "images": int(len(y_true)),
             "patients": int(len(np.unique(np.asarray(patient_ids)))),
             "positives": positives,
             "negatives": negatives,
+            "prevalence": prevalence,
         },
-        "auc_macro": _mean_or_none([per_label[name]["auc"] for name in scorable_labels]),
-        "auc_micro": (
-            float(roc_auc_score(pooled_truth, y_prob[known]))
-            if has_both_classes(pooled_truth)
-            else None
-        ),
+        "auc_macro": boot.auc_macro.value,
+        **_interval_fields("auc_macro", boot.auc_macro),
+        "auc_micro": boot.auc_micro.value,
+        **_interval_fields("auc_micro", boot.auc_micro),
         "pr_auc_macro": _mean_or_none([per_label[name]["pr_auc"] for name in scorable_labels]),
         "scorable_labels": scorable_labels,
         "per_label": per_label,
@@ -284,6 +344,10 @@ def evaluate(
         "bootstrap": {"unit": "patient", "n_boot": n_boot, "seed": seed, "alpha": alpha},
         "thresholds": {name: operating[name]["threshold"] for name in labels},
     }
+    if others:
+        result["operating_points"] = others
+    if y_prob_calibrated is not None:
+        result["calibration_calibrated"] = calibration(y_true, y_prob_calibrated, labels=labels)
     return to_json_ready(result)
 
 
@@ -316,6 +380,28 @@ def _threshold_map(
             "choose them on the validation split with choose_thresholds()"
         )
     return threshold_of
+
+
+def _add_rate_intervals(
+    operating: dict[str, dict[str, Any]], rates: Mapping[str, Mapping[str, Interval]]
+) -> None:
+    """Each label's sensitivity/specificity/ppv/npv gain "_low" and "_high" from the bootstrap."""
+    for name, by_rate in rates.items():
+        for rate in RATES:
+            operating[name][f"{rate}_low"] = by_rate[rate].low
+            operating[name][f"{rate}_high"] = by_rate[rate].high
+
+
+def _scorability(positives: int, negatives: int) -> str:
+    if positives and negatives:
+        return "yes"
+    if not positives and not negatives:
+        return "no known labels in test"
+    return "no positives in test" if not positives else "no negatives in test"
+
+
+def _interval_fields(key: str, interval: Interval) -> dict[str, float | None]:
+    return {f"{key}_low": interval.low, f"{key}_high": interval.high}
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -351,7 +437,8 @@ def _reliability(truth: np.ndarray, scores: np.ndarray, n_bins: int) -> dict[str
         }
         for i in range(n_bins)
     ]
-    return {"ece": ece, "bins": bins}
+    brier = float(np.mean((scores - truth) ** 2)) if truth.size else float("nan")
+    return {"ece": ece, "brier": brier, "bins": bins}
 
 
 def _thin(n_points: int, max_points: int) -> np.ndarray:

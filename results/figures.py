@@ -33,8 +33,24 @@ def reliability_figure(calib: Mapping[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def curves_figure(curves_by_label: Mapping[str, Any], path: str | Path, kind: str = "roc") -> Path:
-    """Save a PNG of one small ROC (kind="roc") or precision-recall (kind="pr") panel per label."""
+# Marker styles of the operating points on ROC panels, in the order the points are given.
+POINT_MARKERS = ("o", "s", "^", "D")
+
+
+def curves_figure(
+    curves_by_label: Mapping[str, Any],
+    path: str | Path,
+    kind: str = "roc",
+    *,
+    points: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    subtitles: Mapping[str, str] | None = None,
+) -> Path:
+    """Save a PNG of one small ROC (kind="roc") or precision-recall (kind="pr") panel per label.
+
+    `points` ({point name: {label: operating point with sensitivity and specificity}}) are
+    marked on ROC panels, one marker style per point, with a legend; `subtitles` (label → text,
+    e.g. "AUC 0.81 (0.75–0.86)") go under each panel's title.
+    """
     if kind not in ("roc", "pr"):
         raise EvaluationError(f"curve kind {kind!r} is unknown; use 'roc' or 'pr'")
     x_key, y_key = ("fpr", "tpr") if kind == "roc" else ("recall", "precision")
@@ -47,7 +63,23 @@ def curves_figure(curves_by_label: Mapping[str, Any], path: str | Path, kind: st
             ax.text(0.5, 0.5, "not scorable", ha="center", va="center", fontsize=6)
         else:
             ax.plot(curve[x_key], curve[y_key], linewidth=1)
-        ax.set_title(str(name), fontsize=6)
+            for (point_name, by_label), marker in zip(
+                (points or {}).items() if kind == "roc" else (), POINT_MARKERS, strict=False
+            ):
+                op = by_label.get(name) or {}
+                if op.get("sensitivity") is not None and op.get("specificity") is not None:
+                    ax.plot(
+                        1 - op["specificity"],
+                        op["sensitivity"],
+                        marker,
+                        markersize=4,
+                        fillstyle="none",
+                        label=point_name,
+                    )
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=4, loc="lower right")
+        subtitle = (subtitles or {}).get(name)
+        ax.set_title(f"{name}\n{subtitle}" if subtitle else str(name), fontsize=6)
     x_title, y_title = (
         ("1 - specificity", "sensitivity") if kind == "roc" else ("recall", "precision")
     )

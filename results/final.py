@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
 from chestxpert.results import versions
 from chestxpert.results.publish import FinalError, load_sweep, register_and_promote
+from chestxpert.results.report import ReportFigure
 from chestxpert.sweeps.layout import (
     DATASET_GENERATION,
     FINAL_STAGING,
@@ -30,6 +31,9 @@ from chestxpert.sweeps.layout import (
     dataset_version,
 )
 from chestxpert.sweeps.spec import SweepSpec
+
+if TYPE_CHECKING:
+    from chestxpert.results.evaluate import ThresholdChoice
 
 __all__ = ["FinalError", "FinalOptions", "evaluate_model", "retrain", "run_final"]
 
@@ -47,6 +51,9 @@ class FinalOptions:
     train_on: str = "train"
     threshold_method: str = "youden"
     target_sensitivity: float | None = None
+    # Further operating points reported beside the main one, each chosen on validation
+    # ("spec=0.9": the sensitivity at a specificity of 0.9; see evaluate.parse_operating_point).
+    operating_points: tuple[str, ...] = ("spec=0.9",)
     bootstrap: int = 1000
     gradcam_layer: str | None = None
     examples_per_label: int = 3
@@ -143,6 +150,10 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
     location, spec = sweep.location, sweep.spec
     if opts.train_on not in ("train", "train+val"):
         raise FinalError(f"--train-on {opts.train_on!r}: expected train or train+val")
+    from chestxpert.results.evaluate import parse_operating_point
+
+    for text in opts.operating_points:  # a typo fails now, not after the retrain
+        parse_operating_point(text)
     config = dict(sweep.summary["best_config"])
     config["epochs"] = opts.epochs or int(config.get("epochs") or spec.epochs())
     config["train_splits"] = opts.train_on
@@ -298,6 +309,67 @@ def _dataset_generation(
     return version[DATASET_GENERATION]
 
 
+def _summary_figures(
+    evaluation: dict[str, Any], choice: ThresholdChoice, out: Path
+) -> list[ReportFigure]:
+    """The reliability diagrams (raw, calibrated), ROC and PR panels into `out/figures`, with the
+    operating points marked and each label's AUC and CI under its ROC panel title."""
+    from chestxpert.results.figures import curves_figure, reliability_figure
+
+    (out / "figures").mkdir(exist_ok=True)
+    reliability_figure(evaluation["calibration"], out / "figures" / "reliability.png")
+    reliability_figure(
+        evaluation["calibration_calibrated"], out / "figures" / "reliability_calibrated.png"
+    )
+    main_point = "youden" if choice.method == "youden" else f"sens={choice.target_sensitivity}"
+    marked = {
+        main_point: {
+            name: item["operating_point"] for name, item in evaluation["per_label"].items()
+        },
+        **evaluation.get("operating_points", {}),
+    }
+    subtitles = {
+        name: f"AUC {item['auc']:.2f} ({item['auc_low']:.2f}–{item['auc_high']:.2f})"
+        for name, item in evaluation["per_label"].items()
+        if item["auc"] is not None and item["auc_low"] is not None
+    }
+    for kind in ("roc", "pr"):
+        curves_figure(
+            evaluation["curves"],
+            out / "figures" / f"{kind}.png",
+            kind=kind,
+            points=marked,
+            subtitles=subtitles,
+        )
+    return [
+        ReportFigure(
+            "Reliability: raw probabilities",
+            "Observed fraction positive against mean predicted probability per bin on the test "
+            "split, pooled then per label; the diagonal is perfect calibration.",
+            "figures/reliability.png",
+        ),
+        ReportFigure(
+            "Reliability: after Platt scaling",
+            "The same diagrams after the per-label calibration fitted on validation, the "
+            "probabilities `predict` reports.",
+            "figures/reliability_calibrated.png",
+        ),
+        ReportFigure(
+            "ROC curves",
+            "Sensitivity against 1 - specificity on the test split, one panel per label, with "
+            f"AUC (95% CI); markers: the operating points ({', '.join(marked)}) chosen on "
+            "validation, where they fall on test.",
+            "figures/roc.png",
+        ),
+        ReportFigure(
+            "Precision-recall curves",
+            "Precision (PPV) against recall (sensitivity) on the test split, one panel per "
+            "label; low-prevalence labels sit low.",
+            "figures/pr.png",
+        ),
+    ]
+
+
 def evaluate_model(
     model_dir: Path,
     config: dict,
@@ -312,8 +384,13 @@ def evaluate_model(
     the sweep's metric is read from when deciding whether the model becomes the champion.
     """
     from chestxpert.datasets.reader import open_dataset, read_split
-    from chestxpert.results.evaluate import choose_thresholds, evaluate
-    from chestxpert.results.figures import curves_figure, reliability_figure
+    from chestxpert.results.calibrate import fit_platt
+    from chestxpert.results.evaluate import (
+        choose_thresholds,
+        evaluate,
+        parse_operating_point,
+        to_json_ready,
+    )
     from chestxpert.results.gradcam import (
         GradCam,
         heatmaps_for_boxes,
@@ -321,6 +398,7 @@ def evaluate_model(
         select_examples,
     )
     from chestxpert.results.report import write_html, write_markdown
+    from chestxpert.results.subgroups import subgroup_aucs, subgroup_masks
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
     from chestxpert.trainable.metrics import auc_metrics
@@ -331,7 +409,8 @@ def evaluate_model(
     labels = state["labels"]
     dataset = open_dataset(config["dataset"], endpoints, config.get("dataset_generation", ""))
     columns = ("image", "labels", "patient_id", "image_id", "boxes")
-    val, test = read_split(dataset, "val", columns), read_split(dataset, "test", columns)
+    val = read_split(dataset, "val", columns)
+    test = read_split(dataset, "test", (*columns, "sex", "view", "age_years"))
     if len(test["image"]) == 0:
         raise FinalError(f"{config['dataset']} has an empty test split; nothing to evaluate")
     size = state["preprocessing"]["image_size"]
@@ -347,19 +426,42 @@ def evaluate_model(
         method=opts.threshold_method,
         target_sensitivity=opts.target_sensitivity,
     )
+    other_points = {}
+    for text in opts.operating_points:
+        method, target = parse_operating_point(text)
+        other_points[text] = choose_thresholds(
+            val["labels"],
+            val_prob,
+            labels,
+            method=method,
+            target_sensitivity=target if method == "sensitivity" else None,
+            target_specificity=target if method == "specificity" else None,
+        )
+    calibrator = fit_platt(val["labels"], val_prob, labels)
     evaluation = evaluate(
-        test["labels"], test_prob, test["patient_id"], labels, choice, n_boot=opts.bootstrap
+        test["labels"],
+        test_prob,
+        test["patient_id"],
+        labels,
+        choice,
+        n_boot=opts.bootstrap,
+        y_prob_calibrated=calibrator.apply(test_prob),
+        other_points=other_points,
+    )
+    subgroups = to_json_ready(
+        subgroup_aucs(
+            test["labels"],
+            test_prob,
+            test["patient_id"],
+            labels,
+            subgroup_masks(test["sex"], test["view"], test["age_years"]),
+            n_boot=opts.bootstrap,
+        )
     )
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
-    figures: dict[str, str] = {}
-    (out / "figures").mkdir(exist_ok=True)
-    reliability_figure(evaluation["calibration"], out / "figures" / "reliability.png")
-    figures["reliability diagram"] = "figures/reliability.png"
-    for kind in ("roc", "pr"):
-        curves_figure(evaluation["curves"], out / "figures" / f"{kind}.png", kind=kind)
-        figures[f"{kind.upper()} curves"] = f"figures/{kind}.png"
+    figures = _summary_figures(evaluation, choice, out)
 
     backbone = get_backbone(config["backbone"])
     layer, note = _gradcam_layer(model, backbone.last_conv_layer, opts.gradcam_layer)
@@ -391,7 +493,16 @@ def evaluate_model(
                 picture = _readable_overlay(test["image"][index][..., 0], heat, box, title)
                 rel = f"gradcam/{label}_{kind}_{rank}.png"
                 picture.save(out / rel)
-                figures[f"{label} {kind} {rank}"] = rel
+                what = kind.replace("_", " ")[:-1]
+                figures.append(
+                    ReportFigure(
+                        f"{label.replace('_', ' ')}: {what} {rank}",
+                        f"p={test_prob[index, column]:.2f} at threshold "
+                        f"{choice.thresholds[label]:.2f}; heatmap over the test image"
+                        + ("; box: the annotated finding" if box else ""),
+                        rel,
+                    )
+                )
     localization = {}
     with_boxes = [i for i, boxes in enumerate(test["boxes"]) if boxes is not None and len(boxes)]
     if with_boxes:
@@ -408,6 +519,7 @@ def evaluate_model(
     metrics = {
         "sweep": name,
         "source": dataset.manifest.get("source"),
+        "synthetic": bool(dataset.manifest.get("synthetic")),
         "dataset": config["dataset"],
         "dataset_digest": dataset.manifest.get("digest"),
         "config": config,
@@ -420,9 +532,12 @@ def evaluate_model(
         else f"lowest threshold reaching sensitivity {choice.target_sensitivity}",
         "thresholds": choice.thresholds,
         "thresholds_defaulted": list(choice.defaulted),
+        "operating_points": {name: point.thresholds for name, point in other_points.items()},
         "bootstrap_resamples": opts.bootstrap,
         "evaluation": evaluation,
         "validation": validation,
+        "calibrator": calibrator.to_json(),
+        "subgroups": subgroups,
         "gradcam_layer": layer,
         "gradcam_note": note,
         "localization": localization,
@@ -430,9 +545,12 @@ def evaluate_model(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False, default=str))
     write_markdown(metrics, figures, out / "report.md")
     write_html(metrics, figures, out, out / "report.html")
-    # The model carries its operating points, so predict needs nothing else.
+    # The model carries its operating points and its calibrator, so predict needs nothing else;
+    # both are in the model folder, so the version's publish and SHA256SUMS cover them.
+    calibrator.write(model_dir)
     state.update(
         thresholds=choice.thresholds,
+        operating_points=metrics["operating_points"],
         threshold_method=metrics["threshold_method"],
         last_conv_layer=layer,
     )

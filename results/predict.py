@@ -1,7 +1,8 @@
 """`chestxpert predict`: findings for a few radiographs from a checkpoint folder, Grad-CAM optional.
 
 Images go through `datasets.images` exactly as in training; the model loads in Keras safe
-mode; each finding is called positive at the operating threshold the final job chose.
+mode; each finding is called positive at the operating threshold the final job chose. A final
+model's probabilities are reported through its calibrator (fitted on validation) unless asked not.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from chestxpert.datasets.images import (
     square_resize,
     to_gray_uint8,
 )
+from chestxpert.results.calibrate import read_calibrator
 from chestxpert.results.evaluate import DEFAULT_THRESHOLD
 from chestxpert.trainable.checkpoint import STATE_FILE, CheckpointError, read_state
 
 DEFAULT_THRESHOLD_SOURCE = "default 0.5 (trial checkpoint has no thresholds; run chestxpert final)"
+CALIBRATED = "calibrated (per-label Platt scaling fitted on the validation split)"
+UNCALIBRATED = "uncalibrated (--uncalibrated: the network's own outputs)"
+NO_CALIBRATOR = "uncalibrated (this model folder has no calibrator.json)"
 FINAL_THRESHOLD_SOURCE = "chosen on the validation split (final model)"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Photometric interpretations predict converts to gray; anything else is refused by name.
@@ -50,13 +55,17 @@ def predict(
     images: Sequence[Path],
     gradcam_dir: Path | None = None,
     top_k: int = 3,
+    calibrated: bool = True,
 ) -> list[dict[str, Any]]:
     """Predict every label for each image with the checkpoint in `model_dir`.
 
     Returns one dict per image, in order: `image` (its path), `findings` (every label in the
     model's order, each `{"label", "probability" in [0, 1], "threshold", "positive":
     probability >= threshold}`) and `threshold_source` (the final model's validation thresholds,
-    or 0.5 for a trial checkpoint, said so). With `gradcam_dir`, the Grad-CAM overlays of the
+    or 0.5 for a trial checkpoint, said so) and `probabilities` (how they were made). A final
+    model's calibrator.json maps probabilities and thresholds alike (`calibrated`=False keeps
+    the network's outputs); it keeps their order, so the calls are the same either way. With
+    `gradcam_dir`, the Grad-CAM overlays of the
     image's `top_k` most probable labels are written there as `<image stem>_<label>.png` (image
     size, RGB) and listed under `gradcam`. Raises PredictError naming a missing or unreadable
     image or an unusable model folder.
@@ -69,26 +78,40 @@ def predict(
     labels: list[str] = list(state["labels"])
     size = int(state["preprocessing"]["image_size"])
     thresholds, threshold_source = operating_thresholds(state)
+    try:
+        calibrator = read_calibrator(model_dir) if calibrated else None
+    except UserError as err:
+        raise PredictError(str(err)) from None
+    shown_thresholds = calibrator.apply_thresholds(thresholds) if calibrator else thresholds
+    how = CALIBRATED if calibrator else (UNCALIBRATED if not calibrated else NO_CALIBRATOR)
     if not images:
         return []
     # Images first: a typo in a path fails in milliseconds, before the model loads.
     pixels = np.stack([read_image(path, size) for path in images])[..., np.newaxis]
     model = _load_model(model_dir, size, len(labels))
     probabilities = np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0))
+    shown = calibrator.apply(probabilities) if calibrator else probabilities
 
     results = []
-    for path, row in zip(images, probabilities, strict=True):
+    for path, row, shown_row in zip(images, probabilities, shown, strict=True):
         findings = [
             {
                 "label": label,
-                "probability": float(row[column]),
-                "threshold": thresholds[label],
+                "probability": float(shown_row[column]),
+                "threshold": shown_thresholds[label],
+                # called on the network's output: the calibrator keeps the order, and this way
+                # no rounding can make the calibrated and uncalibrated calls differ
                 "positive": bool(float(row[column]) >= thresholds[label]),
             }
             for column, label in enumerate(labels)
         ]
         results.append(
-            {"image": str(path), "findings": findings, "threshold_source": threshold_source}
+            {
+                "image": str(path),
+                "findings": findings,
+                "threshold_source": threshold_source,
+                "probabilities": how,
+            }
         )
     if gradcam_dir is not None:
         overlays = _gradcam_overlays(
@@ -146,6 +169,8 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
         if index:
             out.write("\n")
         out.write(f"{result['image']}\n  thresholds: {result['threshold_source']}\n")
+        if result.get("probabilities"):
+            out.write(f"  probabilities: {result['probabilities']}\n")
         width = max(len("Label"), *(len(f["label"]) for f in result["findings"]))
         out.write(f"  {'Label':<{width}}  Probability  Threshold  Call\n")
         for finding in result["findings"]:

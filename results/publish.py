@@ -279,10 +279,18 @@ def _register(
         version_uri,
     )
     ev = metrics["evaluation"]
+    before = ev["calibration"]["pooled"]
+    after = (ev.get("calibration_calibrated") or {}).get("pooled") or {}
     values = {
         "test_auc_macro": ev.get("auc_macro"),
+        "test_auc_macro_low": ev.get("auc_macro_low"),
+        "test_auc_macro_high": ev.get("auc_macro_high"),
         "test_auc_micro": ev.get("auc_micro"),
         "test_pr_auc_macro": ev.get("pr_auc_macro"),
+        "test_ece_pooled": before.get("ece"),
+        "test_brier_pooled": before.get("brier"),
+        "test_ece_pooled_calibrated": after.get("ece"),
+        "test_brier_pooled_calibrated": after.get("brier"),
     }
     values.update(
         {

@@ -11,8 +11,9 @@ from pathlib import Path
 import html5lib
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from chestxpert.results.bootstrap import bootstrap_auc_ci
+from chestxpert.results.bootstrap import patient_bootstrap_weights
 from chestxpert.results.compare import (
     ComparedModel,
     CompareError,
@@ -85,14 +86,20 @@ def test_a_model_with_the_signal_beats_one_trained_on_shuffled_labels() -> None:
         assert item["high"] < 0 and item["excludes_zero"] and item["p_value"] < 0.01, item
     assert data["macro"]["excludes_zero"] and data["macro"]["high"] < 0
     assert {"Effusion", "Mass"} <= set(data["differing_labels"])
-    # Both models are scored on the draws `bootstrap_auc_ci` makes for the same seed.
-    for name, prob in (("a", scores), ("b", shuffled)):
-        single = bootstrap_auc_ci(truth, prob, patients, n_boot=400, seed=3, labels=LABELS)
-        for label in LABELS:
-            item = data["per_label"][label]
-            assert item[f"auc_{name}_low"] == pytest.approx(single[label].low)
-            assert item[f"auc_{name}_high"] == pytest.approx(single[label].high)
-            assert item["n_used"] == single[label].n_used
+    # Both models are scored on the same patient resamples: Effusion's interval is the one of
+    # sklearn's weighted AUC of B minus A, resample by resample, on `patient_bootstrap_weights`.
+    known_truth = truth[:, 0]
+    differences = [
+        roc_auc_score(known_truth, shuffled[:, 0], sample_weight=weights)
+        - roc_auc_score(known_truth, scores[:, 0], sample_weight=weights)
+        for weights in patient_bootstrap_weights(patients, n_boot=400, seed=3)
+        if len(set(known_truth[weights > 0])) == 2
+    ]
+    item = data["per_label"]["Effusion"]
+    assert item["n_used"] == len(differences)
+    assert [item["low"], item["high"]] == pytest.approx(
+        np.quantile(differences, [0.025, 0.975]), abs=1e-12
+    )
 
     data = _with_sources(data)
     _assert_page_says_the_json(render_html(data), data)

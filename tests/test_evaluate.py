@@ -13,7 +13,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from chestxpert.datasets.schema import NIH_LABELS
 from chestxpert.results import evaluate as ev
-from chestxpert.results.bootstrap import bootstrap_auc_ci, patient_bootstrap_weights
+from chestxpert.results.bootstrap import patient_bootstrap, patient_bootstrap_weights
+from chestxpert.results.calibrate import CALIBRATOR_FILE, fit_platt, read_calibrator
 from chestxpert.results.evaluate import (
     CHEXNET_REFERENCE_AUROC,
     ThresholdChoice,
@@ -22,6 +23,7 @@ from chestxpert.results.evaluate import (
     curves,
     evaluate,
     operating_point_metrics,
+    parse_operating_point,
 )
 from chestxpert.results.figures import curves_figure, reliability_figure
 from chestxpert.results.inputs import EvaluationError
@@ -64,21 +66,70 @@ def test_youden_threshold_has_the_known_answer(negatives, positives, expected):
     assert choice.defaulted == [] and choice.method == "youden"
 
 
+def rate_at(truth: np.ndarray, scores: np.ndarray, threshold: float, rate: str) -> float:
+    if rate == "sensitivity":
+        return float(np.mean(scores[truth == 1] >= threshold))
+    return float(np.mean(scores[truth == 0] < threshold))
+
+
+@pytest.mark.parametrize("rate", ["sensitivity", "specificity"])
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 1.0])
-def test_target_sensitivity_is_reached_at_the_least_specificity_cost(target):
+def test_target_rate_is_reached_at_the_least_cost_to_the_other(rate, target):
     y_true, y_prob, _, labels = synthetic_split(n_images=400, seed=1)
-    choice = choose_thresholds(
-        y_true, y_prob, labels, method="sensitivity", target_sensitivity=target
-    )
+    choice = choose_thresholds(y_true, y_prob, labels, method=rate, **{f"target_{rate}": target})
     for column_index, name in enumerate(labels):
         known = ~np.isnan(y_true[:, column_index])
         truth, scores = y_true[known, column_index], y_prob[known, column_index]
         threshold = choice.thresholds[name]
-        assert np.mean(scores[truth == 1] >= threshold) >= target
-        # the next higher score as threshold would miss the target: no cheaper threshold exists
-        higher = np.unique(scores[scores > threshold])
-        if higher.size:
-            assert np.mean(scores[truth == 1] >= higher[0]) < target
+        assert rate_at(truth, scores, threshold, rate) >= target
+        # the next score towards the other rate would miss the target: no cheaper threshold
+        if rate == "sensitivity":
+            neighbours = np.unique(scores[scores > threshold])[:1]
+        else:
+            neighbours = np.unique(scores[scores < threshold])[-1:]
+        for neighbour in neighbours:
+            assert rate_at(truth, scores, neighbour, rate) < target
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("youden", ("youden", None)),
+        ("spec=0.9", ("specificity", 0.9)),
+        ("sens=0.8", ("sensitivity", 0.8)),
+    ],
+)
+def test_operating_points_are_spelled_as_final_takes_them(text, expected):
+    assert parse_operating_point(text) == expected
+
+
+@pytest.mark.parametrize("text", ["spec", "spec=1.5", "specificity=0.9", "ppv=0.5", "spec=x"])
+def test_an_operating_point_final_cannot_read_says_how_to_spell_it(text):
+    with pytest.raises(EvaluationError, match="spec=0.9"):
+        parse_operating_point(text)
+
+
+def test_other_operating_points_get_intervals_from_the_same_resamples():
+    y_true, y_prob, patient_ids, labels = synthetic_split(n_images=200, seed=14)
+    youden = choose_thresholds(y_true, y_prob, labels)
+    spec = choose_thresholds(y_true, y_prob, labels, "specificity", target_specificity=0.9)
+    result = evaluate(
+        y_true,
+        y_prob,
+        patient_ids,
+        labels,
+        youden,
+        n_boot=40,
+        other_points={"spec=0.9": spec, "same": youden},
+    )
+    for name in labels:
+        main = result["per_label"][name]["operating_point"]
+        # the same thresholds through the same resamples give the very same intervals
+        assert result["operating_points"]["same"][name] == main
+        point = result["operating_points"]["spec=0.9"][name]
+        assert point["threshold"] == spec.thresholds[name]
+        assert point["specificity_low"] <= point["specificity"] <= point["specificity_high"]
+        assert point["specificity"] >= 0.9  # chosen on these very arrays here
 
 
 @pytest.mark.parametrize("method", ["youden", "sensitivity"])
@@ -174,8 +225,8 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_when_images_cluster():
     y_true = column(patient_label[codes])
     y_prob = column(patient_score[codes] + rng.normal(0, 1e-3, codes.size)).clip(0, 1)
 
-    by_patient = bootstrap_auc_ci(y_true, y_prob, codes, n_boot=400, seed=0)[0]
-    by_image = bootstrap_auc_ci(y_true, y_prob, np.arange(codes.size), n_boot=400, seed=0)[0]
+    by_patient = patient_bootstrap(y_true, y_prob, codes, n_boot=400, seed=0).auc[0]
+    by_image = patient_bootstrap(y_true, y_prob, np.arange(codes.size), n_boot=400, seed=0).auc[0]
     assert by_patient.auc == by_image.auc
     assert (by_patient.high - by_patient.low) > 2 * (by_image.high - by_image.low)
 
@@ -183,7 +234,7 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_when_images_cluster():
 def test_bootstrap_interval_equals_sklearn_on_the_same_patient_resamples():
     y_true, y_prob, patient_ids, labels = synthetic_split(n_images=150, n_labels=2, n_patients=25)
     n_boot, seed, alpha = 120, 7, 0.1
-    got = bootstrap_auc_ci(y_true, y_prob, patient_ids, n_boot, seed, alpha, labels=labels)
+    got = patient_bootstrap(y_true, y_prob, patient_ids, n_boot, seed, alpha, labels=labels).auc
     weights = patient_bootstrap_weights(patient_ids, n_boot, seed)
     for column_index, name in enumerate(labels):
         known = ~np.isnan(y_true[:, column_index])
@@ -201,7 +252,7 @@ def test_bootstrap_interval_equals_sklearn_on_the_same_patient_resamples():
 
 def test_point_auc_equals_sklearn_on_known_entries():
     y_true, y_prob, patient_ids, labels = synthetic_split(n_images=250, seed=5)
-    got = bootstrap_auc_ci(y_true, y_prob, patient_ids, n_boot=10, labels=labels)
+    got = patient_bootstrap(y_true, y_prob, patient_ids, n_boot=10, labels=labels).auc
     for column_index, name in enumerate(labels):
         known = ~np.isnan(y_true[:, column_index])
         expected = roc_auc_score(y_true[known, column_index], y_prob[known, column_index])
@@ -211,8 +262,8 @@ def test_point_auc_equals_sklearn_on_known_entries():
 @pytest.mark.parametrize("alpha", [0.05, 0.2])
 def test_interval_contains_point_and_narrows_with_alpha(alpha):
     y_true, y_prob, patient_ids, labels = synthetic_split(n_images=300, seed=6)
-    wide = bootstrap_auc_ci(y_true, y_prob, patient_ids, 300, 0, 0.01, labels=labels)
-    got = bootstrap_auc_ci(y_true, y_prob, patient_ids, 300, 0, alpha, labels=labels)
+    wide = patient_bootstrap(y_true, y_prob, patient_ids, 300, 0, 0.01, labels=labels).auc
+    got = patient_bootstrap(y_true, y_prob, patient_ids, 300, 0, alpha, labels=labels).auc
     for name in labels:
         assert got[name].low < got[name].auc < got[name].high
         assert wide[name].low <= got[name].low and got[name].high <= wide[name].high
@@ -225,10 +276,94 @@ def test_resamples_with_one_class_are_skipped_and_counted():
     y_true = column(patient_ids == 0)
     y_prob = column(np.linspace(0.1, 0.9, 30))
     n_boot = 200
-    got = bootstrap_auc_ci(y_true, y_prob, patient_ids, n_boot, seed=2)[0]
+    got = patient_bootstrap(y_true, y_prob, patient_ids, n_boot, seed=2).auc[0]
     drawn_positive = patient_bootstrap_weights(patient_ids, n_boot, seed=2)[:, 0] > 0
     assert got.n_used == int(drawn_positive.sum())
     assert 0 < got.n_used < n_boot
+
+
+def test_rate_and_pooled_intervals_come_from_the_same_patient_resamples():
+    y_true, y_prob, patient_ids, labels = synthetic_split(n_images=150, n_labels=2, n_patients=30)
+    n_boot, seed, alpha = 80, 5, 0.1
+    thresholds = {"L0": 0.5, "L1": 0.4}
+    got = patient_bootstrap(
+        y_true, y_prob, patient_ids, n_boot, seed, alpha, labels=labels, thresholds=thresholds
+    )
+    weights = patient_bootstrap_weights(patient_ids, n_boot, seed)
+    for column_index, name in enumerate(labels):
+        known = ~np.isnan(y_true[:, column_index])
+        positive = y_true[known, column_index] == 1
+        called = y_prob[known, column_index] >= thresholds[name]
+        w = weights[:, known]
+        by_hand = {
+            "sensitivity": (w @ (positive & called)) / (w @ positive),
+            "specificity": (w @ (~positive & ~called)) / (w @ ~positive),
+            "ppv": (w @ (positive & called)) / (w @ called),
+            "npv": (w @ (~positive & ~called)) / (w @ ~called),
+        }
+        for rate, values in by_hand.items():
+            values = values[np.isfinite(values)]
+            interval = got.rates[name][rate]
+            assert (interval.low, interval.high) == pytest.approx(
+                tuple(np.quantile(values, [alpha / 2, 1 - alpha / 2])), abs=1e-12
+            )
+            assert interval.n_used == values.size
+        point = operating_point_metrics(y_true, y_prob, thresholds, labels)[name]
+        assert got.rates[name]["sensitivity"].value == point["sensitivity"]
+    # micro: one AUC over every known entry, each weighted by its image's resample count
+    known = ~np.isnan(y_true)
+    entry_images = np.nonzero(known)[0]
+    micro = [
+        roc_auc_score(y_true[known], y_prob[known], sample_weight=row[entry_images])
+        for row in weights
+    ]
+    assert (got.auc_micro.low, got.auc_micro.high) == pytest.approx(
+        tuple(np.quantile(micro, [alpha / 2, 1 - alpha / 2])), abs=1e-12
+    )
+    assert got.auc_micro.value == roc_auc_score(y_true[known], y_prob[known])
+    assert got.auc_macro.low < got.auc_macro.value < got.auc_macro.high
+    assert got.auc_macro.value == pytest.approx(np.mean([got.auc[n].auc for n in labels]))
+
+
+def test_evaluate_reports_every_interval_prevalence_and_brier():
+    y_true, y_prob, patient_ids, labels = synthetic_split(n_images=200, seed=12)
+    result = evaluate(y_true, y_prob, patient_ids, labels, dict.fromkeys(labels, 0.5), n_boot=50)
+    for key in ("auc_macro", "auc_micro"):
+        assert result[f"{key}_low"] <= result[key] <= result[f"{key}_high"]
+    for column_index, name in enumerate(labels):
+        op = result["per_label"][name]["operating_point"]
+        for rate in ("sensitivity", "specificity", "ppv", "npv"):
+            assert op[f"{rate}_low"] <= op[rate] <= op[f"{rate}_high"], (name, rate)
+        known = ~np.isnan(y_true[:, column_index])
+        truth, scores = y_true[known, column_index], y_prob[known, column_index]
+        assert result["counts"]["prevalence"][name] == pytest.approx(truth.mean())
+        brier = result["calibration"]["labels"][name]["brier"]
+        assert brier == pytest.approx(np.mean((scores - truth) ** 2))
+        assert result["per_label"][name]["scorable"] == "yes"
+
+
+@pytest.mark.parametrize(
+    ("truth", "expected"),
+    [
+        ([0, 0, 0, 0], "no positives in test"),
+        ([1, 1, 1, 1], "no negatives in test"),
+        ([np.nan] * 4, "no known labels in test"),
+    ],
+)
+def test_no_positives_and_no_negatives_are_told_apart(truth, expected):
+    y_true = np.column_stack([truth, [0, 1, 0, 1]]).astype(float)
+    y_prob = np.array([[0.2, 0.1], [0.9, 0.8], [0.4, 0.3], [0.7, 0.9]])
+    result = evaluate(
+        y_true,
+        y_prob,
+        ["a", "b", "c", "d"],
+        ["Hernia", "Edema"],
+        dict.fromkeys(["Hernia", "Edema"], 0.5),
+        n_boot=10,
+    )
+    assert result["per_label"]["Hernia"]["scorable"] == expected
+    assert result["per_label"]["Hernia"]["auc"] is None
+    assert result["per_label"]["Edema"]["scorable"] == "yes"
 
 
 # --- per-label metrics ----------------------------------------------------------------------------
@@ -311,6 +446,58 @@ def test_calibration_bins_match_a_hand_count():
     assert got["ece"] == pytest.approx((2 * 0.4 + 2 * 0.025) / 4)
 
 
+def overconfident_scores(n_images: int, seed: int, sharpen: float = 4.0, shift: float = 1.0):
+    """Truth drawn from known probabilities and scores that exaggerate them (sharpened logits,
+    shifted up, as a weighted loss does): an over-confident model, constructed, not trained."""
+    rng = np.random.default_rng(seed)
+    truth_prob = rng.uniform(0.02, 0.6, size=(n_images, 3))
+    y_true = (rng.random(truth_prob.shape) < truth_prob).astype(float)
+    logit = np.log(truth_prob / (1 - truth_prob))
+    return y_true, 1 / (1 + np.exp(-(sharpen * logit + shift)))
+
+
+def test_platt_scaling_fitted_on_validation_lowers_ece_and_brier_on_test(tmp_path):
+    labels = ["A", "B", "C"]
+    val_true, val_prob = overconfident_scores(4000, seed=1)
+    test_true, test_prob = overconfident_scores(4000, seed=2)
+    calibrator = fit_platt(val_true, val_prob, labels)
+    calibrated = calibrator.apply(test_prob)
+    before = calibration(test_true, test_prob, labels=labels)
+    after = calibration(test_true, calibrated, labels=labels)
+    assert before["pooled"]["ece"] > 0.1 and after["pooled"]["ece"] < 0.03
+    for name in labels:
+        assert after["labels"][name]["ece"] < before["labels"][name]["ece"] / 3
+        assert after["labels"][name]["brier"] < before["labels"][name]["brier"]
+    # monotone: the order of the scores, so every AUC and every call at a threshold, is kept
+    assert np.array_equal(np.argsort(calibrated, axis=0), np.argsort(test_prob, axis=0))
+    thresholds = {"A": 0.3, "B": 0.5, "C": 0.9}
+    on_calibrated_scale = calibrator.apply_thresholds(thresholds)
+    for column_index, name in enumerate(labels):
+        raw_calls = test_prob[:, column_index] >= thresholds[name]
+        assert np.array_equal(raw_calls, calibrated[:, column_index] >= on_calibrated_scale[name])
+    # stored with the model and read back the same
+    calibrator.write(tmp_path)
+    assert read_calibrator(tmp_path) == calibrator
+    assert read_calibrator(tmp_path / "elsewhere") is None
+
+
+@pytest.mark.parametrize(
+    "truth", [[0, 0, 0, 0], [np.nan] * 4, [1, 1, 0, 0]], ids=["one-class", "unknown", "backwards"]
+)
+def test_labels_the_calibrator_cannot_fit_keep_their_probabilities(truth):
+    y_true = np.column_stack([truth, [0, 1, 0, 1]]).astype(float)
+    y_prob = np.array([[0.2, 0.1], [0.3, 0.8], [0.8, 0.3], [0.9, 0.9]])
+    calibrator = fit_platt(y_true, y_prob, ["Hernia", "Edema"])
+    assert calibrator.identity == ["Hernia"]
+    assert np.array_equal(calibrator.apply(y_prob)[:, 0], y_prob[:, 0])
+
+
+def test_a_damaged_calibrator_file_says_what_to_do(tmp_path):
+    (tmp_path / CALIBRATOR_FILE).write_text("{not json")
+    with pytest.raises(EvaluationError, match="delete it to use uncalibrated"):
+        read_calibrator(tmp_path)
+
+
 # --- pooled results -------------------------------------------------------------------------------
 
 
@@ -366,6 +553,30 @@ def test_inputs_that_do_not_fit_are_user_errors(y_true, y_prob, message):
 
 
 # --- figures --------------------------------------------------------------------------------------
+
+
+def test_roc_panels_mark_the_operating_points_and_carry_the_auc(tmp_path):
+    y_true, y_prob, patient_ids, labels = synthetic_split(n_images=150, n_labels=1, seed=15)
+    result = evaluate(
+        y_true,
+        y_prob,
+        patient_ids,
+        labels,
+        dict.fromkeys(labels, 0.5),
+        n_boot=10,
+        other_points={"spec=0.9": dict.fromkeys(labels, 0.8)},
+    )
+    points = {
+        "youden": {n: result["per_label"][n]["operating_point"] for n in labels},
+        **result["operating_points"],
+    }
+    subtitles = {n: f"AUC {result['per_label'][n]['auc']:.2f}" for n in labels}
+    plain = curves_figure(result["curves"], tmp_path / "plain.png")
+    marked = curves_figure(
+        result["curves"], tmp_path / "marked.png", points=points, subtitles=subtitles
+    )
+    assert marked.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert marked.read_bytes() != plain.read_bytes()
 
 
 @pytest.mark.parametrize("figure", ["reliability", "roc", "pr"])

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.report_helpers import assert_numbers_match, assert_self_contained
+
 pytestmark = pytest.mark.services
 
 
@@ -21,11 +23,29 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
         op = item["operating_point"]
         assert op["tp"] + op["fn"] == metrics["evaluation"]["counts"]["positives"][label]
     md = (report / "report.md").read_text()
-    assert "| Pathology | AUC (95% CI) | Sensitivity | Specificity |" in md
     assert (
-        "CheXNet" in md and "own split" in md
-    )  # the reference column is labelled as another split
+        "| Pathology | Positives | Negatives | Prevalence | AUC (95% CI) | Sensitivity (95% CI) "
+        "| Specificity (95% CI) | PPV (95% CI) | NPV (95% CI) | F1 | Threshold |\n" in md
+    )
+    # the fixture's dataset was drawn by `data synth`: the manifest says so, and so does the report
+    assert metrics["synthetic"] is True
+    assert "Synthetic phantoms: for testing the pipeline, not a clinical result" in md
+    assert "CheXNet" not in md and "Intended use: research use only" in md
+    ev = metrics["evaluation"]
+    assert ev["auc_macro_low"] <= ev["auc_macro"] <= ev["auc_macro_high"]
+    assert "brier" in ev["calibration"]["pooled"] and "calibration_calibrated" in ev
+    assert metrics["calibrator"]["fitted_on"] == "validation"
+    # beside Youden, the default further operating point, chosen on validation, with its CIs
+    spec = ev["operating_points"]["spec=0.9"]
+    assert set(spec) == set(per_label) and metrics["operating_points"]["spec=0.9"]
+    assert "## Operating point spec=0.9" in md and "## Subgroups" in md
+    subgroups = metrics["subgroups"]
+    for row in subgroups["rows"]:  # rows only where counts allow
+        assert row["positives"] >= subgroups["min_positives"], row
     page = (report / "report.html").read_text()
+    assert page.count("<figure>") == page.count("<figcaption>") >= 4
+    assert_self_contained(page)
+    assert_numbers_match(metrics, page)
     assert (
         "src='data:image/png;base64," in page
         and "src='http" not in page
@@ -62,6 +82,10 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
         val["labels"], model.predict(val["image"], verbose=0), state["labels"]
     ).thresholds
     assert state["thresholds"] == pytest.approx(expected)
+    # the calibrator travels with the model, inside the sealed version
+    calibrator = json.loads((model_dir / "calibrator.json").read_text())
+    assert calibrator["labels"] == state["labels"] and calibrator["method"] == "platt"
+    assert set(state["operating_points"]["spec=0.9"]) == set(state["labels"])
     report_dir = version / "report"
     assert (report_dir / "report.html").exists() and (report_dir / "metrics.json").exists()
     # Sealed: SHA256SUMS lists every other file of the version with its digest.
@@ -69,7 +93,7 @@ def test_thresholds_come_from_validation_and_travel_with_the_model(finished_swee
         reversed(line.split("  ", 1)) for line in (version / "SHA256SUMS").read_text().splitlines()
     )
     files = {p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()}
-    assert set(listed) == files - {"SHA256SUMS"}
+    assert set(listed) == files - {"SHA256SUMS"} and "model/calibrator.json" in listed
     assert all(file_sha256(version / rel) == digest for rel, digest in listed.items())
 
 
@@ -93,6 +117,8 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
         and parent.data.tags["chestxpert.sweep"] == "tiny-final"
     )
     assert "test_auc_macro" in run.data.metrics
+    assert run.data.metrics["test_ece_pooled_calibrated"] >= 0.0
+    assert {"test_auc_macro_low", "test_brier_pooled"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report", "checkpoint"} <= artifacts
     mlflow.set_tracking_uri(finished_sweep["mlflow"])

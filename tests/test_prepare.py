@@ -14,7 +14,7 @@ from chestxpert.cluster.endpoints import resolve
 from chestxpert.datasets import prepare as prepare_module
 from chestxpert.datasets.prepare import PrepareOptions, assign_splits, loss_weights, prepare
 from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
-from chestxpert.datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.datasets.schema import NIH_LABELS, SYNTHETIC_MARKER, DatasetError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -50,6 +50,19 @@ def local(tmp_path: Path):
 def nih_opts(**changes) -> PrepareOptions:
     base = {"source": "nih", "image_size": 64, "split": "official", "workers": 1, "progress": False}
     return PrepareOptions(**{**base, **changes})
+
+
+def test_a_synth_folder_is_marked_synthetic_in_the_manifest(nih_copy: Path, tmp_path: Path):
+    real = prepare(str(nih_copy), str(tmp_path / "real"), nih_opts(), local(tmp_path))
+    assert real["synthetic"] is False and real["provenance"] is None
+    marker = {"synthetic": True, "generator": "chestxpert data synth", "seed": 3}
+    (nih_copy / SYNTHETIC_MARKER).write_text(json.dumps(marker))
+    phantoms = prepare(str(nih_copy), str(tmp_path / "synth"), nih_opts(), local(tmp_path))
+    assert phantoms["synthetic"] is True and phantoms["provenance"] == marker
+    assert phantoms["notes"][0].startswith("Synthetic phantoms")
+    # the same files, marked, are another dataset: never reused unmarked
+    assert phantoms["digest"] != real["digest"]
+    assert open_dataset(str(tmp_path / "synth"), local(tmp_path)).manifest["synthetic"] is True
 
 
 def test_nih_fixture_prepares_into_manifest_and_shards(nih_copy: Path, tmp_path: Path) -> None:

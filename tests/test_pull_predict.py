@@ -19,9 +19,13 @@ from PIL import Image
 from chestxpert.cluster.endpoints import resolve
 from chestxpert.datasets.images import load_gray_square
 from chestxpert.datasets.schema import NIH_LABELS
+from chestxpert.results.calibrate import Calibrator
 from chestxpert.results.predict import (
+    CALIBRATED,
     DEFAULT_THRESHOLD_SOURCE,
     FINAL_THRESHOLD_SOURCE,
+    NO_CALIBRATOR,
+    UNCALIBRATED,
     PredictError,
     format_predictions,
     predict,
@@ -362,6 +366,36 @@ def test_predict_with_a_final_model_uses_its_thresholds(final_model, sample_imag
     assert table.count("POSITIVE") == 2 * 7 and table.count("negative") == 2 * 7
     first = results[0]["findings"][0]
     assert f"{first['label']}" in table and f"{first['probability']:.3f}" in table
+
+
+def test_predict_reports_calibrated_probabilities_unless_told_not(
+    final_model, sample_images, tmp_path
+) -> None:
+    folder = tmp_path / "calibrated"
+    shutil.copytree(final_model, folder)
+    labels = list(NIH_LABELS)
+    calibrator = Calibrator(
+        labels, dict.fromkeys(labels, 0.5), dict.fromkeys(labels, -1.0), identity=[labels[0]]
+    )
+    calibrator.write(folder)
+    images = sample_images[:2]
+    raw = reference_probabilities(final_model, images)
+    calibrated = predict(folder, images)
+    uncalibrated = predict(folder, images, calibrated=False)
+    for with_cal, without, reference in zip(calibrated, uncalibrated, raw, strict=True):
+        assert with_cal["probabilities"] == CALIBRATED and without["probabilities"] == UNCALIBRATED
+        got = np.array([f["probability"] for f in with_cal["findings"]])
+        np.testing.assert_allclose(got, calibrator.apply(reference[None])[0], atol=1e-5)
+        assert got[0] == pytest.approx(reference[0], abs=1e-5)  # identity label left alone
+        np.testing.assert_allclose(
+            [f["probability"] for f in without["findings"]], reference, atol=1e-5
+        )
+        assert [f["positive"] for f in with_cal["findings"]] == [
+            f["positive"] for f in without["findings"]
+        ]
+        assert [f["threshold"] for f in without["findings"]] == list(FINAL_THRESHOLDS.values())
+    assert "probabilities: calibrated" in format_predictions(calibrated)
+    assert predict(final_model, images[:1])[0]["probabilities"] == NO_CALIBRATOR
 
 
 def test_predict_writes_gradcam_overlays_for_the_top_labels(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from chestxpert.datasets import synth
-from chestxpert.datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.datasets.schema import NIH_LABELS, SYNTHETIC_MARKER, DatasetError
 from chestxpert.datasets.synth import plan as plan_module
 from chestxpert.datasets.synth import write as write_module
 
@@ -52,10 +53,13 @@ def test_layout_and_headers_are_nih_shaped(dataset):
     assert sorted(p.name for p in out.iterdir()) == [
         "BBox_List_2017.csv",
         "Data_Entry_2017.csv",
+        "SYNTHETIC.json",
         "images_001",
         "test_list.txt",
         "train_val_list.txt",
     ]
+    marker = json.loads((out / SYNTHETIC_MARKER).read_text())
+    assert marker["synthetic"] is True and marker["seed"] == 3 and marker["images"] == 80
     header, rows = read_rows(out / "Data_Entry_2017.csv")
     assert header == (
         "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
@@ -199,7 +203,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(tmp_path):
         tmp_path / "two", images=48, size=64, seed=11, rgba_fraction=0.2, workers=2, progress=False
     )
     one, two = _file_bytes(tmp_path / "one"), _file_bytes(tmp_path / "two")
-    assert len(one) == 48 + 4 and one == two
+    assert len(one) == 48 + 5 and one == two  # images, four tables, the synthetic marker
 
 
 def test_different_seed_gives_different_data(tmp_path):

@@ -16,6 +16,8 @@ from typing import Any
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
+# A final model also carries its calibrator (plain JSON, written and read by results.calibrate).
+CALIBRATOR_FILE = "calibrator.json"
 # Keras zips hold config.json, metadata.json and model.weights.h5 (plus assets/);
 # anything else, a pickle above all, was not written by us.
 ALLOWED_ARCHIVE_MEMBERS = ("config.json", "metadata.json", "model.weights.h5")
@@ -63,12 +65,13 @@ def check_checkpoint_files(directory: Path) -> None:
     for path in directory.rglob("*"):
         if (
             path.is_file()
-            and path.name not in (MODEL_FILE, STATE_FILE)
+            and path.name not in (MODEL_FILE, STATE_FILE, CALIBRATOR_FILE)
             and not path.name.endswith(".sha256")
         ):
             raise CheckpointError(
                 f"{directory} holds an unexpected file {path.relative_to(directory)}; "
-                "ChestXpert checkpoints contain only model.keras and state.json "
+                "ChestXpert checkpoints contain only model.keras, state.json and a final "
+                "model's calibrator.json "
                 "— refusing to load it"
             )
     model_path = directory / MODEL_FILE

@@ -5,6 +5,7 @@ processes, write the label, box and split files, and move the whole into place a
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from chestxpert.datasets.schema import NIH_LABELS, DatasetError
+from chestxpert.datasets.schema import NIH_LABELS, SYNTHETIC_MARKER, DatasetError
 from chestxpert.datasets.synth.anatomy import FIELD_OF_VIEW_MM
 from chestxpert.datasets.synth.canvas import BOX_LABELS, Box
 from chestxpert.datasets.synth.plan import PlannedImage, image_seed, plan_dataset
@@ -218,6 +219,17 @@ def generate(
             (staging / folder / "images").mkdir(parents=True)
         boxes = _draw_all(plans, staging, size, seed, difficulty, workers, progress)
         _write_tables(staging, plans, boxes, size)
+        marker = {
+            "synthetic": True,
+            "generator": "chestxpert data synth",
+            "what": "synthetic phantoms for testing the pipeline, not radiographs of patients",
+            "images": images,
+            "size": size,
+            "seed": seed,
+            **fractions,
+            "images_per_patient": images_per_patient,
+        }
+        (staging / SYNTHETIC_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # checked empty above
         staging.rename(out_dir)
