@@ -86,6 +86,12 @@ def resize_uint8(images, size: int):
 
 def load_gray_square(path: str | Path, size: int) -> tuple[np.ndarray, Placement]:
     """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) as a `size`×`size` uint8 array."""
+    return square_resize(load_gray(path), size)
+
+
+def load_gray(path: str | Path) -> np.ndarray:
+    """Read an image file (PNG or JPEG, 8/16-bit, gray/RGB/RGBA) as a uint8 gray array at its own
+    size: what `load_gray_square` pads and resizes, and what a Grad-CAM overlay is drawn on."""
     with Image.open(path) as image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ValueError(
@@ -93,5 +99,4 @@ def load_gray_square(path: str | Path, size: int) -> tuple[np.ndarray, Placement
                 f"{MAX_IMAGE_PIXELS:,}-pixel limit for one radiograph (not decoded)"
             )
         image.load()
-        gray = to_gray_uint8(image)
-    return square_resize(gray, size)
+        return to_gray_uint8(image)

@@ -115,27 +115,6 @@ def _gradcam_layer(model, preferred: str, chosen: str | None) -> tuple[str, str 
     )
 
 
-OVERLAY_SIDE = 256  # small training images are enlarged so a reader can see the finding and the box
-
-
-def _readable_overlay(image: np.ndarray, heat: np.ndarray, box, title: str):
-    from PIL import Image
-
-    from chestxpert.results.gradcam import overlay
-
-    factor = max(1, OVERLAY_SIDE // image.shape[0])
-    if factor > 1:
-        side = image.shape[0] * factor
-        image = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC))
-        heat = np.asarray(
-            Image.fromarray(heat.astype(np.float32), mode="F").resize(
-                (side, side), Image.Resampling.BILINEAR
-            )
-        )
-        box = tuple(v * factor for v in box) if box else None
-    return overlay(image, heat, box=box, title=title)
-
-
 def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, Any]:
     """The whole final job; returns the metrics dict also written as metrics.json.
 
@@ -392,9 +371,11 @@ def evaluate_model(
         to_json_ready,
     )
     from chestxpert.results.gradcam import (
+        MIN_OVERLAY_SIDE,
         GradCam,
         heatmaps_for_boxes,
         localization_scores,
+        overlay,
         select_examples,
     )
     from chestxpert.results.report import write_html, write_markdown
@@ -490,7 +471,11 @@ def evaluate_model(
                     None,
                 )
                 title = f"{label} {kind.replace('_', ' ')[:-1]} p={test_prob[index, column]:.2f}"
-                picture = _readable_overlay(test["image"][index][..., 0], heat, box, title)
+                # The prepared dataset keeps only the model-size image, so the gallery enlarges
+                # it (and the map) smoothly rather than show a thumbnail.
+                picture = overlay(
+                    test["image"][index][..., 0], heat, box, title, min_side=MIN_OVERLAY_SIDE
+                )
                 rel = f"gradcam/{label}_{kind}_{rank}.png"
                 picture.save(out / rel)
                 what = kind.replace("_", " ")[:-1]
@@ -498,8 +483,10 @@ def evaluate_model(
                     ReportFigure(
                         f"{label.replace('_', ' ')}: {what} {rank}",
                         f"p={test_prob[index, column]:.2f} at threshold "
-                        f"{choice.thresholds[label]:.2f}; heatmap over the test image"
-                        + ("; box: the annotated finding" if box else ""),
+                        f"{choice.thresholds[label]:.2f}; heatmap over the test image, "
+                        f"upsampled (bicubic image, bilinear map) from the model's {size} px "
+                        f"input to {max(size, MIN_OVERLAY_SIDE)} px, as the dataset keeps no "
+                        "original" + ("; box: the annotated finding" if box else ""),
                         rel,
                     )
                 )

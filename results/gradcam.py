@@ -3,7 +3,9 @@ they point at the radiologists' boxes (pointing game, IoU) compared with a centr
 
 Coordinates: a heatmap is (S, S) over the image the model saw; a box is (x, y, w, h) in
 pixels of that image (x to the right, y down), as the prepared dataset stores it. A pixel
-(row, col) is inside a box when its centre (col + 0.5, row + 0.5) is.
+(row, col) is inside a box when its centre (col + 0.5, row + 0.5) is. `heatmap_on_source` maps
+a heatmap back onto the original file's pixels, and `overlay` can enlarge a small image to
+MIN_OVERLAY_SIDE pixels on its long side, so a reader sees more than the model's input.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 
+from chestxpert.datasets.images import Placement
+
 # A box as a tuple, or as the {"label", "x", "y", "w", "h"} dict the prepared shards hold.
 Box = tuple[float, float, float, float] | Mapping[str, float]
 
 OVERLAY_ALPHA = 0.4  # weight of the coloured heatmap over the gray radiograph
 BOX_COLOUR = (255, 0, 255)  # magenta: in neither the jet colormap nor a gray image
 CENTRE_SIGMA_FRACTION = 0.25  # the centred baseline's Gaussian sigma, as a fraction of S
+# An overlay smaller than this on its long side is enlarged to it: at the model's input size
+# (64-224 px) a reader cannot tell what the heatmap lies on.
+MIN_OVERLAY_SIDE = 512
 
 
 class GradCam:
@@ -181,11 +188,14 @@ def overlay(
     box: Box | None = None,
     title: str = "",
     alpha: float = OVERLAY_ALPHA,
+    min_side: int = 0,
 ) -> Image.Image:
-    """The radiograph `image_gray` ((S, S) uint8, 0..255) in gray with `heatmap` ((S, S) in
+    """The radiograph `image_gray` ((H, W) uint8, 0..255) in gray with `heatmap` ((H, W) in
     [0, 1]) blended over it in the jet colormap (weight `alpha`), `box` (x, y, w, h in pixels)
     outlined in magenta if given, and `title` in small white text on a dark band at the top
-    left. Returns an (S, S) RGB image, so pixel coordinates match the image's."""
+    left. Returns an (H, W) RGB image, so pixel coordinates match the image's; or, when the
+    long side is under `min_side` (MIN_OVERLAY_SIDE for a reader), one enlarged to it: the
+    image bicubic, the heatmap bilinear (smooth, no blocks), the box scaled with them."""
     from matplotlib import colormaps  # not pyplot: no GUI backend needed
 
     gray = np.asarray(image_gray)
@@ -194,16 +204,22 @@ def overlay(
     heat = np.asarray(heatmap, dtype=np.float32)
     if gray.ndim != 2 or gray.shape != heat.shape:
         raise ValueError(
-            "overlay needs an (S, S) image and an (S, S) heatmap; "
+            "overlay needs an (H, W) image and a heatmap of the same shape; "
             f"got {gray.shape} and {heat.shape}."
         )
+    factor = min_side / max(gray.shape)
+    if factor > 1:
+        size = (round(gray.shape[1] * factor), round(gray.shape[0] * factor))
+        gray = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BICUBIC))
+        heat = np.asarray(Image.fromarray(heat, mode="F").resize(size, Image.Resampling.BILINEAR))
+        box = tuple(v * factor for v in _xywh(box)) if box is not None else None
     colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]
     gray_rgb = np.repeat(gray.astype(np.float32)[..., np.newaxis] / 255.0, 3, axis=-1)
     blended = (1.0 - alpha) * gray_rgb + alpha * colour
     picture = Image.fromarray(np.round(blended * 255.0).astype(np.uint8))
 
     draw = ImageDraw.Draw(picture)
-    size = gray.shape[0]
+    size = max(gray.shape)
     if box is not None:
         x, y, w, h = _xywh(box)
         # PIL's rectangle includes both corners: the last pixel inside is x + w - 1.
@@ -218,6 +234,23 @@ def overlay(
         draw.rectangle([0, 0, right + 2, bottom + 1], fill=(0, 0, 0))
         draw.text((2, 1), title, fill=(255, 255, 255), font=font)
     return picture
+
+
+def heatmap_on_source(
+    heatmap: np.ndarray, source_shape: tuple[int, int], placement: Placement
+) -> np.ndarray:
+    """An (S, S) heatmap over the model's input, as an (H, W) map over the original image of
+    `source_shape` that `datasets.images.square_resize` made that input from (`placement`).
+
+    The input is the original padded to a centred square and resized; the original's part of
+    it, (offset, offset + side × scale), is resampled bilinearly to H × W, so the map lies on
+    the original's pixels, smooth, with the padding left out."""
+    height, width = source_shape
+    left, top = placement.offset_x, placement.offset_y
+    region = (left, top, left + width * placement.scale, top + height * placement.scale)
+    heat = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
+    resized = heat.resize((width, height), Image.Resampling.BILINEAR, box=region)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 class BoxScore(NamedTuple):

@@ -18,7 +18,8 @@ from PIL import Image
 from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import (
     MAX_IMAGE_PIXELS,
-    load_gray_square,
+    Placement,
+    load_gray,
     square_resize,
     to_gray_uint8,
 )
@@ -65,9 +66,10 @@ def predict(
     or 0.5 for a trial checkpoint, said so) and `probabilities` (how they were made). A final
     model's calibrator.json maps probabilities and thresholds alike (`calibrated`=False keeps
     the network's outputs); it keeps their order, so the calls are the same either way. With
-    `gradcam_dir`, the Grad-CAM overlays of the
-    image's `top_k` most probable labels are written there as `<image stem>_<label>.png` (image
-    size, RGB) and listed under `gradcam`. Raises PredictError naming a missing or unreadable
+    `gradcam_dir`, the Grad-CAM overlays of the image's `top_k` most probable labels are written
+    there as `<image stem>_<label>.png` and listed under `gradcam`: RGB, the heatmap drawn over
+    the image file as read (its own size; enlarged to MIN_OVERLAY_SIDE on the long side when
+    smaller), not over the model's input. Raises PredictError naming a missing or unreadable
     image or an unusable model folder.
     """
     model_dir = Path(model_dir)
@@ -87,7 +89,9 @@ def predict(
     if not images:
         return []
     # Images first: a typo in a path fails in milliseconds, before the model loads.
-    pixels = np.stack([read_image(path, size) for path in images])[..., np.newaxis]
+    sources = [read_source(path) for path in images]
+    squares = [square_resize(gray, size) for gray in sources]
+    pixels = np.stack([square for square, _ in squares])[..., np.newaxis]
     model = _load_model(model_dir, size, len(labels))
     probabilities = np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0))
     shown = calibrator.apply(probabilities) if calibrator else probabilities
@@ -114,8 +118,18 @@ def predict(
             }
         )
     if gradcam_dir is not None:
+        placements = [placement for _, placement in squares]
         overlays = _gradcam_overlays(
-            model, state, pixels, probabilities, images, labels, Path(gradcam_dir), top_k
+            model,
+            state,
+            pixels,
+            sources,
+            placements,
+            probabilities,
+            images,
+            labels,
+            top_k,
+            Path(gradcam_dir),
         )
         for result, paths in zip(results, overlays, strict=True):
             result["gradcam"] = paths
@@ -140,25 +154,30 @@ def operating_thresholds(state: dict[str, Any]) -> tuple[dict[str, float], str]:
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    """An image file as the model's (size, size) uint8 gray square, preprocessed as in training.
+    """An image file as the model's (size, size) uint8 gray square, preprocessed as in training:
+    `read_source`, then `datasets.images.square_resize`."""
+    return square_resize(read_source(path), size)[0]
 
-    PNG and JPEG (8/16-bit, gray/RGB/RGBA) go through `datasets.images.load_gray_square`;
-    DICOM (by suffix or by its `DICM` preamble) needs pydicom: pixel data, rescale slope and
-    intercept, MONOCHROME1 inverted, then the same min-max gray and square path.
+
+def read_source(path: Path) -> np.ndarray:
+    """An image file as a uint8 gray array at its own size, before any resize.
+
+    PNG and JPEG (8/16-bit, gray/RGB/RGBA) go through `datasets.images.load_gray`, as in
+    training; DICOM (by suffix or by its `DICM` preamble) needs pydicom: pixel data, the
+    modality and VOI LUTs, MONOCHROME1 inverted, then the same min-max gray.
     """
     path = Path(path)
     if not path.is_file():
         raise PredictError(f"image {path} does not exist")
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
-        return _read_dicom(path, size)
+        return _read_dicom(path)
     try:
-        gray, _ = load_gray_square(path, size)
+        return load_gray(path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise PredictError(
             f"cannot read image {path}: {err}. Expected PNG or JPEG (8/16-bit, gray/RGB/RGBA) "
             f"or DICOM (.dcm)"
         ) from None
-    return gray
 
 
 def format_predictions(results: Sequence[dict[str, Any]]) -> str:
@@ -225,13 +244,17 @@ def _gradcam_overlays(
     model,
     state: dict[str, Any],
     pixels: np.ndarray,
+    sources: list[np.ndarray],
+    placements: list[Placement],
     probabilities: np.ndarray,
     images: list[Path],
     labels: list[str],
-    gradcam_dir: Path,
     top_k: int,
+    gradcam_dir: Path,
 ) -> list[list[str]]:
-    from chestxpert.results.gradcam import GradCam, overlay
+    """Each image's `top_k` most probable labels' heatmaps, computed on the model's input
+    (`pixels`) and drawn over the image as read (`sources`, mapped through `placements`)."""
+    from chestxpert.results.gradcam import MIN_OVERLAY_SIDE, GradCam, heatmap_on_source, overlay
 
     layer = state.get("last_conv_layer") or _backbone_layer(state)
     try:
@@ -250,7 +273,9 @@ def _gradcam_overlays(
         label = labels[column]
         target = gradcam_dir / f"{stems[image]}_{label}.png"
         title = f"{label} {probabilities[image, column]:.2f}"
-        overlay(pixels[image, ..., 0], heatmap, title=title).save(target)
+        source = sources[image]
+        heat = heatmap_on_source(heatmap, source.shape, placements[image])
+        overlay(source, heat, title=title, min_side=MIN_OVERLAY_SIDE).save(target)
         written[image].append(str(target))
     return written
 
@@ -286,7 +311,7 @@ def _has_dicom_preamble(path: Path) -> bool:
         return handle.read(132)[128:] == b"DICM"
 
 
-def _read_dicom(path: Path, size: int) -> np.ndarray:
+def _read_dicom(path: Path) -> np.ndarray:
     try:
         import pydicom
         from pydicom import pixels as dicom_pixels
@@ -332,5 +357,4 @@ def _read_dicom(path: Path, size: int) -> np.ndarray:
     if photometric == "MONOCHROME1":
         # MONOCHROME1 shows low values white; training images show them black.
         pixels = pixels.max() + pixels.min() - pixels
-    gray = to_gray_uint8(Image.fromarray(pixels.astype(np.float32)))
-    return square_resize(gray, size)[0]
+    return to_gray_uint8(Image.fromarray(pixels.astype(np.float32)))

@@ -409,7 +409,7 @@ def write_html(
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
         "figure{margin:1.5em 0}figcaption{color:#555;font-style:italic}"
-        ".gallery{display:flex;flex-wrap:wrap;gap:8px}.gallery figure{width:200px;margin:0}"
+        ".gallery{display:flex;flex-wrap:wrap;gap:8px}.gallery figure{width:256px;margin:0}"
         ".gallery h4{font-size:80%;margin:0}"
         ".banner{padding:.6em 1em;border-radius:4px;font-weight:bold;margin:.5em 0}"
         ".intended-use{background:#eef3fb;border:1px solid #9bb4dc}"

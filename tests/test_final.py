@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from chestxpert.results.gradcam import MIN_OVERLAY_SIDE
 from tests.report_helpers import assert_numbers_match, assert_self_contained
 
 pytestmark = pytest.mark.services
@@ -51,7 +53,12 @@ def test_final_report_has_the_clinical_table_and_is_self_contained(finished_swee
         and "src='http" not in page
         and "src='figures" not in page
     )
-    assert list((report / "gradcam").glob("*_true_positives_1.png")), "no Grad-CAM overlays"
+    gallery = sorted((report / "gradcam").glob("*.png"))
+    assert [p for p in gallery if p.name.endswith("_true_positives_1.png")], "no Grad-CAM overlays"
+    for overlay_file in gallery:  # the 64 px test images, enlarged smoothly for a reader
+        with Image.open(overlay_file) as picture:
+            assert min(picture.size) >= MIN_OVERLAY_SIDE, (overlay_file.name, picture.size)
+    assert "input to 512 px, as the dataset keeps no original" in md
     assert metrics["gradcam_layer"] != "relu", (
         "at 64 px the 2×2 last map cannot localise; a deeper map is used"
     )

@@ -10,13 +10,16 @@ import keras
 import numpy as np
 import pytest
 
+from chestxpert.datasets.images import square_resize
 from chestxpert.results.gradcam import (
     BOX_COLOUR,
+    MIN_OVERLAY_SIDE,
     GradCam,
     box_mask,
     centre_baseline,
     centre_gaussian,
     heatmap_iou,
+    heatmap_on_source,
     heatmap_peak,
     heatmaps_for_boxes,
     localization_scores,
@@ -351,6 +354,47 @@ def test_overlay_draws_the_heatmap_the_box_and_the_title():
     titled = np.asarray(overlay(image, heatmap, title="Mass p=0.91"))
     assert np.any(titled[:8, :40] != plain[:8, :40])
     np.testing.assert_array_equal(titled[SIZE // 2 :], plain[SIZE // 2 :])
+
+
+@pytest.mark.parametrize(("height", "width"), [(200, 300), (300, 200), (256, 256)])
+def test_a_heatmap_lands_on_the_same_spot_of_the_original_image(height, width):
+    # A spot of the original (a quarter across, a fifth down), found in the model's padded
+    # 64 px square the way prepare finds it, is hot there; mapped back, the map is the
+    # original's size and peaks on the spot, the padding left out.
+    spot_x, spot_y = width // 4, height // 5
+    _, placement = square_resize(np.zeros((height, width), dtype=np.uint8), SIZE)
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    centre_x = spot_x * placement.scale + placement.offset_x
+    centre_y = spot_y * placement.scale + placement.offset_y
+    heat = np.exp(-((cols - centre_x) ** 2 + (rows - centre_y) ** 2) / 8.0).astype(np.float32)
+
+    on_source = heatmap_on_source(heat, (height, width), placement)
+
+    assert on_source.shape == (height, width) and on_source.dtype == np.float32
+    peak_row, peak_col = heatmap_peak(on_source)
+    cell = 1 / placement.scale  # one model pixel, in original pixels
+    assert abs(peak_row - spot_y) <= cell and abs(peak_col - spot_x) <= cell
+    assert 0.0 <= on_source.min() and on_source.max() <= 1.0
+
+
+def test_an_overlay_for_a_reader_keeps_a_large_image_and_enlarges_a_small_one():
+    large = np.full((1024, 768), 90, dtype=np.uint8)
+    assert overlay(large, np.zeros(large.shape, np.float32), min_side=MIN_OVERLAY_SIDE).size == (
+        768,
+        1024,
+    )
+    image = np.tile(np.linspace(0, 255, SIZE, dtype=np.uint8), (SIZE, 1))
+    box = (10, 20, 30, 15)
+    enlarged = overlay(image, centre_gaussian(SIZE), box=box, min_side=MIN_OVERLAY_SIDE)
+    factor = MIN_OVERLAY_SIDE // SIZE
+    assert enlarged.size == (MIN_OVERLAY_SIDE, MIN_OVERLAY_SIDE)
+    pixels = np.asarray(enlarged)
+    # the box is scaled with the image: its outline is at 8× the coordinates
+    assert tuple(pixels[20 * factor, 10 * factor + 5]) == BOX_COLOUR
+    assert tuple(pixels[20 * factor + 5, 10 * factor + 5]) != BOX_COLOUR
+    # smooth, not blocky: inside one model pixel the enlarged map still varies
+    reds = pixels[200:208, 200:208, 0].astype(int)
+    assert len(np.unique(reds)) > 1
 
 
 @pytest.mark.parametrize(

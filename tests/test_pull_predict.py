@@ -20,6 +20,7 @@ from chestxpert.cluster.endpoints import resolve
 from chestxpert.datasets.images import load_gray_square
 from chestxpert.datasets.schema import NIH_LABELS
 from chestxpert.results.calibrate import Calibrator
+from chestxpert.results.gradcam import MIN_OVERLAY_SIDE
 from chestxpert.results.predict import (
     CALIBRATED,
     DEFAULT_THRESHOLD_SOURCE,
@@ -398,21 +399,41 @@ def test_predict_reports_calibrated_probabilities_unless_told_not(
     assert predict(final_model, images[:1])[0]["probabilities"] == NO_CALIBRATOR
 
 
-def test_predict_writes_gradcam_overlays_for_the_top_labels(
+def test_predict_writes_gradcam_overlays_over_each_file_at_its_own_size(
     trial_checkpoint, sample_images, tmp_path
 ) -> None:
-    results = predict(trial_checkpoint, sample_images[:3], gradcam_dir=tmp_path / "cams", top_k=2)
-    for image, result in zip(sample_images[:3], results, strict=True):
+    # Beside the 128 px fixtures, a 1024² film and a 1024×768 one (padded to a square for the
+    # model): each overlay is drawn over the file as read, at its own size, not at the model's
+    # 64 px input; files under 512 px are enlarged to 512.
+    films = {}
+    for name, (height, width) in (("square", (1024, 1024)), ("wide", (768, 1024))):
+        rows, cols = np.mgrid[0:height, 0:width]
+        films[tmp_path / f"{name}.png"] = (20 + 200 * ((rows // 8 + cols // 8) % 2)).astype(
+            np.uint8
+        )
+        Image.fromarray(films[tmp_path / f"{name}.png"]).save(tmp_path / f"{name}.png")
+    images = [*sample_images[:3], *films]
+    results = predict(trial_checkpoint, images, gradcam_dir=tmp_path / "cams", top_k=2)
+    for image, result in zip(images, results, strict=True):
         ranked = sorted(result["findings"], key=lambda f: -f["probability"])[:2]
         expected = [str(tmp_path / "cams" / f"{image.stem}_{f['label']}.png") for f in ranked]
         assert result["gradcam"] == expected
+        film = films.get(image)
         for path in expected:
             with Image.open(path) as picture:
                 assert picture.format == "PNG" and picture.mode == "RGB"
-                assert picture.size == (SIZE, SIZE)
+                if film is None:
+                    assert picture.size == (MIN_OVERLAY_SIDE, MIN_OVERLAY_SIDE)
+                else:
+                    assert picture.size == (film.shape[1], film.shape[0])
                 rgb = np.asarray(picture, dtype=np.int16)
             assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 0, "the heatmap is blended in colour"
-    assert len(list((tmp_path / "cams").iterdir())) == 3 * 2
+            if film is not None:
+                # below the title band the overlay follows the film's 8 px checkers, which
+                # a 64 px picture of the padded square scaled up could not
+                gray = rgb[200:].mean(axis=-1).ravel()
+                assert np.corrcoef(gray, film[200:].ravel())[0, 1] > 0.9, path
+    assert len(list((tmp_path / "cams").iterdir())) == len(images) * 2
     assert "Grad-CAM: " + expected[0] in format_predictions(results)
 
 
