@@ -286,7 +286,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pred = sub.add_parser(
         "predict", help="probabilities and calls per label, optional Grad-CAM overlays"
     )
-    pred.add_argument("model", help="model folder, storage URI, or models:/NAME@champion")
+    pred.add_argument(
+        "model", help="model folder, storage URI, models:/NAME@ALIAS or models:/NAME/VERSION"
+    )
     pred.add_argument(
         "images", nargs="+", help="PNG/JPEG (8/16-bit, gray/RGB/RGBA); DICOM with pydicom"
     )
