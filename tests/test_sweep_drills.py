@@ -1,6 +1,7 @@
 """Crash drills for tracking and for one writer per sweep, with real processes on the 3-node Ray
 cluster: MLflow down while the driver is SIGKILLed (drill 4), a second `sweep run` of a running
-sweep (drill 5), and a resume that moves tracking to the MLflow server it is given.
+sweep (drill 5), and a driver SIGKILLed after one trial finished, resumed onto the MLflow server
+it is given (the finished trial is not run again; tracking moves).
 """
 
 from __future__ import annotations
@@ -204,7 +205,16 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     )
     env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
     driver = _start_driver(spec, env, tmp_path)
-    _kill_when(driver, lambda: bool(_stored_epochs(storage / name)), "no epoch was reported")
+
+    def a_trial_finished() -> bool:
+        return any(len(epochs) >= 2 for epochs in _stored_epochs(storage / name).values())
+
+    _kill_when(driver, a_trial_finished, "no trial finished")
+    finished = {
+        path.parent.name: path.read_text()
+        for path in (storage / name).glob("train_*/result.json")
+        if len(path.read_text().splitlines()) >= 2
+    }
 
     # mlflow-sync after a crash ends what the dead driver left RUNNING
     synced = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)
@@ -212,10 +222,15 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     old = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     parents, trials = _runs(old, name)
     assert [p.info.status for p in parents] == ["KILLED"]
-    assert len(trials) == 1
-    (interrupted,) = trials.values()
-    assert interrupted.info.status == "KILLED"
-    assert interrupted.data.tags["chestxpert.ended"].startswith("interrupted")
+    assert 1 <= len(trials) <= 2
+    for run in trials.values():
+        ended = run.data.tags["chestxpert.ended"]
+        if ended == "completed":
+            assert run.info.status == "FINISHED"
+        else:  # the second trial, if the kill found it started
+            assert run.info.status == "KILLED" and ended.startswith("interrupted"), ended
+    assert sum(r.data.tags["chestxpert.ended"] == "completed" for r in trials.values()) == 1
+    old_trial_runs = len(trials)
 
     port = free_port()
     new_url = f"http://127.0.0.1:{port}"  # nothing there yet: the resume runs with MLflow down
@@ -227,6 +242,11 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     assert f"MLflow at {new_url} does not answer" in resumed.stdout
     record = json.loads((storage / name / "chestxpert_spec.json").read_text())
     assert record["mlflow_tracking_uri"] == new_url
+    status = status_json(name, env, tmp_path)
+    assert len({t["trial_id"] for t in status["trials"]}) == 2
+    assert all(t["ended"] == "completed" for t in status["trials"]), status["trials"]
+    for folder, rows in finished.items():  # the trial finished before the kill was not run again
+        assert (storage / name / folder / "result.json").read_text() == rows
 
     ws = short_tmpdir("cxnew")
     server = start_mlflow(StackOptions(workspace=ws, mlflow_port=port), (ws / "a").as_uri())
@@ -247,6 +267,6 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
             assert _steps(new, run) == [1, 2] and run.info.status == "FINISHED"
         # the old server got nothing from the resumed driver
         parents, trials = _runs(old, name)
-        assert [p.info.status for p in parents] == ["KILLED"] and len(trials) == 1
+        assert [p.info.status for p in parents] == ["KILLED"] and len(trials) == old_trial_runs
     finally:
         stop_group(server["pid"], server["start_time"])
