@@ -67,9 +67,11 @@ def sync_sweep(
             last = event["seq"]
         if last:
             record_acked(location, segment.session, runs.tracking_uri, last)
+    seen = set()  # trials storage shows with results (or an error)
     for trial in read_trials(location, metric, mode, max_epochs):
         if not trial.results and trial.state != "ERROR":
-            continue  # never reported: the live driver made no run for it either
+            continue  # no results in storage yet: the journal may have some (below)
+        seen.add(trial.trial_id)
         counts.values += runs.log_metrics(trial.trial_id, trial.config, metric_rows(trial.results))
         if trial.state in _ENDED_STATES:
             reason = trial.ended
@@ -79,9 +81,31 @@ def sync_sweep(
             continue  # running now, under this driver
         status = "KILLED" if reason == INTERRUPTED else terminal_status(reason)
         counts.ended += runs.end_trial(trial.trial_id, trial.config, reason, status)
+    if interrupted:
+        # A trial the killed driver journalled whose results never reached storage (Tune syncs
+        # them every few seconds): its run would stay RUNNING forever otherwise.
+        for trial_id, config in _journal_only_trials(segments, seen).items():
+            counts.ended += runs.end_trial(trial_id, config, INTERRUPTED, "KILLED")
     summary = location.read_json(SUMMARY_FILE)
     if summary is not None:
         runs.end_parent("FINISHED", summary)
     elif interrupted:
         runs.end_parent("KILLED")
     return counts
+
+
+def _journal_only_trials(segments, seen: set[str]) -> dict[str, dict[str, Any]]:
+    """Trials the journal has reports of and no end for, which storage shows no results of:
+    id -> config."""
+    reported: dict[str, dict[str, Any]] = {}
+    ended: set[str] = set()
+    for segment in segments:
+        for event in segment.events:
+            trial_id = event.get("trial_id")
+            if not trial_id:
+                continue
+            if event.get("kind") == "end":
+                ended.add(trial_id)
+            else:
+                reported.setdefault(trial_id, event.get("config", {}))
+    return {t: c for t, c in reported.items() if t not in ended and t not in seen}

@@ -100,7 +100,7 @@ def test_sweep_final_pull_predict_on_the_central_mlflow_and_no_credential_leaks(
         name,
         dataset,
         model_name=model,
-        trial={"backbone": "densenet_tiny", "image_size": 64, "epochs": 1, "batch_size": 32},
+        trial={"backbone": "convnet_small", "image_size": 64, "epochs": 1, "batch_size": 32},
         resources={"cpus": 1, "gpus": 1},
         search__num_samples=1,
         search__max_concurrent=1,

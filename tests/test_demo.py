@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -56,11 +57,9 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
     assert len(summaries) == 1
     summary = json.loads(summaries[0].read_text())
     assert summary["trials"] == 1 and summary["errors"] == 0
-    assert (
-        (ws / "storage")
-        .joinpath(summary["best_checkpoint"].split("/storage/", 1)[1], "model.keras")
-        .exists()
-    )
+    best = (ws / "storage").joinpath(summary["best_checkpoint"].split("/storage/", 1)[1])
+    assert (best / "model.keras").exists()
+    _assert_a_real_densenet121_epoch(best)
     assert list((ws / "reports").glob("demo-*/report.html")), "no final report"
     sweep_reports = list((ws / "storage").glob("demo-*/report/report.html"))
     assert sweep_reports, "no sweep report"
@@ -77,3 +76,37 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
         if line.startswith("stopping "):
             session = int(line.split("session ")[1].rstrip(") ."))
             assert session_members(session) == []
+
+
+def _assert_a_real_densenet121_epoch(checkpoint: Path) -> None:
+    """The demo's trial trained DenseNet121 itself (the product's model, from scratch): its
+    checkpoint holds every per-epoch metric, finite, and the network's own last conv map."""
+    import numpy as np
+
+    from chestxpert.trainable.checkpoint import load_model, read_state
+
+    state = read_state(checkpoint)
+    assert state["config"]["backbone"] == "densenet121"
+    assert state["preprocessing"]["image_size"] == 64 and len(state["labels"]) == 14
+    metrics = state["metrics"]
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_auc_macro",
+        "val_pr_auc_macro",
+        "epoch_seconds",
+        "images_per_second",
+        "startup_seconds",
+    ):
+        assert np.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["val_auc_macro"] <= 1.0
+    # start-up covers building DenseNet121 and its first step (tens of seconds), measured
+    assert metrics["startup_seconds"] > 5.0
+    per_label = [
+        k
+        for k in metrics
+        if k.startswith("val_auc_") and k not in ("val_auc_macro", "val_auc_labels")
+    ]
+    assert len(per_label) == metrics["val_auc_labels"] > 0
+    model = load_model(checkpoint, compile=False)
+    assert model.get_layer("relu").output.shape[1:3] == (2, 2)  # DenseNet121's last map at 64 px

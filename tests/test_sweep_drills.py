@@ -1,6 +1,7 @@
 """Crash drills for tracking and for one writer per sweep, with real processes on the 3-node Ray
 cluster: MLflow down while the driver is SIGKILLed (drill 4), a second `sweep run` of a running
-sweep (drill 5), and a resume that moves tracking to the MLflow server it is given.
+sweep (drill 5), and a driver SIGKILLed after one trial finished, resumed onto the MLflow server
+it is given (the finished trial is not run again; tracking moves).
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def _kill_when(driver: subprocess.Popen, ready, what: str, timeout_s: float = 30
             os.killpg(driver.pid, signal.SIGKILL)
 
 
+def _journalled_epochs(folder: Path) -> int:
+    """Epoch reports in the sweep's tracking journal: the driver writes each one as it gets it
+    (Tune's result.json files reach storage later, in syncs)."""
+    lines = [
+        line
+        for path in (folder / "tracking").glob("journal-*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    return sum('"kind":"metrics"' in line for line in lines)
+
+
 def _runs(client, experiment: str) -> tuple[list, dict]:
     """The sweep's parent runs, and its trial runs by trial id."""
     found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -100,16 +112,10 @@ def test_drill4_mlflow_down_driver_killed_then_resumed(
     )
     env = sweep_env(ray_cluster, s3_endpoint.env(), server["url"], str(storage))
 
-    def journalled_epochs() -> int:
-        lines = [
-            line
-            for path in (storage / name / "tracking").glob("journal-*.jsonl")
-            for line in path.read_text().splitlines()
-        ]
-        return sum('"kind":"metrics"' in line for line in lines)
-
     driver = _start_driver(spec, env, tmp_path)
-    output = _kill_when(driver, lambda: journalled_epochs() >= 3, "3 epochs were not reported")
+    output = _kill_when(
+        driver, lambda: _journalled_epochs(storage / name) >= 3, "3 epochs were not reported"
+    )
     assert output.count("does not answer") == 1, output[-3000:]
     assert f"journalled in file://{storage}/{name}/tracking" in output
 
@@ -204,7 +210,23 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     )
     env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
     driver = _start_driver(spec, env, tmp_path)
-    _kill_when(driver, lambda: bool(_stored_epochs(storage / name)), "no epoch was reported")
+
+    # one trial at a time: a third epoch report is the second trial's first, so the first trial
+    # has ended, in Tune and in the journal
+    _kill_when(
+        driver, lambda: _journalled_epochs(storage / name) >= 3, "3 epochs were not reported"
+    )
+
+    # the sweep report builds from storage after the SIGKILL, and lists the finished trial
+    report = chestxpert("sweep", "report", name, "--json", env=env, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    shown = json.loads(report.stdout)
+    assert shown["state"] == "interrupted" and "logged to the sweep's parent run" in report.stderr
+    page = (storage / name / "report" / "report.html").read_text()
+    ended = {t["trial_id"]: t["ended"] for t in shown["trials"]}
+    for trial_id, epochs in _stored_epochs(storage / name).items():
+        if epochs == [1, 2]:  # what of the finished trial Tune had synced to storage
+            assert ended[trial_id] == "completed" and f"<td>{trial_id}</td>" in page
 
     # mlflow-sync after a crash ends what the dead driver left RUNNING
     synced = chestxpert("sweep", "mlflow-sync", name, env=env, cwd=tmp_path)
@@ -212,10 +234,9 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     old = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     parents, trials = _runs(old, name)
     assert [p.info.status for p in parents] == ["KILLED"]
-    assert len(trials) == 1
-    (interrupted,) = trials.values()
-    assert interrupted.info.status == "KILLED"
-    assert interrupted.data.tags["chestxpert.ended"].startswith("interrupted")
+    ended = sorted((r.data.tags["chestxpert.ended"], r.info.status) for r in trials.values())
+    assert len(ended) == 2 and ended[0] == ("completed", "FINISHED"), ended
+    assert ended[1][0].startswith("interrupted") and ended[1][1] == "KILLED", ended
 
     port = free_port()
     new_url = f"http://127.0.0.1:{port}"  # nothing there yet: the resume runs with MLflow down
@@ -227,6 +248,12 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     assert f"MLflow at {new_url} does not answer" in resumed.stdout
     record = json.loads((storage / name / "chestxpert_spec.json").read_text())
     assert record["mlflow_tracking_uri"] == new_url
+    status = status_json(name, env, tmp_path)
+    assert len({t["trial_id"] for t in status["trials"]}) == 2
+    assert all(t["ended"] == "completed" for t in status["trials"]), status["trials"]
+    first = min(status["trials"], key=lambda t: t["trial_id"])
+    # the trial finished before the kill was not run again: each of its epochs once
+    assert _stored_epochs(storage / name)[first["trial_id"]] == [1, 2]
 
     ws = short_tmpdir("cxnew")
     server = start_mlflow(StackOptions(workspace=ws, mlflow_port=port), (ws / "a").as_uri())
@@ -247,6 +274,6 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
             assert _steps(new, run) == [1, 2] and run.info.status == "FINISHED"
         # the old server got nothing from the resumed driver
         parents, trials = _runs(old, name)
-        assert [p.info.status for p in parents] == ["KILLED"] and len(trials) == 1
+        assert [p.info.status for p in parents] == ["KILLED"] and len(trials) == 2
     finally:
         stop_group(server["pid"], server["start_time"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ def write_spec(path: Path, name: str, dataset: Path, **changes) -> Path:
     spec = {
         "name": name,
         "dataset": str(dataset),
-        "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
+        "trial": {"backbone": "convnet_small", "image_size": 64, "epochs": 2, "batch_size": 32},
         "resources": {"cpus": 1, "gpus": 0},
         "search": {"algorithm": "optuna", "seed": 0, "num_samples": 3, "max_concurrent": 2},
         "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3}},
@@ -134,7 +133,7 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     trials = [r for r in runs if r.data.tags.get("chestxpert.role") == "trial"]
     assert len(parent) == 1 and len(trials) == 3
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in trials)
-    assert parent[0].data.params["trial.backbone"] == "densenet_tiny"
+    assert parent[0].data.params["trial.backbone"] == "convnet_small"
     assert "best_val_auc_macro" in parent[0].data.metrics
     for run in trials:
         epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc_macro"))
@@ -148,73 +147,6 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     assert status["summary"]["best_checkpoint"].startswith(
         f"s3://{s3_endpoint.bucket}/sweeps/{name}/"
     )
-
-
-def test_driver_killed_mid_sweep_then_resumed(
-    synthetic_dataset: SyntheticDataset,
-    ray_cluster: RayCluster,
-    s3_endpoint,
-    mlflow_server,
-    tmp_path: Path,
-) -> None:
-    name = "resume-me"
-    storage = tmp_path / "storage"
-    spec = write_spec(
-        tmp_path / "spec.yaml",
-        name,
-        synthetic_dataset.prepared,
-        search__num_samples=4,
-        search__max_concurrent=1,
-        scheduler={"type": "none"},
-    )
-    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
-    driver = subprocess.Popen(
-        [CHESTXPERT_CLI, "sweep", "run", str(spec)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            done = [
-                p
-                for p in (storage / name).glob("train_*/result.json")
-                if len(p.read_text().splitlines()) >= 2
-            ]
-            if done:
-                break
-            assert driver.poll() is None, driver.stdout.read()[-3000:]
-            time.sleep(1)
-        assert done, "no trial finished before the deadline"
-        finished_lines = {p.parent.name: len(p.read_text().splitlines()) for p in done}
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    # the sweep report builds from storage after the SIGKILL, and lists the finished trial
-    report = chestxpert("sweep", "report", name, "--json", env=env, cwd=tmp_path)
-    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
-    shown = json.loads(report.stdout)
-    page = (storage / name / "report" / "report.html").read_text()
-    assert shown["state"] == "interrupted" and "logged to the sweep's parent run" in report.stderr
-    ended = {t["trial_id"]: t["ended"] for t in shown["trials"]}
-    for path in done:
-        trial_id = json.loads(path.read_text().splitlines()[0])["trial_id"]
-        assert ended[trial_id] == "completed" and f"<td>{trial_id}</td>" in page
-    # (the report's seconds stand in for the pause that let Ray see the driver gone)
-    # the killed driver still holds the sweep's lease: its pid is gone from this host
-    result = chestxpert("sweep", "resume", name, "--force", env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    status = status_json(name, env, tmp_path)
-    assert len(status["trials"]) == 4 and len({t["trial_id"] for t in status["trials"]}) == 4
-    assert all(t["ended"] == "completed" for t in status["trials"]), status["trials"]
-    for folder, lines in finished_lines.items():  # finished trials were not run again
-        assert len((storage / name / folder / "result.json").read_text().splitlines()) == lines
 
 
 def test_mlflow_outage_loses_no_metric(

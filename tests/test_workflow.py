@@ -107,7 +107,7 @@ def test_submit_watch_final_pull_predict_and_nothing_leaks(
             "name": "workflow",
             "dataset": dataset,
             "model_name": "workflow-model",
-            "trial": {"backbone": "densenet_tiny", "image_size": 64, "epochs": 2, "batch_size": 32},
+            "trial": {"backbone": "convnet_small", "image_size": 64, "epochs": 2, "batch_size": 32},
             "resources": {"cpus": 1, "gpus": 1},
             "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
             "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3}},

@@ -107,6 +107,32 @@ def _densenet_tiny(**kwargs) -> keras.Model:
     return _keras_densenet([1, 2, 4, 2], name="densenet_tiny", **kwargs)
 
 
+def _convnet_small(input_tensor: keras.KerasTensor, weights: str | None = None) -> keras.Model:
+    """Four conv-BN-ReLU stages (16, 32, 64, 128 filters; the last three stride 2), ending at
+    1/8 of the input side: an 8x8 map at 64 px, where DenseNet's is 2x2.
+
+    For smoke runs and tests of the pipeline around the model, not for results: its graph
+    builds in a fraction of densenet_tiny's time (see `make bench` startup_per_backbone).
+    """
+    x = input_tensor
+    for stage, filters in enumerate((16, 32, 64, 128), start=1):
+        x = keras.layers.Conv2D(
+            filters,
+            3,
+            strides=1 if stage == 1 else 2,
+            padding="same",
+            use_bias=False,
+            name=f"conv{stage}",
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"conv{stage}_bn")(x)
+        x = keras.layers.Activation("relu", name="relu" if stage == 4 else f"conv{stage}_relu")(x)
+    # As keras.applications do: the base starts at the model's own Input, so its layers stay flat.
+    base = keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="convnet_small")
+    if weights is not None:
+        _load_base_weights(base, input_tensor, weights)
+    return base
+
+
 def _keras_notop(folder: str, file: str) -> dict[str, str]:
     """The weights_file/weights_url pair of a Keras notop file published under `folder`."""
     return {"weights_file": file, "weights_url": f"{_KERAS_WEIGHTS}{folder}{file}"}
@@ -189,13 +215,21 @@ BACKBONES: dict[str, Backbone] = {
                 "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
             ),
         ),
-        # For fast CPU runs and tests; there are no published weights for it.
+        # For fast CPU runs and tests; there are no published weights for these.
         Backbone(
             "densenet_tiny",
             min_size=32,
             last_conv_layer="relu",
             scaling="torch",
             builder=partial(_keras_application, _densenet_tiny),
+            weights_file=None,
+        ),
+        Backbone(
+            "convnet_small",
+            min_size=32,
+            last_conv_layer="relu",
+            scaling="torch",
+            builder=_convnet_small,
             weights_file=None,
         ),
     ]
