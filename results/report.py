@@ -203,15 +203,27 @@ def subgroup_caption(metrics: dict[str, Any]) -> str:
     skipped = subgroups.get("skipped") or []
     if skipped:
         caption += (
-            " Skipped for too few cases: "
-            + "; ".join(
-                f"{s['label'].replace('_', ' ')} in {s['attribute']} {s['group']} "
-                f"({s['positives']} positives, {s['negatives']} negatives)"
-                for s in skipped
-            )
-            + "."
+            f" {len(skipped)} pathology × subgroup pairs are skipped for too few cases; the "
+            "table of skipped subgroups lists each with its counts."
         )
     return caption
+
+
+SKIPPED_HEADER = ["Pathology", "Attribute", "Group", "Positives", "Negatives"]
+
+
+def skipped_subgroup_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row per pathology × subgroup left out of the subgroup table, with its counts."""
+    return [
+        [
+            s["label"].replace("_", " "),
+            s["attribute"],
+            str(s["group"]),
+            str(s["positives"]),
+            str(s["negatives"]),
+        ]
+        for s in (metrics.get("subgroups") or {}).get("skipped") or []
+    ]
 
 
 def calibration_rows(metrics: dict[str, Any]) -> list[list[str]]:
@@ -374,6 +386,9 @@ def write_markdown(metrics: dict[str, Any], figures: list[ReportFigure], path: P
     lines += ["", "## Subgroups", "", subgroup_caption(metrics), ""]
     if subgroup_rows(metrics):
         lines += _md_table(SUBGROUP_HEADER, subgroup_rows(metrics))
+    if skipped_subgroup_rows(metrics):
+        lines += ["", "### Skipped subgroups (too few cases)", ""]
+        lines += _md_table(SKIPPED_HEADER, skipped_subgroup_rows(metrics))
     if metrics.get("localization"):
         lines += ["", f"## Localisation (Grad-CAM layer `{metrics['gradcam_layer']}`)", ""]
         lines += _md_table(LOCALISATION_HEADER, _localisation_rows(metrics))
@@ -435,6 +450,13 @@ def write_html(
     parts += ["<h2>Subgroups</h2>", f"<p>{esc(subgroup_caption(metrics))}</p>"]
     if subgroup_rows(metrics):
         parts.append(table(SUBGROUP_HEADER, subgroup_rows(metrics), "subgroups"))
+    if skipped_subgroup_rows(metrics):  # folded: at a small test split it is most pairs
+        parts.append(
+            f"<details><summary>Skipped subgroups (too few cases): "
+            f"{len(skipped_subgroup_rows(metrics))}</summary>"
+            + table(SKIPPED_HEADER, skipped_subgroup_rows(metrics), "skipped subgroups")
+            + "</details>"
+        )
     if metrics.get("localization"):
         parts.append(
             f"<h2>Localisation (Grad-CAM layer <code>{esc(metrics['gradcam_layer'])}</code>)</h2>"

@@ -159,7 +159,11 @@ def test_the_other_operating_point_and_the_subgroups_have_their_tables(written):
     expected = {(r["label"], r["group"]) for r in metrics["subgroups"]["rows"]}
     assert shown == expected and ("Hernia", "female") not in shown  # no positives: no row
     assert any(s["label"] == "Hernia" for s in metrics["subgroups"]["skipped"])
-    assert "Skipped for too few cases: " in md and "Hernia in sex female" in md
+    skipped = table_cells(document, "skipped subgroups")
+    assert skipped[0] == ["Pathology", "Attribute", "Group", "Positives", "Negatives"]
+    assert len(skipped) - 1 == len(metrics["subgroups"]["skipped"])
+    assert ["Hernia", "sex", "female"] in [row[:3] for row in skipped]  # no positives
+    assert "### Skipped subgroups (too few cases)" in md and "| Hernia | sex | female |" in md
     flagged = [row for row in rows if row[-1].startswith("◆")]
     for label, gap in metrics["subgroups"]["largest_gap"].items():
         marked = [row for row in flagged if row[0] == label]
