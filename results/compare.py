@@ -264,7 +264,7 @@ def compare_models(
     Returns the report's data (compare.json) and the folder.
     """
     from chestxpert.datasets.reader import read_split
-    from chestxpert.results.pull import replace_folder
+    from chestxpert.results.download import replace_folder
 
     work = Path(tempfile.mkdtemp(prefix="cx-compare-"))
     try:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +19,8 @@ from chestxpert.cluster.endpoints import Endpoints
 from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
 from chestxpert.results import versions
+from chestxpert.results.final_figures import gradcam_gallery, summary_figures
 from chestxpert.results.publish import FinalError, load_sweep, register_and_promote
-from chestxpert.results.report import ReportFigure
 from chestxpert.sweeps.layout import (
     DATASET_GENERATION,
     FINAL_STAGING,
@@ -32,15 +32,7 @@ from chestxpert.sweeps.layout import (
 )
 from chestxpert.sweeps.spec import SweepSpec
 
-if TYPE_CHECKING:
-    from chestxpert.results.evaluate import ThresholdChoice
-
 __all__ = ["FinalError", "FinalOptions", "evaluate_model", "retrain", "run_final"]
-
-# DenseNet121's last map is 7×7 at the 224 px it was designed for; at 128 px it is 4×4 and
-# points at little (the README gives the demo's pointing-game figures for both maps).
-# Smaller last maps step back to the deepest ≥ 7×7 one.
-MIN_GRADCAM_MAP = 7
 
 
 @dataclass(frozen=True)
@@ -92,29 +84,6 @@ def retrain(
     return last
 
 
-def _gradcam_layer(model, preferred: str, chosen: str | None) -> tuple[str, str | None]:
-    """The layer to explain and, when we had to step back from the last conv layer, why."""
-    if chosen:
-        model.get_layer(chosen)  # a typo fails here, with Keras naming the layer
-        return chosen, None
-    side = model.get_layer(preferred).output.shape[1]
-    if side is None or side >= MIN_GRADCAM_MAP:
-        return preferred, None
-    for layer in reversed(model.layers[: model.layers.index(model.get_layer(preferred))]):
-        shape = layer.output.shape
-        if len(shape) == 4 and shape[1] and shape[1] >= MIN_GRADCAM_MAP and "relu" in layer.name:
-            note = (
-                f"Grad-CAM uses layer {layer.name} ({shape[1]}×{shape[2]}): the last convolutional "
-                f"layer {preferred} is only {side}×{side} at this image size (7×7 at 224 px); "
-                f"`--gradcam-layer` chooses another."
-            )
-            return layer.name, note
-    return (
-        preferred,
-        f"Grad-CAM layer {preferred} is {side}×{side}: heatmaps cannot localise at this size.",
-    )
-
-
 def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, Any]:
     """The whole final job; returns the metrics dict also written as metrics.json.
 
@@ -163,7 +132,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             train_metrics = _retrain_on_cluster(config, location.fs, staging, spec, opts, endpoints)
         else:
             train_metrics = retrain(config, location.fs, staging, endpoints)
-        from chestxpert.results.pull import download_folder
+        from chestxpert.results.download import download_folder
 
         # checksum-verified: the model evaluated is the model published
         folder = work / "version"
@@ -288,67 +257,6 @@ def _dataset_generation(
     return version[DATASET_GENERATION]
 
 
-def _summary_figures(
-    evaluation: dict[str, Any], choice: ThresholdChoice, out: Path
-) -> list[ReportFigure]:
-    """The reliability diagrams (raw, calibrated), ROC and PR panels into `out/figures`, with the
-    operating points marked and each label's AUC and CI under its ROC panel title."""
-    from chestxpert.results.figures import curves_figure, reliability_figure
-
-    (out / "figures").mkdir(exist_ok=True)
-    reliability_figure(evaluation["calibration"], out / "figures" / "reliability.png")
-    reliability_figure(
-        evaluation["calibration_calibrated"], out / "figures" / "reliability_calibrated.png"
-    )
-    main_point = "youden" if choice.method == "youden" else f"sens={choice.target_sensitivity}"
-    marked = {
-        main_point: {
-            name: item["operating_point"] for name, item in evaluation["per_label"].items()
-        },
-        **evaluation.get("operating_points", {}),
-    }
-    subtitles = {
-        name: f"AUC {item['auc']:.2f} ({item['auc_low']:.2f}–{item['auc_high']:.2f})"
-        for name, item in evaluation["per_label"].items()
-        if item["auc"] is not None and item["auc_low"] is not None
-    }
-    for kind in ("roc", "pr"):
-        curves_figure(
-            evaluation["curves"],
-            out / "figures" / f"{kind}.png",
-            kind=kind,
-            points=marked,
-            subtitles=subtitles,
-        )
-    return [
-        ReportFigure(
-            "Reliability: raw probabilities",
-            "Observed fraction positive against mean predicted probability per bin on the test "
-            "split, pooled then per label; the diagonal is perfect calibration.",
-            "figures/reliability.png",
-        ),
-        ReportFigure(
-            "Reliability: after Platt scaling",
-            "The same diagrams after the per-label calibration fitted on validation, the "
-            "probabilities `predict` reports.",
-            "figures/reliability_calibrated.png",
-        ),
-        ReportFigure(
-            "ROC curves",
-            "Sensitivity against 1 - specificity on the test split, one panel per label, with "
-            f"AUC (95% CI); markers: the operating points ({', '.join(marked)}) chosen on "
-            "validation, where they fall on test.",
-            "figures/roc.png",
-        ),
-        ReportFigure(
-            "Precision-recall curves",
-            "Precision (PPV) against recall (sensitivity) on the test split, one panel per "
-            "label; low-prevalence labels sit low.",
-            "figures/pr.png",
-        ),
-    ]
-
-
 def evaluate_model(
     model_dir: Path,
     config: dict,
@@ -369,14 +277,6 @@ def evaluate_model(
         evaluate,
         parse_operating_point,
         to_json_ready,
-    )
-    from chestxpert.results.gradcam import (
-        MIN_OVERLAY_SIDE,
-        GradCam,
-        heatmaps_for_boxes,
-        localization_scores,
-        overlay,
-        select_examples,
     )
     from chestxpert.results.report import write_html, write_markdown
     from chestxpert.results.subgroups import subgroup_aucs, subgroup_masks
@@ -442,67 +342,20 @@ def evaluate_model(
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
-    figures = _summary_figures(evaluation, choice, out)
-
-    backbone = get_backbone(config["backbone"])
-    layer, note = _gradcam_layer(model, backbone.last_conv_layer, opts.gradcam_layer)
-    gradcam = GradCam(model, layer)
-    thresholds = [choice.thresholds[label] for label in labels]
-    examples = select_examples(
-        np.nan_to_num(test["labels"], nan=0.0),
+    figures = summary_figures(evaluation, choice, out)
+    gallery, layer, note, localization = gradcam_gallery(
+        model,
+        get_backbone(config["backbone"]).last_conv_layer,
+        opts.gradcam_layer,
+        test,
         test_prob,
-        thresholds,
         labels,
-        k=opts.examples_per_label,
+        choice,
+        size,
+        opts.examples_per_label,
+        out,
     )
-    (out / "gradcam").mkdir(exist_ok=True)
-    for column, label in enumerate(labels):
-        for kind, indices in examples.get(label, {}).items():
-            if not indices:
-                continue
-            maps = gradcam.heatmaps(test["image"][indices], [column] * len(indices))
-            for rank, (index, heat) in enumerate(zip(indices, maps, strict=True), start=1):
-                box = next(
-                    (
-                        (b["x"], b["y"], b["w"], b["h"])
-                        for b in (test["boxes"][index] or [])
-                        if b["label"] == label
-                    ),
-                    None,
-                )
-                title = f"{label} {kind.replace('_', ' ')[:-1]} p={test_prob[index, column]:.2f}"
-                # The prepared dataset keeps only the model-size image, so the gallery enlarges
-                # it (and the map) smoothly rather than show a thumbnail.
-                picture = overlay(
-                    test["image"][index][..., 0], heat, box, title, min_side=MIN_OVERLAY_SIDE
-                )
-                rel = f"gradcam/{label}_{kind}_{rank}.png"
-                picture.save(out / rel)
-                what = kind.replace("_", " ")[:-1]
-                figures.append(
-                    ReportFigure(
-                        f"{label.replace('_', ' ')}: {what} {rank}",
-                        f"p={test_prob[index, column]:.2f} at threshold "
-                        f"{choice.thresholds[label]:.2f}; heatmap over the test image, "
-                        f"upsampled (bicubic image, bilinear map) from the model's {size} px "
-                        f"input to {max(size, MIN_OVERLAY_SIDE)} px, as the dataset keeps no "
-                        "original" + ("; box: the annotated finding" if box else ""),
-                        rel,
-                    )
-                )
-    localization = {}
-    with_boxes = [i for i, boxes in enumerate(test["boxes"]) if boxes is not None and len(boxes)]
-    if with_boxes:
-        try:
-            pairs = heatmaps_for_boxes(
-                gradcam,
-                test["image"][with_boxes],
-                [test["boxes"][i] for i in with_boxes],
-                {label: i for i, label in enumerate(labels)},
-            )
-            localization = localization_scores(pairs)
-        except ValueError as err:
-            note = (note + " " if note else "") + f"No localisation scores: {err}"
+    figures += gallery
     metrics = {
         "sweep": name,
         "source": dataset.manifest.get("source"),

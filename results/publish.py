@@ -244,7 +244,7 @@ def finish(name: str, endpoints: Endpoints, promote: bool) -> tuple[list[Outcome
 
 def download_version(location: SweepLocation, number: int, to: Path) -> Path:
     """Sealed version `number` into `to/<number>`, every file checked against its SHA256SUMS."""
-    from chestxpert.results.pull import download_folder
+    from chestxpert.results.download import download_folder
 
     return download_folder(
         location.fs,

@@ -401,7 +401,7 @@ def test_an_overlay_for_a_reader_keeps_a_large_image_and_enlarges_a_small_one():
     ("size", "layer", "side"), [(224, "relu", 7), (128, "pool4_relu", 8), (64, "pool3_relu", 8)]
 )
 def test_the_report_explains_densenet121s_deepest_map_of_at_least_7x7(size, layer, side):
-    from chestxpert.results.final import _gradcam_layer
+    from chestxpert.results.final_figures import _gradcam_layer
 
     model = build_model("densenet121", size, 14)
     chosen, note = _gradcam_layer(model, get_backbone("densenet121").last_conv_layer, None)

@@ -17,7 +17,8 @@ import pytest
 
 from chestxpert.cluster.endpoints import resolve
 from chestxpert.results import versions
-from chestxpert.results.pull import ChecksumError, PullError, pull_final
+from chestxpert.results.download import ChecksumError, PullError
+from chestxpert.results.pull import pull_final
 from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, locate
 from chestxpert.trainable.checkpoint import MODEL_FILE, STATE_FILE
 

@@ -20,6 +20,7 @@ from chestxpert.cluster.endpoints import resolve
 from chestxpert.datasets.images import load_gray_square
 from chestxpert.datasets.schema import NIH_LABELS
 from chestxpert.results.calibrate import Calibrator
+from chestxpert.results.download import ChecksumError, PullError
 from chestxpert.results.gradcam import MIN_OVERLAY_SIDE
 from chestxpert.results.predict import (
     CALIBRATED,
@@ -31,13 +32,7 @@ from chestxpert.results.predict import (
     format_predictions,
     predict,
 )
-from chestxpert.results.pull import (
-    ChecksumError,
-    PullError,
-    load_lines,
-    pull_best,
-    resolve_model,
-)
+from chestxpert.results.pull import load_lines, pull_best, resolve_model
 from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE
 from chestxpert.trainable.checkpoint import MODEL_FILE, STATE_FILE, file_sha256
 

@@ -16,13 +16,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from chestxpert.cluster.processes import free_port
-from chestxpert.results.sweep_report import (
-    asha_rungs,
-    build_report,
-    log_to_mlflow,
-    sweep_report_data,
-    write_report,
-)
+from chestxpert.results.sweep_data import asha_rungs, sweep_report_data
+from chestxpert.results.sweep_report import build_report, log_to_mlflow, write_report
 from chestxpert.sweeps.layout import SPEC_FILE, SWEEP_REPORT_DATA, SWEEP_REPORT_HTML, SweepLocation
 from chestxpert.sweeps.spec import SweepSpec
 
