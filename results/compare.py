@@ -424,7 +424,7 @@ def difference_png(data: dict[str, Any]) -> str | None:
     ax.set_yticklabels(["Macro AUC" if k == MACRO else k for k, _ in reversed(shown)], fontsize=8)
     ax.set_xlabel("AUC difference B − A")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # long axis labels stay whole
     return base64.b64encode(buffer.getvalue()).decode()
 
 

@@ -35,7 +35,7 @@ def ending_kind(ended: str) -> str:
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # long axis labels stay whole
     return base64.b64encode(buffer.getvalue()).decode()
 
 
