@@ -234,6 +234,9 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     old = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     parents, trials = _runs(old, name)
     assert [p.info.status for p in parents] == ["KILLED"]
+    finished_id = next(
+        t for t, r in trials.items() if r.data.tags["chestxpert.ended"] == "completed"
+    )
     ended = sorted((r.data.tags["chestxpert.ended"], r.info.status) for r in trials.values())
     assert len(ended) == 2 and ended[0] == ("completed", "FINISHED"), ended
     assert ended[1][0].startswith("interrupted") and ended[1][1] == "KILLED", ended
@@ -251,9 +254,8 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
     status = status_json(name, env, tmp_path)
     assert len({t["trial_id"] for t in status["trials"]}) == 2
     assert all(t["ended"] == "completed" for t in status["trials"]), status["trials"]
-    first = min(status["trials"], key=lambda t: t["trial_id"])
     # the trial finished before the kill was not run again: each of its epochs once
-    assert _stored_epochs(storage / name)[first["trial_id"]] == [1, 2]
+    assert _stored_epochs(storage / name)[finished_id] == [1, 2]
 
     ws = short_tmpdir("cxnew")
     server = start_mlflow(StackOptions(workspace=ws, mlflow_port=port), (ws / "a").as_uri())
