@@ -78,13 +78,6 @@ class Outcome:
 
 
 # What a server that is down, slow or refusing looks like through the MLflow client.
-def _mlflow_errors() -> tuple[type[BaseException], ...]:
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    return (MlflowException, requests.RequestException, OSError)
-
-
 def load_sweep(name: str, endpoints: Endpoints) -> Sweep:
     """Sweep `name` from storage, refusing one that does not exist or has no best trial."""
     location = locate(endpoints, name)
@@ -166,7 +159,7 @@ def register_and_promote(
             client.set_registered_model_alias(
                 model_name, mlflow_runs.CHAMPION_ALIAS, registered.version
             )
-    except _mlflow_errors() as err:
+    except mlflow_runs.failures() as err:
         serving = f"still {current[0]}" if current else "none yet"
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise FinalError(

@@ -151,15 +151,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mlflow_failures() -> tuple[type[BaseException], ...]:
-    """What a call to an absent or failing MLflow server raises (imported only when needed)."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    return (MlflowException, requests.RequestException, OSError)
-
-
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from chestxpert.cluster import mlflow_runs
     from chestxpert.cluster.mlflow_runs import safe_uri
     from chestxpert.sweeps.journal import upload_leftovers
     from chestxpert.sweeps.layout import SPEC_FILE
@@ -194,7 +187,7 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
             exclude=exclude,
             interrupted=not live,
         )
-    except _mlflow_failures() as err:
+    except mlflow_runs.failures() as err:
         said = " ".join(str(err).replace(uri, safe_uri(uri)).split())[:200]
         raise SweepError(
             f"MLflow at {safe_uri(uri)} failed ({type(err).__name__}: {said}); what was sent so "
