@@ -25,34 +25,34 @@ class TrialConfig:
 
     dataset: str = ""  # prepared-dataset URI (folder or s3://)
     dataset_generation: str = ""  # the dataset version to read; "" = the current one
-    backbone: str = "densenet121"
+    backbone: str = "densenet121"  # a registered backbone (trainable/backbones.py)
     image_size: int = 0  # 0 = the dataset's size; smaller values resize on the fly
-    batch_size: int = 16
-    epochs: int = 10
-    learning_rate: float = 1e-3
+    batch_size: int = 16  # images per training step
+    epochs: int = 10  # epochs to train; in a sweep ASHA may stop a trial sooner
+    learning_rate: float = 1e-3  # the optimizer's rate (a cosine schedule's peak)
     optimizer: str = "adam"  # adam | adamw | sgd
     momentum: float = 0.9  # sgd only
     nesterov: bool = True  # sgd only
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # 0 = none; Keras' decoupled weight decay
     clipnorm: float = 0.0  # 0 = no gradient clipping
     lr_schedule: str = "constant"  # constant | cosine | plateau
     warmup_epochs: float = 0.0  # cosine only
     plateau_factor: float = 0.5  # plateau only
     plateau_patience: int = 2  # plateau only, in epochs
     loss: str = "weighted_bce"  # weighted_bce | bce | focal
-    focal_gamma: float = 2.0
-    dropout: float = 0.2
-    augment: bool = True
-    rotation_deg: float = 5.0
-    shift: float = 0.05
-    zoom: float = 0.1
-    brightness: float = 0.1
-    contrast: float = 0.1
+    focal_gamma: float = 2.0  # focal loss only
+    dropout: float = 0.2  # on the pooled features, in [0, 1)
+    augment: bool = True  # false: none of the augmentations below
+    rotation_deg: float = 5.0  # random rotation up to ± this many degrees
+    shift: float = 0.05  # random shift up to ± this fraction of the side
+    zoom: float = 0.1  # random zoom up to ± this fraction
+    brightness: float = 0.1  # random brightness up to ± this fraction of the range
+    contrast: float = 0.1  # random contrast up to ± this fraction
     hflip: bool = False  # off: a flip puts the heart on the wrong side
     weights: str = ""  # "" = from scratch; "imagenet"; or a local weights file
-    seed: int = 0
+    seed: int = 0  # initial weights, shuffling and augmentation
     mixed_precision: str = "auto"  # auto (on with a GPU) | off | mixed_float16 | bfloat16
-    xla: bool = False
+    xla: bool = False  # compile the training step with XLA
     cpus: int = 0  # TF threads; 0 = the Ray trial's or task's CPU allocation, else all cores
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)

@@ -52,7 +52,11 @@ _DIMENSION: TypeAdapter[Any] = TypeAdapter(Dimension)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # use_attribute_docstrings: the string under each field is its description in the JSON
+    # Schema and in the README's spec reference (sweeps/spec/reference.py)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class MlflowSettings(_Section):
@@ -60,14 +64,21 @@ class MlflowSettings(_Section):
     (None: the sweep's name, filled in on validation)."""
 
     tracking_uri: str | None = None
+    """The MLflow server; `--mlflow-uri` wins over it; null: `MLFLOW_TRACKING_URI`, the local
+    stack's server, else `sqlite:///<workspace>/mlflow.db`."""
     experiment: str | None = None
+    """The MLflow experiment of the sweep's parent run and its trial runs; null: the sweep's
+    `name`."""
 
 
 class Resources(_Section):
     """What one trial reserves on the cluster: CPUs (> 0, fractions allowed) and GPUs (>= 0)."""
 
     cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each trial (fractions allowed); TensorFlow runs as many threads
+    unless `trial.cpus` says otherwise."""
     gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each trial (fractions share one GPU)."""
 
 
 class Search(_Section):
@@ -76,13 +87,25 @@ class Search(_Section):
     random before it models the results (None: a third of num_samples, at most Optuna's 10)."""
 
     algorithm: Literal["optuna", "random"] = "optuna"
+    """`optuna`: Optuna's sampler (OptunaSearch); `random`: Tune's random search."""
     sampler: Literal["tpe"] = "tpe"
+    """Optuna's sampler: TPE."""
     seed: int | None = 0
+    """Seed of the search algorithm (the same seed draws the same configurations); null: a
+    different search each run."""
     num_samples: int = Field(32, gt=0)
+    """Trials in total, `points_to_evaluate` included."""
     max_concurrent: int = Field(4, gt=0)
+    """Trials running at once (at most; the cluster's free resources may allow fewer)."""
     time_budget_s: float | None = Field(None, gt=0)
+    """Wall-clock budget of the sweep in seconds: running trials stop when it is spent; null:
+    none."""
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    """Configurations tried first, each a mapping of `space` keys to values (a known recipe,
+    say), before the algorithm picks."""
     startup_trials: int | None = Field(None, ge=1)
+    """Random configurations TPE draws before it models the results; null: a third of
+    `num_samples`, at most 10."""
 
     def tpe_startup_trials(self) -> int:
         """Random trials before TPE models: with Optuna's fixed 10, a sweep of 10 trials or
@@ -97,9 +120,14 @@ class Scheduler(_Section):
     validation), or none."""
 
     type: Literal["asha", "none"] = "asha"
+    """`asha`: stop weak trials early at rungs; `none`: every trial runs all its epochs."""
     max_t: int | None = Field(None, ge=1)
+    """Epochs a trial may reach, at most `trial.epochs`; null: `trial.epochs`."""
     grace_period: int = Field(1, ge=1)
+    """Epochs every trial runs before ASHA may stop it; less than `max_t`."""
     reduction_factor: int = Field(3, ge=2)
+    """At each rung (`grace_period × reduction_factor^k` epochs) only the best
+    1/`reduction_factor` of the trials that got there go on."""
 
 
 class SweepSpec(_Section):
@@ -108,21 +136,43 @@ class SweepSpec(_Section):
     `space`, `scheduler` sees `trial`)."""
 
     name: str
+    """The sweep's name: its Tune experiment and its folder in storage; letters, digits, `_`,
+    `.` and `-`."""
     dataset: str
+    """The prepared dataset: the folder or `s3://` prefix `data prepare` wrote; a relative
+    folder is taken from the directory the spec is read in."""
     storage: str | None = None
+    """Checkpoints and results: a folder or `s3://bucket/prefix`; `--storage` wins over it;
+    null: `CHESTXPERT_STORAGE`, the local stack's storage, else `<workspace>/storage`."""
     ray_address: str | None = None
+    """The Ray cluster; `--address` wins over it; null: `RAY_ADDRESS`, the local stack, else
+    Ray in-process."""
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    """Where each trial's metrics go: one parent run per sweep, one nested run per trial."""
     model_name: str | None = None
+    """The name `final` registers the final model under in MLflow; null: the sweep's `name`."""
     trial: dict[str, Any] = Field(default_factory=dict)
+    """Settings every trial shares: any trial setting (table below) except `dataset`; a key
+    searched in `space` is not set here."""
     resources: Resources = Field(default_factory=Resources)
+    """What one trial reserves on the cluster."""
     # validate_default: the cross-field checks below must run on defaults too
     space: dict[str, Dimension] = Field(default_factory=dict, validate_default=True)
+    """The search space: trial setting → dimension (table below); empty: every trial runs the
+    `trial` settings."""
     search: Search = Field(default_factory=Search, validate_default=True)
+    """How configurations are picked, how many trials, how many at once."""
     scheduler: Scheduler = Field(default_factory=Scheduler, validate_default=True)
+    """Early stopping, in epochs."""
     metric: str = "val_auc_macro"
+    """What "best" means: `val_auc_macro`, `val_pr_auc_macro`, `val_loss`, `train_loss`, or
+    one label's `val_auc_<label>` (spaces in label names become `_`)."""
     mode: Literal["max", "min"] = Field("max", validate_default=True)
+    """Whether higher (`max`) or lower (`min`) `metric` is better; it must fit the metric."""
     max_retries: int = Field(2, ge=0)
+    """Restarts of a failed trial (a lost node, out of memory), from its last checkpoint."""
     checkpoints_to_keep: int = Field(2, ge=1)
+    """Checkpoints kept per trial: the best by `metric`."""
 
     @model_validator(mode="before")
     @classmethod
