@@ -77,6 +77,7 @@ def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
         "chestxpert/cli.py",
         "chestxpert/datasets/nih_label_rates.json",
         "chestxpert/sweeps/examples/demo-cpu.yaml",
+        "chestxpert/sweeps/spec.schema.json",  # the examples' yaml-language-server $schema
     ):
         assert data in names, data
     metadata = zipfile.ZipFile(wheel).read(
@@ -131,6 +132,7 @@ def test_installed_wheel_runs_outside_the_repo_beside_hugging_face_datasets(
         "-c",
         "import datasets, chestxpert.datasets as ours, chestxpert.cli as cli, chestxpert.demo;"
         "assert chestxpert.demo.DEMO_SPEC.is_file(), chestxpert.demo.DEMO_SPEC;"
+        "from chestxpert.sweeps.spec.reference import SCHEMA_FILE; assert SCHEMA_FILE.is_file();"
         "print(datasets.load_dataset.__module__); print(ours.__file__); print(cli.__file__);"
         "print(chestxpert.demo.DEMO_SPEC)",
     ).split()
