@@ -8,6 +8,7 @@ stack commands run in test_cluster (with free ports instead of the defaults),
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -53,16 +54,84 @@ def test_dataset_and_training_blocks_run_verbatim(tmp_path: Path) -> None:
     (tmp_path / "tiny.yaml").write_text(train_yaml)
     for command in commands(data_block) + commands(train_block):
         run(command, tmp_path)
-    assert (tmp_path / "data" / "prepared-64" / "manifest.json").exists()
-    # the sweep example trains on what the Datasets steps made
-    from chestxpert.sweeps.spec import load_spec
-
-    demo_dataset = load_spec(REPO / "sweeps" / "examples" / "demo-cpu.yaml").dataset
-    assert (tmp_path / "data" / "prepared-128" / "manifest.json").exists()
-    relative = yaml.safe_load((REPO / "sweeps/examples/demo-cpu.yaml").read_text())["dataset"]
-    assert relative == "data/prepared-128" and demo_dataset.endswith("/data/prepared-128")
+    # what later steps read, made by these (test_each_step_uses_what_an_earlier_step_made)
+    for argv in readme_commands():
+        if argv[:2] == ["data", "prepare"]:
+            out = argv[argv.index("--out") + 1]
+            assert (tmp_path / out / "manifest.json").exists(), out
+        if argv[0] == "predict":
+            for image in argv[2:]:
+                assert (tmp_path / image).is_file(), image
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
     assert checkpoints[-1] == "checkpoint_0003", checkpoints
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `chestxpert` command in the README's bash blocks, in reading order, as its
+    arguments (`.venv/bin/chestxpert data synth --out X` → `["data", "synth", "--out", "X"]`),
+    options' values after the first `--option` dropped for `predict`."""
+    found = []
+    for lang, body in BLOCKS:
+        for line in body.splitlines() if lang == "bash" else []:
+            argv = shlex.split(line, comments=True)
+            if argv and argv[0] in (".venv/bin/chestxpert", "chestxpert"):
+                found.append(argv[1:])
+    return [
+        argv[: next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))]
+        if argv[0] == "predict"
+        else argv
+        for argv in found
+    ]
+
+
+def test_each_step_uses_what_an_earlier_step_made() -> None:
+    """Read top to bottom, the README never uses a dataset, film or sweep that no earlier step
+    made: every command parses, every local dataset it reads (`--input`, `--dataset`, a train
+    config's or a sweep spec's `dataset`) was written by an earlier `--out`, and every sweep it
+    names was started by an earlier `sweep run` or `sweep submit`. Datasets in S3 (the cluster
+    section) are made by cluster/README.md's first step."""
+    from chestxpert.cli import build_parser
+
+    configs = {
+        body.split(":", 1)[0].lstrip("# "): yaml.safe_load(body)
+        for lang, body in BLOCKS
+        if lang == "yaml" and body.startswith("# ")
+    }
+    made: list[str] = []
+    sweeps: set[str] = set()
+    parser = build_parser()
+
+    def made_earlier(path: str, by: list[str]) -> None:
+        if "://" not in path:
+            assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in made), (
+                f"`chestxpert {shlex.join(by)}` reads {path}, which no earlier README step makes"
+            )
+
+    for argv in readme_commands():
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit_:
+            pytest.fail(f"`chestxpert {shlex.join(argv)}` does not parse (exit {exit_.code})")
+        command = " ".join(argv[:2]) if argv[0] in ("data", "sweep") else argv[0]
+        for flag in ("--input", "--dataset"):
+            if flag in argv:
+                made_earlier(argv[argv.index(flag) + 1], argv)
+        if command == "train":
+            made_earlier(configs[argv[1]]["dataset"], argv)
+        elif command in ("sweep run", "sweep submit"):
+            spec = yaml.safe_load((REPO / argv[2]).read_text())
+            made_earlier(spec["dataset"], argv)
+            sweeps.add(spec["name"])
+        elif command in ("sweep status", "sweep report", "sweep resume", "final", "pull-best"):
+            name = argv[2] if argv[0] == "sweep" else argv[1]
+            assert name in sweeps, f"`chestxpert {shlex.join(argv)}`: no earlier step runs {name}"
+        elif command == "predict":
+            for image in argv[2:]:
+                made_earlier(image, argv)
+        for flag in ("--out", "--to"):
+            if flag in argv:
+                made.append(argv[argv.index(flag) + 1])
+    assert "data/prepared-128" in made and {"demo-cpu", "nih-densenet121-224"} <= sweeps
 
 
 @pytest.mark.parametrize(
