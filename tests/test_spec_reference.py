@@ -55,6 +55,8 @@ def test_the_reference_has_a_row_for_every_key() -> None:
     expected += [item.name for item in fields(TrialConfig) if not item.name.startswith("dataset")]
     expected += ["loguniform", "uniform", "quniform", "randint", "choice"]
     assert sorted(rows) == sorted(expected)
+    undescribed = re.findall(r"^\| `([\w.]+)` \|.*\|\s+\|$", table, flags=re.MULTILINE)
+    assert not undescribed, f"give each a docstring under its field (or a # note): {undescribed}"
     assert "| `search.num_samples` | integer > 0 | `32` |" in table
     assert "| `learning_rate` | number | `0.001` | yes |" in table
     assert "| `epochs` | integer | `10` | no: fixed for the sweep |" in table

@@ -9,10 +9,12 @@ either differs from the models.
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import json
 import re
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,25 @@ def trial_setting_notes() -> dict[str, str]:
     return notes
 
 
+def field_docs(model: type) -> dict[str, str]:
+    """The string literal under each field of `model`'s class body (its attribute docstring)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(model))).body[0].body
+    return {
+        field.target.id: inspect.cleandoc(doc.value.value)
+        for field, doc in zip(body, body[1:], strict=False)
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(field.target, ast.Name)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
+
+
+def _describe(model: type[BaseModel], properties: dict[str, Any]) -> None:
+    for key, doc in field_docs(model).items():
+        properties[key]["description"] = doc
+
+
 def _trial_schema() -> dict[str, Any]:
     """`trial` as TrialConfig reads it: whole floats are integers, null text is ""."""
     notes = trial_setting_notes()
@@ -64,7 +85,7 @@ def _trial_schema() -> dict[str, Any]:
     properties["backbone"]["description"] = " | ".join(BACKBONES)
     return {
         "type": "object",
-        "description": SweepSpec.model_fields["trial"].description,
+        "description": field_docs(SweepSpec)["trial"],
         "properties": properties,
         "additionalProperties": False,
         "default": {},
@@ -93,10 +114,12 @@ def spec_schema() -> dict[str, Any]:
     schema = SweepSpec.model_json_schema()
     properties = schema["properties"]
     _add_factory_defaults(SweepSpec, properties)
+    _describe(SweepSpec, properties)
     for key in _SECTIONS:
         section = SweepSpec.model_fields[key].annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
             _add_factory_defaults(section, schema["$defs"][section.__name__]["properties"])
+            _describe(section, schema["$defs"][section.__name__]["properties"])
     properties["name"]["pattern"] = NAME_PATTERN.pattern
     properties["trial"] = _trial_schema()
     searchable = [key for key in SETTING_KINDS if key not in NOT_SEARCHABLE]
@@ -106,8 +129,8 @@ def spec_schema() -> dict[str, Any]:
         if node.get("type") == "object":  # `trial` and `space`: inline, errors stay precise
             node["type"] = ["object", "null"]
         else:  # a $ref to the section's model
-            default = node.pop("default")
-            properties[section] = {"anyOf": [node, {"type": "null"}], "default": default}
+            outer = {key: node.pop(key) for key in ("default", "description")}
+            properties[section] = {"anyOf": [node, {"type": "null"}], **outer}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         **schema,
@@ -168,7 +191,7 @@ def _spec_rows(schema: dict[str, Any]) -> list[str]:
         else:
             default = "see below" if section else _value_text(node["default"])
         kind = "mapping" if key in _SECTIONS else _type_text(node)
-        described = _cell(SweepSpec.model_fields[key].description)
+        described = _cell(node.get("description"))
         rows.append(f"| `{key}` | {kinds.get(key, kind)} | {default} | {described} |")
         for inner, field in (section or {}).get("properties", {}).items():
             row = f"| `{key}.{inner}` | {_type_text(field)} | {_value_text(field['default'])} | "
