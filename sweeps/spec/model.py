@@ -123,6 +123,9 @@ class SweepSpec(_Section):
     mode: Literal["max", "min"] = Field("max", validate_default=True)
     max_retries: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1)
+    # A finished or stopped trial's worker process runs the next trial (its Keras state is
+    # cleared): no new interpreter and TensorFlow import per trial.
+    reuse_actors: bool = True
 
     @model_validator(mode="before")
     @classmethod
