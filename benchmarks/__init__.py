@@ -13,6 +13,7 @@ from types import ModuleType
 from benchmarks import (
     asha,
     demo_report,
+    demo_stages,
     driver,
     journal,
     mlflow_job_runner,
@@ -35,5 +36,6 @@ BENCHMARKS: dict[str, ModuleType] = {
         driver,
         journal,
         demo_report,
+        demo_stages,
     )
 }

@@ -1,5 +1,6 @@
 """Instant trials on an in-process Ray: the sweep driver with NestedMlflowCallback logging to an
-MLflow server versus without; trials per minute and driver CPU per report.
+MLflow server versus without, both reusing worker processes as sweeps do, and a new worker per
+trial (Tune's default) beside them; trials per minute and driver CPU per report.
 
 Trials do no work, so every cost between two reports is Tune's and the callbacks';
 the MLflow server's own CPU is measured beside the driver's.
@@ -89,7 +90,7 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
         def on_trial_error(self, iteration, trials, trial, **info):
             self.errors += 1
 
-    def fit(name: str, trials: int, mlflow: bool) -> dict[str, Any]:
+    def fit(name: str, trials: int, mlflow: bool, reuse: bool = True) -> dict[str, Any]:
         count = Count()
         callbacks: list = [count]
         if mlflow:
@@ -102,7 +103,9 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
         tuner = tune.Tuner(
             tune.with_resources(instant, {"cpu": spec["cpus"]}),
             param_space={"x": tune.uniform(0.5, 1.0)},
-            tune_config=tune.TuneConfig(num_samples=trials, metric="val_auc_macro", mode="max"),
+            tune_config=tune.TuneConfig(
+                num_samples=trials, metric="val_auc_macro", mode="max", reuse_actors=reuse
+            ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(ws / "storage"), callbacks=callbacks, verbose=0
             ),
@@ -138,7 +141,8 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
         return row
 
     fit("warmup", spec["warmup"], mlflow=False)
-    out = {"without": fit("without", spec["trials"], mlflow=False)}
+    out = {"new worker per trial": fit("new", spec["trials"], mlflow=False, reuse=False)}
+    out["without"] = fit("without", spec["trials"], mlflow=False)
     out["with"] = fit("with", spec["trials"], mlflow=True)
     ray.shutdown()
     return out
@@ -161,18 +165,26 @@ def run(smoke: bool = False) -> None:
         }
         print(
             f"  {size.trials} trials x {size.reports} reports, {TRIAL_CPUS} CPU per trial "
-            f"(Tune's default: a new actor per trial), MLflow server at {mlflow['url']} "
-            f"(SQLite, 2 workers); {size.warmup} warm-up trials first; 'without' runs first",
+            f"(reused workers, as a sweep runs them), MLflow server at {mlflow['url']} "
+            f"(SQLite, 2 workers); {size.warmup} warm-up trials first; then a new worker per "
+            "trial (Tune's default), without the callback, with it",
             flush=True,
         )
         result = run_child(driver_fits, spec, timeout=3 * 3600)
     report(result)
 
 
+LABELS = {
+    "new worker per trial": "without callback, new worker/trial",
+    "without": "without callback",
+    "with": "with callback",
+}
+
+
 def report(result: dict[str, Any]) -> None:
     """Print each side's rate and CPU per report, what reached MLflow, and the ratios."""
     rates = {}
-    for label in ("without", "with"):
+    for label in ("new worker per trial", "without", "with"):
         side = result[label]
         per_minute = side["trials"] / side["seconds"] * 60
         per_report = side["cpu"] / max(side["results"], 1)
@@ -184,12 +196,16 @@ def report(result: dict[str, Any]) -> None:
             else ""
         )
         print(
-            f"  {label + ' callback':16s} {side['seconds']:6.1f} s  {per_minute:6.1f} trials/min"
+            f"  {LABELS[label]:34s} {side['seconds']:6.1f} s  {per_minute:6.1f} trials/min"
             f"  driver CPU {side['cpu']:6.1f} s = {per_report * 1000:5.1f} ms/report "
             f"({side['results']} reports, {side['errors']} errored)  MLflow server CPU "
             f"{side['server_cpu']:5.1f} s{extra}"
         )
     (rate_without, cpu_without), (rate_with, cpu_with) = rates["without"], rates["with"]
+    print(
+        f"  reused workers / a new worker per trial (both without the callback): trials/min "
+        f"{rate_without / rates['new worker per trial'][0]:.2f}x"
+    )
     print(
         f"  ratio with/without: trials/min {rate_with / rate_without:.2f}x, driver CPU per "
         f"report {cpu_with / cpu_without:.2f}x (+{(cpu_with - cpu_without) * 1000:.1f} ms per "

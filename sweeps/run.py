@@ -110,6 +110,7 @@ def _tuner_parts(
         num_samples=spec.search.num_samples,
         time_budget_s=spec.search.time_budget_s,
         trial_dirname_creator=trial_folder_name,
+        reuse_actors=spec.reuse_actors,
     )
     run_config = tune.RunConfig(
         name=spec.name,

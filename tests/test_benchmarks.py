@@ -28,6 +28,8 @@ RESULT_LINES = {
     "driver": "ratio with/without:",
     "journal": "the journal adds",
     "demo_report": "pointing game above the centre baseline for 1 of 1 findings",
+    # a whole demo is too long for a smoke run; tests/test_demo.py checks its stage line
+    "demo_stages": "smoke mode runs no demo",
 }
 # Those that start Ray, MLflow or S3 processes.
 STARTS_SERVICES = {"mlflow_job_runner", "s3_startup", "tune_trial", "asha", "driver"}

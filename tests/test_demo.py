@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -46,12 +47,15 @@ def test_demo_runs_the_whole_path_and_stops_what_it_started() -> None:
         "[3/4] sweep demo-",
         "best trial",
         "[4/4] final",
-        "demo finished",
+        "demo finished in ",
         "final report",
         "report.html",
         "models:/",
     ):
         assert step in out, step
+    stages = out.split("demo finished in ", 1)[1].split("\n", 1)[0]
+    for stage in ("services", "[1/4] draw", "[2/4] prepare", "[3/4] sweep", "[4/4] final"):
+        assert re.search(rf"{re.escape(stage)} \d+\.\d min", stages), stages
     assert (ws / "data" / "synth-300-64" / "manifest.json").exists()
     summaries = list((ws / "storage").glob("demo-*/chestxpert_summary.json"))
     assert len(summaries) == 1

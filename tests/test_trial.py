@@ -151,9 +151,12 @@ def test_checkpoint_with_unexpected_files_is_refused(tmp_path: Path, intruder: s
 
 
 @pytest.mark.services
-def test_trainable_runs_as_a_ray_tune_trial(
+def test_trainable_runs_as_ray_tune_trials_in_one_reused_worker(
     synthetic_dataset: SyntheticDataset, ray_cluster, tmp_path: Path
 ) -> None:
+    """Two trials of one config, one after the other, as a sweep runs them (`reuse_actors`, the
+    spec's default): the second trains in the first's worker process, from the same clean
+    state, so it ends with the same weights, and it skips the process start and imports."""
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import json, sys\n"
@@ -163,12 +166,14 @@ def test_trainable_runs_as_a_ray_tune_trial(
         "'backbone': 'convnet_small', 'epochs': 2,"
         " 'batch_size': 32}\n"
         "trainable = tune.with_resources(train, {'cpu': 1})\n"
-        f"tuner = tune.Tuner(trainable, param_space=config, run_config=tune.RunConfig(name='one', "
-        f"storage_path={str(tmp_path / 'storage')!r}, verbose=0))\n"
-        "result = tuner.fit().get_best_result(metric='val_auc_macro', mode='max')\n"
-        "print(json.dumps({'epoch': result.metrics['epoch'], "
-        "'iters': result.metrics['training_iteration'],"
-        " 'checkpoint': result.checkpoint.path, 'error': str(result.error)}))\n"
+        "tuner = tune.Tuner(trainable, param_space=config, tune_config=tune.TuneConfig("
+        "num_samples=2, max_concurrent_trials=1, reuse_actors=True), "
+        f"run_config=tune.RunConfig(name='one', storage_path={str(tmp_path / 'storage')!r}, "
+        "verbose=0))\n"
+        "print(json.dumps([{'epoch': r.metrics['epoch'], 'iters': r.metrics['training_iteration'],"
+        " 'pid': r.metrics['pid'], 'startup': r.metrics['startup_seconds'],"
+        " 'ended': r.metrics['timestamp'],"
+        " 'checkpoint': r.checkpoint.path, 'error': str(r.error)} for r in tuner.fit()]))\n"
     )
     env = ray_cluster.client_env()
     result = subprocess.run(
@@ -180,12 +185,24 @@ def test_trainable_runs_as_a_ray_tune_trial(
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["error"] == "None" and summary["epoch"] == 2 and summary["iters"] == 2
-    checkpoint = Path(summary["checkpoint"])
-    state = json.loads((checkpoint / "state.json").read_text())
-    assert (checkpoint / "model.keras").exists() and state["epoch"] == 2
-    # Ray does not size TF's thread pools: the trial did, from its 1-CPU allocation.
-    assert state["runtime"]["cpus"] == 1 and state["runtime"]["intra_op_threads"] == 1
-    # Our nodes start workers at nice 0, not Ray's 15 (see cluster.stack.ray_node_env).
-    assert state["runtime"]["niceness"] == 0
+    trials = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(trials) == 2
+    for summary in trials:
+        assert summary["error"] == "None" and summary["epoch"] == 2 and summary["iters"] == 2
+    assert trials[0]["pid"] == trials[1]["pid"], "the second trial did not reuse the worker"
+    states = []
+    for summary in trials:
+        checkpoint = Path(summary["checkpoint"])
+        assert (checkpoint / "model.keras").exists()
+        states.append(json.loads((checkpoint / "state.json").read_text()))
+    assert [state["epoch"] for state in states] == [2, 2]
+    # the reused process was reset: same seed, same weights as the fresh process trained
+    assert states[0]["weights_sha256"] == states[1]["weights_sha256"]
+    # a fresh worker pays the interpreter and imports, the reused one only its model
+    first, second = sorted(trials, key=lambda t: t["ended"])
+    assert second["startup"] < first["startup"], trials
+    for state in states:
+        # Ray does not size TF's thread pools: the trial did, from its 1-CPU allocation.
+        assert state["runtime"]["cpus"] == 1 and state["runtime"]["intra_op_threads"] == 1
+        # Our nodes start workers at nice 0, not Ray's 15 (see cluster.stack.ray_node_env).
+        assert state["runtime"]["niceness"] == 0

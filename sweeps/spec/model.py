@@ -172,6 +172,9 @@ class SweepSpec(_Section):
     """Restarts of a failed trial (a lost node, out of memory), from its last checkpoint."""
     checkpoints_to_keep: int = Field(2, ge=1)
     """Checkpoints kept per trial: the best by `metric`."""
+    reuse_actors: bool = True
+    """A worker process that finished or stopped a trial runs the next one, its Keras state
+    cleared, instead of a new process importing TensorFlow again."""
 
     @model_validator(mode="before")
     @classmethod
