@@ -73,7 +73,8 @@ class Resources(_Section):
 class Search(_Section):
     """How configurations are picked (Optuna TPE or random), how many trials, how many at once,
     and an optional wall-clock budget in seconds. TPE draws `startup_trials` configurations at
-    random before it models the results (None: a third of num_samples, at most Optuna's 10)."""
+    random before it models the results (None: a third of num_samples, at most Optuna's 10).
+    `study_storage` is the database that keeps the Optuna study."""
 
     algorithm: Literal["optuna", "random"] = "optuna"
     sampler: Literal["tpe"] = "tpe"
@@ -83,6 +84,18 @@ class Search(_Section):
     time_budget_s: float | None = Field(None, gt=0)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     startup_trials: int | None = Field(None, ge=1)
+    # Where the Optuna study is kept (None: $CHESTXPERT_STUDY_STORAGE, else the workspace's
+    # optuna.db); a database URL without a password (sweeps/study.py).
+    study_storage: str | None = None
+
+    @field_validator("study_storage")
+    @classmethod
+    def _study_storage_is_a_database(cls, value: str | None) -> str | None:
+        from chestxpert.sweeps.study import storage_problem
+
+        if value is not None and (problem := storage_problem(value)):
+            fail_at(("study_storage",), f"search.study_storage: {problem}")
+        return value
 
     def tpe_startup_trials(self) -> int:
         """Random trials before TPE models: with Optuna's fixed 10, a sweep of 10 trials or
