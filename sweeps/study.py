@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ class StudyError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class StudyPlan:
     """Where a sweep's study lives: `storage` is the URL without a password (safe to print and
-    record), `name` the study's name (the sweep's) and `source` where the URL came from."""
+    record), `name` the study's name (`<sweep>-<UTC start>`) and `source` where the URL came
+    from."""
 
     storage: str
     name: str
@@ -69,12 +71,16 @@ def storage_problem(url: str) -> str | None:
     return None
 
 
-def plan_study(spec, workspace: Path, recorded: dict[str, Any] | None) -> StudyPlan | None:
+def plan_study(
+    spec, workspace: Path, recorded: dict[str, Any] | None, started: float | None = None
+) -> StudyPlan | None:
     """The study a sweep writes, or None when it does not sample with Optuna.
 
     A resumed sweep keeps the study it recorded. A new one uses `search.study_storage`, else
-    $CHESTXPERT_STUDY_STORAGE, else `optuna.db` in the workspace, and refuses a name that the
-    storage already holds (its trials would mix with this sweep's).
+    $CHESTXPERT_STUDY_STORAGE, else `optuna.db` in the workspace, and a study named after the
+    sweep and the UTC second it started (`started`, default now): a sweep name can come back
+    (another storage, a deleted sweep) and one database serves many storages. A name the
+    database already holds is refused: its trials would mix with this sweep's.
     """
     if recorded is not None:
         if not recorded.get(STUDY_STORAGE_KEY):
@@ -88,12 +94,12 @@ def plan_study(spec, workspace: Path, recorded: dict[str, Any] | None) -> StudyP
         url, source = os.environ[STUDY_STORAGE_ENV], "env"
     else:
         url, source = f"sqlite:///{workspace / STUDY_DB}", "default"
-    plan = StudyPlan(safe_uri(url), spec.name, source)
-    if plan.name in study_names(plan.storage):
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    plan = StudyPlan(safe_uri(url), f"{spec.name}-{stamp}", source)
+    if study_exists(plan.storage, plan.name):
         raise StudyError(
-            f"{plan.storage} already holds an Optuna study named {plan.name!r}, from an earlier "
-            f"sweep of that name; choose another name (--name) or delete it with `optuna "
-            f"delete-study --study-name {plan.name} --storage {plan.storage}`"
+            f"{plan.storage} already holds an Optuna study named {plan.name!r}: a sweep of "
+            "that name started in the same second; start this one again"
         )
     return plan
 
@@ -131,14 +137,17 @@ def open_storage(storage: str, create: bool = True):
         ) from None
 
 
-def study_names(storage: str) -> list[str]:
-    """Names of the studies in `storage` (an empty list for a SQLite file not made yet)."""
-    import optuna
-
+def study_exists(storage: str, name: str, opened=None) -> bool:
+    """Whether `storage` holds a study `name` (False for a SQLite file not made yet); `opened`
+    is its RDBStorage when the caller has one."""
     parts = urlsplit(storage)
-    if parts.scheme.startswith("sqlite") and not Path(parts.path[1:]).exists():
-        return []
-    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage))]
+    if opened is None and parts.scheme.startswith("sqlite") and not Path(parts.path[1:]).exists():
+        return False
+    try:
+        (opened or open_storage(storage)).get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _plain(value: float | None) -> float | None:
@@ -172,13 +181,17 @@ def study_summary(storage: str, name: str, top: int = 5) -> dict[str, Any]:
     complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
     complete.sort(key=lambda r: r["value"], reverse=maximize)
     importances, reason = None, None
-    try:
-        importances = {
-            key: float(value)
-            for key, value in optuna.importance.get_param_importances(study).items()
-        }
-    except (ValueError, RuntimeError) as err:
-        reason = str(err)
+    if len(complete) < 2:  # Optuna answers one trial with equal shares, none with {}
+        reason = f"{len(complete)} complete trial(s); importances need at least two"
+    else:
+        try:
+            importances = {
+                key: float(value)
+                for key, value in optuna.importance.get_param_importances(study).items()
+            } or None
+            reason = None if importances else "no searched parameter varies"
+        except (ValueError, RuntimeError) as err:
+            reason = str(err)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1

@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from chestxpert.sweeps.study import ABANDONED, TUNE_TRIAL_ID, open_storage, study_names
+from chestxpert.sweeps.study import ABANDONED, TUNE_TRIAL_ID, open_storage, study_exists
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class StudySearch(OptunaSearch):
     def _setup_study(self, mode) -> None:
         self._storage = open_storage(self._study_storage)
         points = self._points_to_evaluate
-        if self._study_name in study_names(self._study_storage):
+        if study_exists(self._study_storage, self._study_name, self._storage):
             # A resume: the study already has the points (asked, or waiting in its queue).
             self._points_to_evaluate = []
         try:
@@ -61,18 +61,22 @@ class StudySearch(OptunaSearch):
             return
         value = (result or {}).get(self.metric)
         step = (result or {}).get("training_iteration")
-        if error or value is None or not self._max_t or not step or step >= self._max_t:
+        if error or value is None or not step:
             super().on_trial_complete(trial_id, result, error)
             return
-        # Stopped early by ASHA: Tune does not pass the result it stopped on to
-        # on_trial_result, so report it here; Optuna keeps the last reported value as the
-        # PRUNED trial's value.
         import optuna
 
         ot_trial = self._ot_trials[trial_id]
         try:
-            ot_trial.report(float(value), int(step))
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            # Tune passes the result it stops a trial on (at max_t, or ASHA's rung) to no
+            # on_trial_result: report it, so the study's curve has every epoch.
+            if int(step) not in self._storage.get_trial(ot_trial._trial_id).intermediate_values:
+                ot_trial.report(float(value), int(step))
+            if self._max_t and step < self._max_t:  # stopped early by ASHA
+                # Optuna keeps the last reported value as the PRUNED trial's value.
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, float(value))
         except Exception as err:  # as OptunaSearch does: a study error must not stop the sweep
             logger.warning(err)
         self._completed_trials.add(trial_id)

@@ -35,7 +35,7 @@ scheduler: {type: asha, max_t: 3, grace_period: 1, reduction_factor: 2}
 """
 
 
-def _searcher(spec, storage: str):
+def _searcher(spec, storage: str, study_name: str):
     """The searcher as `sweep run` builds it, pickled and unpickled as tuner.pkl carries it."""
     import optuna
     from ray import cloudpickle
@@ -44,7 +44,7 @@ def _searcher(spec, storage: str):
 
     searcher = StudySearch(
         storage,
-        spec.name,
+        study_name,
         max_t=spec.scheduler.max_t,
         metric=spec.metric,
         mode=spec.mode,
@@ -92,8 +92,9 @@ def test_a_killed_driver_resumes_the_same_study_without_duplicates(
 ) -> None:
     storage, secret = study_storage
     spec = parse_spec(SPEC)
-    assert plan_study(spec, tmp_path / "ws", None).name == "lr-study"
-    searcher, tuner_pkl = _searcher(spec, storage)
+    plan = plan_study(spec, tmp_path / "ws", None, started=0)
+    assert plan.name == "lr-study-19700101-000000" and plan.storage == storage
+    searcher, tuner_pkl = _searcher(spec, storage, plan.name)
     # What Tune does: the search space first, then trials; ASHA stops t2 at epoch 2 (Tune
     # passes that result to on_trial_complete only), t1 runs to max_t, t3 is running.
     searcher.set_search_properties(spec.metric, spec.mode, spec.param_space())
@@ -113,12 +114,13 @@ def test_a_killed_driver_resumes_the_same_study_without_duplicates(
 
     for written in (tuner_pkl, snapshot.read_bytes()):
         assert secret.encode() not in written and storage.encode() in written
-    trials = {t.user_attrs[TUNE_TRIAL_ID]: t for t in _study(storage, spec.name).trials}
+    trials = {t.user_attrs[TUNE_TRIAL_ID]: t for t in _study(storage, plan.name).trials}
     assert (trials["t2"].state.name, trials["t2"].value) == ("PRUNED", 0.52)
     assert trials["t2"].intermediate_values == {1: 0.55, 2: 0.52}
     assert (trials["t1"].state.name, trials["t1"].value) == ("COMPLETE", 0.75)
-    with pytest.raises(StudyError, match="already holds an Optuna study named 'lr-study'"):
-        plan_study(spec, tmp_path / "ws", None)  # a new sweep of that name would mix with it
+    assert trials["t1"].intermediate_values == {1: 0.60, 2: 0.70, 3: 0.75}
+    with pytest.raises(StudyError, match="already holds an Optuna study named 'lr-study-1970"):
+        plan_study(spec, tmp_path / "ws", None, started=0)  # its trials would mix with these
 
     # The resume: Tune unpickles tuner.pkl, sets the space, restores the snapshot, and runs t3
     # again from its checkpoint (Tune's snapshot had it running) and new trials for the rest.
@@ -136,7 +138,7 @@ def test_a_killed_driver_resumes_the_same_study_without_duplicates(
     resumed.on_trial_result("t6", _epoch(0.40, 1))
     resumed.on_trial_complete("t6", None, error=True)
 
-    study = _study(storage, spec.name)
+    study = _study(storage, plan.name)
     trials = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.trials}
     assert len(study.trials) == len(trials) == 6, "a trial in the study twice"
     assert {k: (t.state.name, t.value) for k, t in trials.items()} == {
@@ -151,7 +153,7 @@ def test_a_killed_driver_resumes_the_same_study_without_duplicates(
     assert sum(t.params["learning_rate"] == 0.001 for t in study.trials) == 1, (
         "the point to evaluate was queued again on resume"
     )
-    summary = study_summary(storage, spec.name)
+    summary = study_summary(storage, plan.name)
     assert [row["tune_trial_id"] for row in summary["best"]] == ["t1", "t3"]
     assert summary["counts"] == {"COMPLETE": 2, "PRUNED": 2, "FAIL": 2}
 
@@ -195,7 +197,7 @@ def test_sweep_study_reads_the_stored_sweep_and_its_study(
     record = {"spec": spec.to_plain_dict(), "raw": spec.model_dump(mode="json"), **plan.record()}
     locate(endpoints, spec.name).write_json(SPEC_FILE, record)
     study = optuna.create_study(
-        study_name=spec.name, storage=open_storage(storage), direction="maximize"
+        study_name=plan.name, storage=open_storage(storage), direction="maximize"
     )
     searched = {
         "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
@@ -221,7 +223,8 @@ def test_sweep_study_reads_the_stored_sweep_and_its_study(
     argv += ["--storage", str(tmp_path / "storage")]
     assert main([*argv, "--json", "--top", "2"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["name"] == "lr-study" and shown["storage"] == storage
+    assert shown["name"] == "lr-study" and shown["study"] == plan.name
+    assert shown["storage"] == storage
     assert shown["metric"] == "val_auc_macro" and shown["direction"] == "maximize"
     assert shown["counts"] == {"COMPLETE": 3, "PRUNED": 1}
     assert [(r["tune_trial_id"], r["value"]) for r in shown["best"]] == [("t1", 0.8), ("t0", 0.7)]
