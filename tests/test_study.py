@@ -166,7 +166,8 @@ def test_the_spec_refuses_a_study_storage_with_a_password() -> None:
     with pytest.raises(SpecError) as raised:
         parse_spec(bad)
     message = str(raised.value)
-    assert "search.study_storage" in message and "PGPASSWORD" in message
+    assert "line 6: search.study_storage: postgresql://db/optuna carries a password" in message
+    assert "PGPASSWORD" in message
     assert "hunter2" not in message
     with pytest.raises(SpecError, match="not a database URL"):
         parse_spec(

@@ -94,7 +94,7 @@ class Search(_Section):
         from chestxpert.sweeps.study import storage_problem
 
         if value is not None and (problem := storage_problem(value)):
-            fail_at(("study_storage",), f"search.study_storage: {problem}")
+            fail_at(("search", "study_storage"), f"search.study_storage: {problem}")
         return value
 
     def tpe_startup_trials(self) -> int:
