@@ -50,8 +50,10 @@ class StudySearch(OptunaSearch):
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:
-            return  # ended in the study before a resume; Tune runs it again from a checkpoint
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            # ended in the study before a resume (Tune runs it again from a checkpoint), or
+            # restored by Tune without a searcher state to find it in
+            return
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(
