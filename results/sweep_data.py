@@ -245,10 +245,11 @@ def _distributions(spec: SweepSpec) -> dict[str, Any]:
 def optuna_study(spec: SweepSpec, data: dict[str, Any]):
     """An in-memory Optuna study of the sweep's trials, in the order they started.
 
-    Rebuilt from storage, not read from the searcher: OptunaSearch keeps its study in the
-    driver's memory and saves it only at Tune's snapshots (random search has none at all), so
-    after a crash it is stale or missing, while storage has every trial's config and every
-    value it reported. A trial's value is its best metric, the number the trial table shows.
+    Rebuilt from storage, not read from the sweep's persisted study (sweeps/study.py): random
+    search has no study, a sweep begun before studies were stored has none, and the study
+    keeps ASHA's stops PRUNED, which Optuna's importance functions leave out; storage has
+    every trial's config and every value it reported. A trial's value is its best metric,
+    the number the trial table shows.
     Every trial that reported a value is COMPLETE, those ASHA stopped too, with the best they
     reached before the stop: Optuna's importance and slice functions read COMPLETE trials
     only, and leaving out what ASHA stopped would leave out the weak configurations, which are

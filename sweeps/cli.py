@@ -140,6 +140,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from chestxpert.sweeps.study import (
+        STUDY_NAME_KEY,
+        STUDY_STORAGE_KEY,
+        StudyError,
+        format_study,
+        study_summary,
+    )
+
+    spec, _, _, recorded = _recorded_spec(args)
+    if not recorded.get(STUDY_STORAGE_KEY):
+        raise StudyError(
+            f"sweep {args.name!r} keeps no Optuna study: it searches at random or has no space, "
+            "or it began before studies were stored"
+        )
+    summary = study_summary(recorded[STUDY_STORAGE_KEY], recorded[STUDY_NAME_KEY], args.top)
+    if args.json:
+        print(json.dumps({"name": args.name, "metric": spec.metric, **summary}, indent=2))
+    else:
+        print(format_study(summary, spec.metric), end="")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from chestxpert.cluster.endpoints import storage_filesystem
     from chestxpert.sweeps.status import list_sweeps
@@ -346,7 +369,7 @@ def _force_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add `chestxpert sweep run|resume|status|list|mlflow-sync|submit`; return the `sweep`
+    """Add `chestxpert sweep run|resume|status|study|list|mlflow-sync|submit`; return the `sweep`
     subcommands, so the app can add `sweep report` (which is in `results`) beside them."""
     sweep = sub.add_parser("sweep", help="hyperparameter sweeps on Ray Tune")
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
@@ -386,6 +409,26 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     status.add_argument("--json", action="store_true")
     _service_flags(status)
     status.set_defaults(func=cmd_status)
+
+    study = sweep_sub.add_parser(
+        "study",
+        help="the sweep's Optuna study: best trials and hyperparameter importances",
+        description="Read the sweep's persisted Optuna study (the database its spec record "
+        "names; a password comes from CHESTXPERT_STUDY_STORAGE): trial counts by state, the "
+        "best complete trials and the hyperparameter importances.",
+    )
+    study.add_argument("name", help="the sweep's name")
+    study.add_argument("--top", type=int, default=5, help="best trials to show (default: 5)")
+    study.add_argument("--json", action="store_true", help="print JSON (schema in README)")
+    study.add_argument(
+        "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
+    )
+    study.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3, …)",
+    )
+    study.set_defaults(func=cmd_study)
 
     listing = sweep_sub.add_parser("list", help="sweeps in the storage")
     _service_flags(listing)

@@ -59,11 +59,11 @@ def _tuner_parts(
     location: SweepLocation,
     callback,
     dataset_generation: str = "",
+    study=None,
 ):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from chestxpert.trainable.train import train
 
@@ -73,14 +73,19 @@ def _tuner_parts(
     trainable = tune.with_resources(
         pinned, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     )
-    # Optuna needs something to search; a spec without a space just repeats one config.
-    if spec.search.algorithm == "optuna" and spec.space:
+    # Optuna needs something to search (sweeps.study.uses_optuna); without it, one config.
+    if study is not None:
         import optuna
+
+        from chestxpert.sweeps.study_search import StudySearch
 
         sampler = optuna.samplers.TPESampler(
             seed=spec.search.seed, n_startup_trials=spec.search.tpe_startup_trials()
         )
-        searcher = OptunaSearch(
+        searcher = StudySearch(
+            study.storage,
+            study.name,
+            max_t=spec.scheduler.max_t if spec.scheduler.type == "asha" else None,
             metric=spec.metric,
             mode=spec.mode,
             sampler=sampler,
@@ -172,6 +177,7 @@ def _run_holding_lease(
 ) -> dict[str, Any]:
     from chestxpert.cluster.mlflow_runs import safe_uri
     from chestxpert.datasets.reader import open_dataset
+    from chestxpert.sweeps.study import plan_study
 
     recorded = location.read_json(SPEC_FILE)
     if resume and recorded is None:
@@ -203,12 +209,16 @@ def _run_holding_lease(
         or spec.mlflow.tracking_uri
         or endpoints.mlflow_tracking_uri
     )
+    study = plan_study(spec, endpoints.workspace, recorded)
     found = connect(endpoints)
     callback = None
     try:
         print(f"Ray dashboard: {found['dashboard']}   resources: {found['resources']}")
         print(f"MLflow: {safe_uri(mlflow_uri)}  experiment {spec.mlflow.experiment!r}")
         print(f"storage: {location.uri}", flush=True)
+        if study is not None:
+            print(f"Optuna study: {study.name} in {study.storage}", flush=True)
+            version = {**version, **study.record()}  # recorded beside the dataset version
         tags = {
             "chestxpert.git_commit": _git_commit(),
             "chestxpert.ray_job_id": os.environ.get("RAY_JOB_ID", found["job_id"]),
@@ -219,7 +229,7 @@ def _run_holding_lease(
             spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version
         )
         trainable, tune_config, run_config = _tuner_parts(
-            spec, endpoints, location, callback, version[DATASET_GENERATION]
+            spec, endpoints, location, callback, version[DATASET_GENERATION], study
         )
         from ray import tune
 

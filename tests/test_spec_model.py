@@ -232,18 +232,21 @@ def test_the_sweep_gives_optuna_a_seeded_tpe_sampler_with_those_startup_trials(
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.sweeps.layout import locate
     from chestxpert.sweeps.run import _tuner_parts
+    from chestxpert.sweeps.study import plan_study
 
     spec = parse_spec(
         HEADER + "search:\n  num_samples: 12\n  seed: 3\nspace:\n"
         "  learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
     )
     endpoints = resolve(workspace=tmp_path, storage=str(tmp_path / "storage"), environ={})
-    _, tune_config, _ = _tuner_parts(spec, endpoints, locate(endpoints, spec.name), "parent-run")
+    study = plan_study(spec, endpoints.workspace, None)
+    where = locate(endpoints, spec.name)
+    _, tune_config, _ = _tuner_parts(spec, endpoints, where, "parent-run", study=study)
     sampler = tune_config.search_alg.searcher._sampler
     assert type(sampler).__name__ == "TPESampler"
     assert sampler._n_startup_trials == 4
     first = [sampler._random_sampler._rng.rng.random() for _ in range(3)]
-    again = _tuner_parts(spec, endpoints, locate(endpoints, spec.name), "parent-run")[1]
+    again = _tuner_parts(spec, endpoints, where, "parent-run", study=study)[1]
     assert [
         again.search_alg.searcher._sampler._random_sampler._rng.rng.random() for _ in range(3)
     ] == first

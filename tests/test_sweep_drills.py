@@ -20,7 +20,14 @@ import pytest
 from chestxpert.cluster.processes import free_port, stop_group
 from chestxpert.cluster.stack import StackOptions, start_mlflow
 from tests.conftest import CHESTXPERT_CLI, RayCluster, SyntheticDataset, short_tmpdir
-from tests.test_sweeps import chestxpert, status_json, sweep_env, write_spec
+from tests.test_sweeps import (
+    STUDY_STATE,
+    chestxpert,
+    status_json,
+    study_json,
+    sweep_env,
+    write_spec,
+)
 
 pytestmark = pytest.mark.services
 
@@ -118,6 +125,10 @@ def test_drill4_mlflow_down_driver_killed_then_resumed(
     )
     assert output.count("does not answer") == 1, output[-3000:]
     assert f"journalled in file://{storage}/{name}/tracking" in output
+    assert re.search(rf"^Optuna study: {name}-\d{{8}}-\d{{6}} in sqlite:///", output, re.M), output[
+        -3000:
+    ]
+    before = {row["tune_trial_id"]: row for row in study_json(name, env, tmp_path)["trials"]}
 
     server = start_mlflow(opts, (ws / "artifacts").as_uri())  # back: same port, same database
     try:
@@ -144,6 +155,26 @@ def test_drill4_mlflow_down_driver_killed_then_resumed(
             assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     finally:
         stop_group(server["pid"], server["start_time"])
+
+    # The resume continued the same study: each Tune trial in it once; what a dead driver
+    # started after its last snapshot is marked abandoned (Tune ran that slot again).
+    status = status_json(name, env, tmp_path)
+    rows = study_json(name, env, tmp_path)["trials"]
+    assert len({row["tune_trial_id"] for row in rows}) == len(rows), rows
+    kept = {
+        row["tune_trial_id"]: row
+        for row in rows
+        if not row["abandoned"] and row["tune_trial_id"] not in status["abandoned"]
+    }
+    assert set(kept) == {t["trial_id"] for t in status["trials"]}, (rows, status)
+    for trial in status["trials"]:
+        row, earlier = kept[trial["trial_id"]], before.get(trial["trial_id"])
+        if earlier and earlier["state"] in ("COMPLETE", "PRUNED", "FAIL"):
+            # ended in the study before the kill: a finished Optuna trial keeps its result
+            assert (row["state"], row["value"]) == (earlier["state"], earlier["value"])
+        else:
+            assert row["state"] == STUDY_STATE.get(trial["ended"], "PRUNED"), (trial, row)
+            assert row["epochs"] == trial["epochs"], (trial, row)
 
 
 def test_drill5_a_second_run_of_a_running_sweep_is_refused(

@@ -65,6 +65,17 @@ def status_json(name: str, env: dict[str, str], cwd: Path) -> dict:
     return json.loads(result.stdout)
 
 
+def study_json(name: str, env: dict[str, str], cwd: Path) -> dict:
+    """`chestxpert sweep study NAME --json`: the sweep's persisted Optuna study."""
+    result = chestxpert("sweep", "study", name, "--json", env=env, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+# How each way a trial ends is recorded in the Optuna study.
+STUDY_STATE = {"completed": "COMPLETE", "errored": "FAIL"}  # stopped by ASHA: PRUNED
+
+
 def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     synthetic_dataset: SyntheticDataset,
     ray_cluster: RayCluster,
@@ -135,12 +146,25 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in trials)
     assert parent[0].data.params["trial.backbone"] == "convnet_small"
     assert "best_val_auc_macro" in parent[0].data.metrics
+    study = study_json(name, env, tmp_path)
+    in_study = {row["tune_trial_id"]: row for row in study["trials"]}
+    assert len(in_study) == len(study["trials"]) == 3 and study["direction"] == "maximize"
     for run in trials:
-        epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc_macro"))
+        history = sorted(
+            client.get_metric_history(run.info.run_id, "val_auc_macro"), key=lambda m: m.step
+        )
+        epochs = [m.step for m in history]
         ended = run.data.tags["chestxpert.ended"]
         assert ended in ("completed", "stopped by ASHA at epoch 1")
         assert epochs == ([1, 2] if ended == "completed" else [1])
         assert "learning_rate" in run.data.params
+        # the study has each trial once, ASHA's stops PRUNED with the value they stopped on
+        row = in_study[run.data.tags["chestxpert.trial_id"]]
+        assert row["state"] == STUDY_STATE.get(ended, "PRUNED"), (ended, row)
+        assert row["value"] == pytest.approx(history[-1].value) and row["epochs"] == epochs[-1]
+        assert row["params"]["learning_rate"] == pytest.approx(
+            float(run.data.params["learning_rate"])
+        )
 
     status = status_json(name, env, tmp_path)
     assert len(status["trials"]) == 3 and status["best_so_far"]["value"] > 0

@@ -83,7 +83,8 @@ class Resources(_Section):
 class Search(_Section):
     """How configurations are picked (Optuna TPE or random), how many trials, how many at once,
     and an optional wall-clock budget in seconds. TPE draws `startup_trials` configurations at
-    random before it models the results (None: a third of num_samples, at most Optuna's 10)."""
+    random before it models the results (None: a third of num_samples, at most Optuna's 10).
+    `study_storage` is the database that keeps the Optuna study."""
 
     algorithm: Literal["optuna", "random"] = "optuna"
     """`optuna`: Optuna's sampler (OptunaSearch); `random`: Tune's random search."""
@@ -105,6 +106,18 @@ class Search(_Section):
     startup_trials: int | None = Field(None, ge=1)
     """Random configurations TPE draws before it models the results; null: a third of
     `num_samples`, at most 10."""
+    study_storage: str | None = None
+    """Where the Optuna study is kept, a database URL without a password (null:
+    `$CHESTXPERT_STUDY_STORAGE`, else the workspace's `optuna.db`)."""
+
+    @field_validator("study_storage")
+    @classmethod
+    def _study_storage_is_a_database(cls, value: str | None) -> str | None:
+        from chestxpert.sweeps.study import storage_problem
+
+        if value is not None and (problem := storage_problem(value)):
+            fail_at(("search", "study_storage"), f"search.study_storage: {problem}")
+        return value
 
     def tpe_startup_trials(self) -> int:
         """Random trials before TPE models: with Optuna's fixed 10, a sweep of 10 trials or
