@@ -32,7 +32,7 @@ from chestxpert.sweeps.layout import (
 )
 from chestxpert.sweeps.spec import SweepSpec
 
-__all__ = ["FinalError", "FinalOptions", "evaluate_model", "retrain", "run_final"]
+__all__ = ["FinalError", "FinalOptions", "evaluate_model", "retrain_and_evaluate", "run_final"]
 
 
 @dataclass(frozen=True)
@@ -56,19 +56,32 @@ class FinalOptions:
     promote: bool = False  # make the new version the champion even if its metric is worse
 
 
-def retrain(
-    config: dict[str, Any], fs, remote_model_dir: str, endpoints: Endpoints | None = None
-) -> dict[str, float]:
-    """Train `config` to the end, copying each checkpoint over the last to `remote_model_dir`.
+def retrain_and_evaluate(
+    config: dict[str, Any],
+    opts: FinalOptions,
+    name: str,
+    fs,
+    staging: str,
+    endpoints: Endpoints | None = None,
+) -> dict[str, Any]:
+    """Train `config` to the end, then evaluate the trained model in this same process.
 
-    `remote_model_dir`, on pyarrow filesystem `fs`, is a staging folder nothing serves. Runs in
-    this process or as a Ray task on a node with the trial's resources. Returns the last epoch's
-    metrics.
+    Each epoch's checkpoint is copied over the last to `<staging>/model` on pyarrow filesystem
+    `fs` (a staging folder nothing serves); the evaluated version (model with its thresholds
+    and calibrator, report) then goes to `staging` as a whole. Runs in this process or as a
+    Ray task on a node with the trial's resources, so a GPU node also evaluates on its GPU and
+    the model is neither reloaded nor its graphs built again. Returns `evaluate_model`'s
+    metrics with the last epoch's under `final_training`.
     """
+    from chestxpert.cluster.endpoints import worker_endpoints
     from chestxpert.trainable.config import TrialConfig
     from chestxpert.trainable.train import run_trial
 
+    endpoints = endpoints or worker_endpoints()
+    work = Path(tempfile.mkdtemp(prefix="cx-retrain-"))
+    version = work / "version"
     last: dict[str, Any] = {}
+    models: list[Any] = []
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         print(
@@ -77,11 +90,27 @@ def retrain(
             flush=True,
         )
         if checkpoint_dir is not None:
-            versions.upload_folder(fs, checkpoint_dir, remote_model_dir)
+            versions.upload_folder(fs, checkpoint_dir, f"{staging}/{VERSION_MODEL}")
+            shutil.rmtree(version / VERSION_MODEL, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, version / VERSION_MODEL)
             last.update(metrics)
 
-    run_trial(TrialConfig.from_dict(config), report, endpoints=endpoints)
-    return last
+    try:
+        run_trial(TrialConfig.from_dict(config), report, endpoints=endpoints, trained=models.append)
+        metrics = evaluate_model(
+            version / VERSION_MODEL,
+            config,
+            opts,
+            endpoints,
+            version / VERSION_REPORT,
+            name,
+            model=models[0] if models else None,
+        )
+        metrics["final_training"] = last
+        versions.upload_folder(fs, version, staging)
+        return metrics
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, Any]:
@@ -125,26 +154,37 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
         print(
             f"retraining the best configuration of {name} for {config['epochs']} epochs "
             f"on {opts.train_on} "
-            f"({'a Ray task on the cluster' if on_cluster else 'this machine'}) ...",
+            f"({'a Ray task on the cluster' if on_cluster else 'this machine'}), then "
+            "evaluating it there ...",
             flush=True,
         )
         if on_cluster:
-            train_metrics = _retrain_on_cluster(config, location.fs, staging, spec, opts, endpoints)
+            metrics = _retrain_on_cluster(config, name, location.fs, staging, spec, opts, endpoints)
         else:
-            train_metrics = retrain(config, location.fs, staging, endpoints)
+            metrics = retrain_and_evaluate(config, opts, name, location.fs, staging, endpoints)
+        train_metrics = metrics["final_training"]
         from chestxpert.results.download import download_folder
 
-        # checksum-verified: the model evaluated is the model published
+        # checksum-verified: the model published is the model evaluated (its weights' digest
+        # was checked against the evaluated model's)
         folder = work / "version"
-        model_dir = download_folder(
+        staged = f"{location.uri}/{FINAL_STAGING}/{attempt}"
+        download_folder(
             location.fs,
-            staging,
-            f"{location.uri}/{FINAL_STAGING}/{attempt}/{VERSION_MODEL}",
+            f"{staging}/{VERSION_MODEL}",
+            f"{staged}/{VERSION_MODEL}",
             folder,
             progress=False,
         )
-        metrics = evaluate_model(model_dir, config, opts, endpoints, folder / VERSION_REPORT, name)
-        metrics["final_training"] = train_metrics
+        download_folder(
+            location.fs,
+            f"{staging}/{VERSION_REPORT}",
+            f"{staged}/{VERSION_REPORT}",
+            folder,
+            progress=False,
+            verify=False,
+            required=("metrics.json", "report.html"),
+        )
         number = versions.next_version(location)
         value = metrics["validation"].get(spec.metric, train_metrics.get(spec.metric))
         info = {
@@ -198,13 +238,15 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
 
 def _retrain_on_cluster(
     config: dict[str, Any],
+    name: str,
     fs,
     staging: str,
     spec: SweepSpec,
     opts: FinalOptions,
     endpoints: Endpoints,
-) -> dict[str, float]:
-    """`retrain` as a Ray task with the trial's resources (or --cpus/--gpus) on a node that fits."""
+) -> dict[str, Any]:
+    """`retrain_and_evaluate` as a Ray task with the trial's resources (or --cpus/--gpus) on a
+    node that fits."""
     import ray
 
     from chestxpert.cluster.ray_driver import connect
@@ -221,8 +263,8 @@ def _retrain_on_cluster(
                 f"(nodes: {sizes or 'none'}); pass --cpus/--gpus that fit, or --local"
             )
         # TF sizes its thread pools from this allocation (trainable.train._trial_cpus).
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain)
-        return ray.get(task.remote(config, fs, staging))
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(retrain_and_evaluate)
+        return ray.get(task.remote(config, opts, name, fs, staging))
     finally:
         ray.shutdown()
 
@@ -264,11 +306,14 @@ def evaluate_model(
     endpoints: Endpoints,
     out: Path,
     name: str,
+    model=None,
 ) -> dict[str, Any]:
     """Thresholds on validation, metrics on test, figures, Grad-CAM, the report files into `out`.
 
-    The returned metrics also hold `validation`: ROC and PR AUCs on the validation split, what
-    the sweep's metric is read from when deciding whether the model becomes the champion.
+    `model` is the checkpoint in `model_dir` already in memory (it must hold the same weights),
+    else it is loaded from there. The returned metrics also hold `validation`: ROC and PR AUCs
+    on the validation split, what the sweep's metric is read from when deciding whether the
+    model becomes the champion.
     """
     from chestxpert.datasets.reader import open_dataset, read_split
     from chestxpert.results.calibrate import fit_platt
@@ -283,10 +328,14 @@ def evaluate_model(
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
     from chestxpert.trainable.metrics import auc_metrics
+    from chestxpert.trainable.train import weights_digest
 
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_dir, compile=False)
     state = read_state(model_dir)
+    if model is None:
+        model = load_model(model_dir, compile=False)
+    elif weights_digest(model) != state["weights_sha256"]:
+        raise FinalError(f"the model in memory is not the checkpoint in {model_dir}")
     labels = state["labels"]
     dataset = open_dataset(config["dataset"], endpoints, config.get("dataset_generation", ""))
     columns = ("image", "labels", "patient_id", "image_id", "boxes")

@@ -18,7 +18,6 @@ from chestxpert.sweeps.layout import (
     LEGACY_FINAL_MODEL,
     VERSION_CHECKSUMS,
     VERSION_INFO,
-    VERSION_MODEL,
     SweepLocation,
     write_whole,
 )
@@ -142,8 +141,9 @@ def new_attempt() -> str:
 
 
 def staging_path(location: SweepLocation, attempt: str) -> str:
-    """Where retrain attempt `attempt` uploads its epochs: `final/staging/<attempt>/model`."""
-    return f"{location.path}/{FINAL_STAGING}/{attempt}/{VERSION_MODEL}"
+    """Where retrain attempt `attempt` uploads its epochs (`final/staging/<attempt>/model`) and,
+    once evaluated, its report (`.../report`)."""
+    return f"{location.path}/{FINAL_STAGING}/{attempt}"
 
 
 def staging_attempts(location: SweepLocation) -> list[str]:

@@ -191,6 +191,7 @@ def run_trial(
     report: Reporter,
     restore: Path | None = None,
     endpoints: Endpoints | None = None,
+    trained: Callable[[Any], None] | None = None,
 ) -> dict[str, float]:
     """Train `config` from scratch or from the checkpoint folder `restore`; report after each epoch.
 
@@ -199,6 +200,8 @@ def run_trial(
     (interpreter, imports, model build and first step). Returns the last metrics.
     `endpoints` say where the dataset's storage is; None (a Ray trial or task) takes them
     from this process's environment, which the driver set, never from a workspace folder.
+    `trained`, if given, gets the trained Keras model at the end (the final job evaluates it
+    without reloading it or building its graphs again).
     """
     import keras
 
@@ -305,6 +308,8 @@ def run_trial(
         verbose=0,
         shuffle=False,  # the reader shuffles
     )
+    if trained is not None:
+        trained(model)
     return last
 
 
