@@ -21,6 +21,12 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this
 FINAL_VERSION_TAG = "chestxpert.final_version"
 CHAMPION_ALIAS = "champion"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts);
+# "custom_model_development" is the kind its own "Machine learning" choice sets: it opens on
+# the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own: the Datasets column shows it
 
 
 def client(tracking_uri: str):
@@ -48,7 +54,7 @@ def failures() -> tuple[type[BaseException], ...]:
 
 
 def experiment_id(mlflow_client, name: str) -> str:
-    """The id of MLflow experiment `name`, created if missing.
+    """The id of MLflow experiment `name`, created if missing, of the kind that opens on its runs.
 
     With a local SQLite store (the workspace default, no server) MLflow would put the
     experiment's artifacts in `./mlruns` under whatever directory the command ran in;
@@ -56,12 +62,64 @@ def experiment_id(mlflow_client, name: str) -> str:
     """
     found = mlflow_client.get_experiment_by_name(name)
     if found:
+        # An experiment made before the kind was set gets it; a kind a user chose stays.
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            mlflow_client.set_experiment_tag(
+                found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return found.experiment_id
     location = None
     if mlflow_client.tracking_uri.startswith("sqlite:///"):
         database = Path(mlflow_client.tracking_uri[len("sqlite:///") :])
         location = (database.parent / "mlflow-artifacts").absolute().as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    return mlflow_client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+
+
+def log_dataset(mlflow_client, run, dataset: dict[str, Any], context: str = "training") -> bool:
+    """Give `run` the prepared dataset as an input (MLflow's Datasets column) unless it has it.
+
+    `dataset` is a plain dict (it travels in the tracking journal): `name`, `uri` (the
+    source), `digest` (MLflow keeps at most 36 characters) and an optional `profile`.
+    Nothing is read from the data. Returns True when the input was logged now.
+    """
+    import json
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    held = run.inputs.dataset_inputs if run.inputs is not None else []
+    if any(
+        (d.dataset.name, d.dataset.digest) == (dataset["name"], dataset["digest"]) for d in held
+    ):
+        return False
+    with warnings.catch_warnings():  # a local path matches two equivalent local sources
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(dataset["uri"])
+    described = MetaDataset(source, name=dataset["name"], digest=dataset["digest"]).to_dict()
+    profile = json.dumps(dataset["profile"]) if dataset.get("profile") else None
+    entity = Dataset(**described, profile=profile)
+    tags = [InputTag(DATASET_CONTEXT_TAG, context)]
+    mlflow_client.log_inputs(run.info.run_id, datasets=[DatasetInput(entity, tags)])
+    return True
+
+
+def experiment_page(mlflow_client, name: str) -> str | None:
+    """The UI page of experiment `name` (made if missing), opened on its runs; None for a
+    store without a UI (`sqlite:`, `file:`).
+
+    MLflow 3.17's UI does not read `mlflow.experimentKind` for the page it opens: a switch
+    of the browser's (GenAI or Model training, GenAI until a user changes it) decides, and
+    `workflowType=machine_learning` in the link selects Model training for it.
+    """
+    if not mlflow_client.tracking_uri.startswith(("http://", "https://")):
+        return None
+    exp = experiment_id(mlflow_client, name)
+    root = safe_uri(mlflow_client.tracking_uri).rstrip("/")
+    return f"{root}/#/experiments/{exp}?workflowType=machine_learning"
 
 
 def find_run(mlflow_client, experiment: str, tags: dict[str, str]):

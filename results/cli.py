@@ -159,8 +159,33 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_after_sweep(args: argparse.Namespace, spec, endpoints) -> None:
+    """After `sweep run`/`resume`: the sweep report, published to storage and logged to the
+    sweep's MLflow parent run. A report that cannot be made warns; the sweep stands."""
+    import sys
+
+    from chestxpert.results.sweep_report import report_sweep
+    from chestxpert.sweeps.layout import SWEEP_REPORT_HTML, locate
+
+    location = locate(endpoints, spec.name)
+    try:
+        _, logged = report_sweep(location, endpoints, args.mlflow_uri)
+    except Exception as err:
+        print(
+            f"warning: no sweep report ({type(err).__name__}: {err}); "
+            f"`chestxpert sweep report {spec.name}` makes it",
+            file=sys.stderr,
+        )
+        return
+    print(f"sweep report: {location.uri}/{SWEEP_REPORT_HTML}")
+    print(logged, file=sys.stderr if logged.startswith("warning") else sys.stdout)
+
+
 def register_sweep_report(sweep_sub: argparse._SubParsersAction) -> None:
-    """Add `chestxpert sweep report` to the `sweep` subcommands (it is here: it reads results)."""
+    """Add `chestxpert sweep report` to the `sweep` subcommands (it is here: it reads results),
+    and make `sweep run` and `sweep resume` end with the report (`report_after_sweep`)."""
+    for command in ("run", "resume"):
+        sweep_sub.choices[command].set_defaults(after_sweep=report_after_sweep)
     report = sweep_sub.add_parser(
         "report",
         help="the sweep in one self-contained HTML page (curves, history, importances, trials, "

@@ -61,7 +61,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     summary = run_sweep(spec, endpoints, mlflow_uri=args.mlflow_uri, force=args.force)
     print(format_summary(summary), end="")
+    _after_sweep(args, spec, endpoints)
     return 0 if summary.get("best_trial_id") else 1
+
+
+def _after_sweep(args: argparse.Namespace, spec, endpoints) -> None:
+    # What a higher layer wired to the end of `run`/`resume` (the sweep report, results/cli.py).
+    if getattr(args, "after_sweep", None) is not None:
+        args.after_sweep(args, spec, endpoints)
 
 
 def _recorded_spec(args: argparse.Namespace):
@@ -97,6 +104,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         allow_dataset_change=args.allow_dataset_change,
     )
     print(format_summary(summary), end="")
+    _after_sweep(args, spec, endpoints)
     return 0 if summary.get("best_trial_id") else 1
 
 

@@ -77,7 +77,7 @@ class Journal:
         self._thread: threading.Thread | None = None
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Journal one event (`kind`: parent, metrics or end) and return it with its `seq`."""
+        """Journal one event (`kind`: parent, start, metrics, end); returns it with its `seq`."""
         with self._lock:
             self.seq += 1
             event = {"seq": self.seq, "kind": kind}

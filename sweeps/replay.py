@@ -52,7 +52,12 @@ def sync_sweep(
     # The parent first (found by the recorded id or its tags; made from the spec and the tags
     # the first driver journalled if this server has none), so trial runs nest under it.
     first = next((e for s in segments for e in s.events if e.get("kind") == "parent"), {})
-    runs.ensure_parent(params, first.get("tags", {}), runs.parent_run_id or first.get("run_id"))
+    runs.ensure_parent(
+        params,
+        first.get("tags", {}),
+        runs.parent_run_id or first.get("run_id"),
+        dataset=first.get("dataset"),
+    )
     for segment in segments:
         counts.torn += segment.torn
         last = 0
@@ -63,6 +68,8 @@ def sync_sweep(
                 )
             elif event.get("kind") != "parent":  # the parent is the one ensured above
                 counts.values += runs.apply(event)
+            elif event.get("dataset"):  # a resume that moved to a new dataset version
+                runs.ensure_parent(params, {}, runs.parent_run_id, dataset=event["dataset"])
             counts.events += 1
             last = event["seq"]
         if last:

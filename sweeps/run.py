@@ -60,6 +60,7 @@ def _tuner_parts(
     callback,
     dataset_generation: str = "",
     study=None,
+    system_metrics=None,
 ):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -69,7 +70,9 @@ def _tuner_parts(
 
     # Bound here rather than put in param_space: a trial resumed after a dataset change the
     # user allowed must read the new version, and Tune keeps a trial's config as it began.
-    pinned = tune.with_parameters(train, dataset_generation=dataset_generation)
+    pinned = tune.with_parameters(
+        train, dataset_generation=dataset_generation, system_metrics=system_metrics
+    )
     trainable = tune.with_resources(
         pinned, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     )
@@ -178,6 +181,8 @@ def _run_holding_lease(
     from chestxpert.cluster.mlflow_runs import safe_uri
     from chestxpert.datasets.reader import open_dataset
     from chestxpert.sweeps.study import plan_study
+    from chestxpert.sweeps.sweep_runs import dataset_input
+    from chestxpert.trainable.system_metrics import SystemMetricsTarget
 
     recorded = location.read_json(SPEC_FILE)
     if resume and recorded is None:
@@ -225,11 +230,18 @@ def _run_holding_lease(
         }
         tags["chestxpert.dataset_digest"] = version[DATASET_DIGEST]
         print(f"dataset: {spec.dataset} generation {version[DATASET_GENERATION]}", flush=True)
+        inputs = dataset_input(spec.dataset, current.manifest)
         callback = _tracking(
-            spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version
+            spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version, inputs
         )
         trainable, tune_config, run_config = _tuner_parts(
-            spec, endpoints, location, callback, version[DATASET_GENERATION], study
+            spec,
+            endpoints,
+            location,
+            callback,
+            version[DATASET_GENERATION],
+            study,
+            SystemMetricsTarget(safe_uri(mlflow_uri), spec.mlflow.experiment, spec.name),
         )
         from ray import tune
 
@@ -287,14 +299,17 @@ def _tracking(
     recorded: dict[str, Any] | None,
     tags: dict[str, str],
     dataset: dict[str, Any],
+    inputs: dict[str, Any],
 ):
     """This session's MLflow callback, journalling into the sweep's storage.
 
     The parent run is made now if MLflow answers; if not, one warning, and the callback
-    makes it when the server returns. The spec record keeps the parent id and the server,
-    for `final` and `mlflow-sync`. A resume first replays what earlier drivers left.
+    makes it when the server returns. `inputs` describes the dataset for MLflow's Datasets
+    column (`sweep_runs.dataset_input`); the parent and every trial run get it. The spec
+    record keeps the parent id and the server, for `final` and `mlflow-sync`. A resume first
+    replays what earlier drivers left.
     """
-    from chestxpert.cluster.mlflow_runs import parent_run, safe_uri
+    from chestxpert.cluster.mlflow_runs import client, experiment_page, parent_run, safe_uri
     from chestxpert.sweeps.journal import Journal, upload_leftovers
     from chestxpert.sweeps.replay import sync_sweep
     from chestxpert.sweeps.tracking import NestedMlflowCallback, outage_warning
@@ -316,6 +331,9 @@ def _tracking(
             reuse=parent_id,
             storage=location.uri,
         )
+        page = experiment_page(client(mlflow_uri), spec.mlflow.experiment)
+        if page:
+            print(f"MLflow experiment: {page}", flush=True)
     except Exception as err:
         print(outage_warning(mlflow_uri, f"{location.uri}/tracking", spec.name, err), flush=True)
         warned = True
@@ -344,7 +362,7 @@ def _tracking(
             )
 
     callback = NestedMlflowCallback(
-        mlflow_uri, spec.mlflow.experiment, spec.name, parent_id, max_epochs, location.uri
+        mlflow_uri, spec.mlflow.experiment, spec.name, parent_id, max_epochs, location.uri, inputs
     )
     callback.attach(
         journal, catch_up=catch_up if resume else None, on_parent=record_parent, warned=warned

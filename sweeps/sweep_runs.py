@@ -11,7 +11,12 @@ import time
 from typing import Any
 
 from chestxpert.cluster import mlflow_runs
-from chestxpert.cluster.mlflow_runs import ENDED_TAG, ensure_parent_run, ensure_trial_run
+from chestxpert.cluster.mlflow_runs import (
+    ENDED_TAG,
+    ensure_parent_run,
+    ensure_trial_run,
+    log_dataset,
+)
 
 TERMINAL = ("FINISHED", "KILLED", "FAILED")
 BATCH = 500  # metrics per log_batch call (MLflow takes at most 1000)
@@ -53,6 +58,25 @@ def terminal_status(reason: str) -> str:
     return "FINISHED" if reason == "completed" else "KILLED"
 
 
+def dataset_input(uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The prepared dataset as MLflow shows it in its Datasets column, as a plain dict for the
+    journal: named by its folder, its generation as the digest, the manifest's counts as the
+    profile (see `mlflow_runs.log_dataset`)."""
+    from chestxpert.datasets.schema import generation_of
+
+    name = uri.rstrip("/").rsplit("/", 1)[-1] or uri
+    splits = manifest.get("splits", {})
+    profile = {
+        "digest": manifest.get("digest"),
+        "source": manifest.get("source"),
+        "synthetic": bool(manifest.get("synthetic")),
+        "image_size": manifest.get("image_size"),
+        "labels": len(manifest.get("labels", [])),
+        "images": {split: part.get("images") for split, part in splits.items()},
+    }
+    return {"name": name, "uri": uri, "digest": generation_of(manifest), "profile": profile}
+
+
 def metric_rows(results: list[dict[str, Any]]) -> list[tuple[int, int, dict[str, float]]]:
     """Tune results as `(step = epoch, timestamp in ms, metrics)` rows."""
     rows = []
@@ -91,6 +115,7 @@ class SweepRuns:
         self._ended: dict[str, str | None] = {}  # run id -> its chestxpert.ended tag
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps it has
         self._fresh: set[str] = set()  # runs made here: every step they have is in _steps
+        self._inputs: dict[str, set[tuple[str, str]]] = {}  # run id -> its (dataset, digest)s
 
     @property
     def client(self):
@@ -110,9 +135,10 @@ class SweepRuns:
         tags: dict[str, str],
         reuse: str | None = None,
         reopen: bool = False,
+        dataset: dict[str, Any] | None = None,
     ) -> str:
         """Find or create the parent run and return its id; `reopen` marks it RUNNING again
-        (a resumed sweep)."""
+        (a resumed sweep); `dataset` (see `dataset_input`) is logged as its input if missing."""
         run, created = ensure_parent_run(
             self.client,
             self.experiment_id,
@@ -125,10 +151,16 @@ class SweepRuns:
         if reopen and not created and run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.parent_run_id = run.info.run_id
+        if dataset:
+            self._log_dataset(run, dataset)
         return self.parent_run_id
 
-    def trial(self, trial_id: str, config: dict[str, Any]) -> str:
-        """The id of the trial's run, found or created under the parent run."""
+    def trial(
+        self, trial_id: str, config: dict[str, Any], dataset: dict[str, Any] | None = None
+    ) -> str:
+        """The id of the trial's run, found or created under the parent run; `dataset` is
+        logged as its input if missing."""
+        run = None
         if trial_id not in self._runs:
             run, created = ensure_trial_run(
                 self.client, self.experiment_id, self.sweep, self.parent_run_id, trial_id, config
@@ -139,7 +171,15 @@ class SweepRuns:
             self._ended[run_id] = run.data.tags.get(ENDED_TAG)
             if created:
                 self._fresh.add(run_id)
-        return self._runs[trial_id]
+        run_id = self._runs[trial_id]
+        if dataset and (dataset["name"], dataset["digest"]) not in self._inputs.get(run_id, ()):
+            self._log_dataset(run or self.client.get_run(run_id), dataset)
+        return run_id
+
+    def _log_dataset(self, run, dataset: dict[str, Any]) -> None:
+        log_dataset(self.client, run, dataset)
+        held = self._inputs.setdefault(run.info.run_id, set())
+        held.add((dataset["name"], dataset["digest"]))
 
     def log_metrics(
         self,
@@ -206,14 +246,31 @@ class SweepRuns:
         self._ended.pop(run_id, None)
 
     def apply(self, event: dict[str, Any], live: bool = False) -> int:
-        """Send one journal event; returns the metric values added (0 for parent and end)."""
+        """Send one journal event; returns the metric values added (0 for parent, start, end).
+
+        `live` (the driver sending its own events) marks a resumed parent or trial RUNNING.
+        """
         kind = event["kind"]
         if kind == "parent":
             self.ensure_parent(
-                event.get("config", {}), event.get("tags", {}), event.get("run_id"), reopen=live
+                event.get("config", {}),
+                event.get("tags", {}),
+                event.get("run_id"),
+                reopen=live,
+                dataset=event.get("dataset"),
             )
             return 0
         trial_id, config = event["trial_id"], event.get("config", {})
+        if kind == "start":
+            run_id = self.trial(trial_id, config, event.get("dataset"))
+            if live and self._status.get(run_id) in TERMINAL:  # continued by `sweep resume`
+                try:
+                    self.client.update_run(run_id, status="RUNNING")
+                except Exception:
+                    self._forget(run_id)
+                    raise
+                self._status[run_id] = "RUNNING"
+            return 0
         if kind == "metrics":
             row = (int(event.get("step", 0)), int(event["timestamp"]), event.get("metrics", {}))
             return self.log_metrics(trial_id, config, [row], reopen=live)

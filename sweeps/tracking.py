@@ -57,6 +57,7 @@ class NestedMlflowCallback(Callback):
         parent_run_id: str | None,
         max_epochs: int,
         storage_uri: str | None = None,
+        dataset: dict[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -64,6 +65,7 @@ class NestedMlflowCallback(Callback):
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
         self.storage_uri = storage_uri
+        self.dataset = dataset  # the prepared dataset the trials read (`sweep_runs.dataset_input`)
         self.pending: deque[dict[str, Any]] = deque()
         self.ended: set[str] = set()
         self.warned = False
@@ -79,7 +81,7 @@ class NestedMlflowCallback(Callback):
         # Tune pickles its callbacks into the experiment folder: settings only. The journal
         # in storage, not a pickled queue, is what survives the driver.
         keep = ("tracking_uri", "experiment", "sweep", "parent_run_id", "max_epochs")
-        return {key: self.__dict__[key] for key in (*keep, "storage_uri")}
+        return {key: self.__dict__[key] for key in (*keep, "storage_uri", "dataset")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -104,7 +106,9 @@ class NestedMlflowCallback(Callback):
 
     def start_parent(self, params: dict[str, Any], tags: dict[str, str]) -> None:
         """Journal and queue the sweep's parent run (found, or created when MLflow answers)."""
-        self._submit("parent", config=params, tags=tags, run_id=self.parent_run_id)
+        self._submit(
+            "parent", config=params, tags=tags, run_id=self.parent_run_id, dataset=self.dataset
+        )
         if self._catch_up is not None:
             self.pending.append({"kind": "catch-up"})
             self._wake.set()
@@ -179,6 +183,13 @@ class NestedMlflowCallback(Callback):
         return True
 
     # --- Tune events ----------------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        # The run exists (RUNNING, with its dataset) from the trial's start, not its first
+        # report: the trial's process finds it there to log its system metrics.
+        self._submit(
+            "start", trial_id=trial.trial_id, config=dict(trial.config), dataset=self.dataset
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))

@@ -394,6 +394,8 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
         "MLFLOW_TRACKING_URI": mlflow_server.url,
         "CHESTXPERT_STORAGE": str(root / "storage"),
         "CHESTXPERT_WORKSPACE": str(root / "ws"),
+        # the trial's system metrics every second (10 s by default): a few points in a short trial
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
     }
     env.pop("RAY_ADDRESS", None)
     run = subprocess.run(
@@ -414,4 +416,10 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
         timeout=900,
     )
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    return {"root": root, "env": env, "stdout": final.stdout, "mlflow": mlflow_server.url}
+    return {
+        "root": root,
+        "env": env,
+        "stdout": final.stdout,
+        "sweep_stdout": run.stdout,
+        "mlflow": mlflow_server.url,
+    }

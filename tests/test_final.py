@@ -135,3 +135,44 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
     )
     probabilities = loaded.predict(np.zeros((2, 64, 64, 1), dtype=np.uint8))
     assert np.asarray(probabilities).shape == (2, 14)
+
+
+def test_the_sweep_reads_in_mlflow_as_its_users_read_it(
+    finished_sweep: dict, synthetic_dataset
+) -> None:
+    """The experiment opens on its runs; parent and trial show the dataset; the parent holds the
+    sweep report and the best checkpoint; the trial its system metrics."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=finished_sweep["mlflow"])
+    experiment = client.get_experiment_by_name("tiny-final")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    page = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"MLflow experiment: {finished_sweep['mlflow']}/{page}" in finished_sweep["sweep_stdout"]
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["chestxpert.role"] == "sweep"]
+    (trial,) = [r for r in runs if r.data.tags["chestxpert.role"] == "trial"]
+    generation = synthetic_dataset.manifest["generation"]
+    for run in (parent, trial):
+        (held,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert (held.dataset.name, held.dataset.digest) == ("prepared", generation)
+        assert json.loads(held.dataset.source)["uri"] == synthetic_dataset.prepared.as_uri()
+        assert held.dataset.source_type == "local"
+    sweep = finished_sweep["root"] / "storage" / "tiny-final"
+    summary = json.loads((sweep / "chestxpert_summary.json").read_text())
+    assert parent.data.tags["chestxpert.best_checkpoint"] == summary["best_checkpoint"]
+    assert (sweep / "report" / "report.html").exists()
+    assert "logged to the sweep's parent run" in finished_sweep["sweep_stdout"]
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.json"} <= report
+    # sampled in the trial's own process, every second here (MLFLOW_SYSTEM_METRICS_…)
+    metrics = client.get_run(trial.info.run_id).data.metrics
+    for key in (
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+        "system/trial_cpu_utilization_percentage",
+        "system/trial_memory_rss_megabytes",
+    ):
+        assert key in metrics, sorted(metrics)
+    rss = client.get_metric_history(trial.info.run_id, "system/trial_memory_rss_megabytes")
+    assert len(rss) >= 2 and all(point.value > 50 for point in rss)

@@ -21,7 +21,7 @@ from chestxpert.cluster.processes import free_port
 from chestxpert.sweeps.journal import Journal, read_segments, upload_leftovers
 from chestxpert.sweeps.layout import acked_name, journal_name, locate
 from chestxpert.sweeps.replay import sync_sweep
-from chestxpert.sweeps.sweep_runs import SweepRuns
+from chestxpert.sweeps.sweep_runs import SweepRuns, dataset_input
 from chestxpert.sweeps.tracking import NestedMlflowCallback
 
 
@@ -159,7 +159,17 @@ def test_replay_sends_each_journalled_value_once(mlflow_server, tmp_path: Path) 
     sweep = f"replay-{uuid.uuid4().hex[:8]}"
     location = local_location(tmp_path, sweep)
     journal = Journal(location, "s1", tmp_path)
-    journal.append("parent", config={"trial.epochs": 3}, tags={"chestxpert.git_commit": "abc"})
+    manifest = {"digest": "5eed" * 16, "generation": "5eed" * 4, "source": "nih", "labels": ["a"]}
+    manifest["splits"] = {"train": {"images": 40}, "val": {"images": 10}}
+    dataset = dataset_input("s3://bucket/data/synth-64", manifest)
+    journal.append(
+        "parent",
+        config={"trial.epochs": 3},
+        tags={"chestxpert.git_commit": "abc"},
+        dataset=dataset,
+    )
+    # t1 began under a driver that journals trial starts; t2's journal has none (older drivers)
+    journal.append("start", trial_id="t1", config={"learning_rate": 0.001}, dataset=dataset)
     for trial_id, epochs in (("t1", 3), ("t2", 2)):
         for epoch in range(1, epochs + 1):
             metrics = {"val_auc_macro": 0.5 + epoch / 10, "val_loss": 1.0 / epoch}
@@ -182,7 +192,7 @@ def test_replay_sends_each_journalled_value_once(mlflow_server, tmp_path: Path) 
         return sync_sweep(runs, location, "val_auc_macro", "max", 3, {"trial.epochs": 3})
 
     first = sync()
-    assert (first.values, first.events) == (10, 8)
+    assert (first.values, first.events) == (10, 9)
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name(sweep).experiment_id])
     (parent,) = [r for r in runs if r.data.tags["chestxpert.role"] == "sweep"]
@@ -196,13 +206,28 @@ def test_replay_sends_each_journalled_value_once(mlflow_server, tmp_path: Path) 
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials.values())
     assert trials["t1"].info.status == "FINISHED" and trials["t2"].info.status == "KILLED"
     assert trials["t2"].data.tags["chestxpert.ended"] == "stopped by ASHA at epoch 2"
-    assert location.read_json(acked_name("s1")) == {"acked": {mlflow_server.url: 8}}
+    assert location.read_json(acked_name("s1")) == {"acked": {mlflow_server.url: 9}}
+    # MLflow's UI opens the experiment on its runs, and shows the dataset the journal carried
+    experiment = client.get_experiment_by_name(sweep)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    def inputs(run_id: str) -> list:
+        return client.get_run(run_id).inputs.dataset_inputs
+
+    for run_id in (parent.info.run_id, trials["t1"].info.run_id):
+        (held,) = inputs(run_id)
+        assert (held.dataset.name, held.dataset.digest) == ("synth-64", "5eed" * 4)
+        assert json.loads(held.dataset.source) == {"uri": "s3://bucket/data/synth-64"}
+        assert json.loads(held.dataset.profile)["images"] == {"train": 40, "val": 10}
+        assert [(t.key, t.value) for t in held.tags] == [("mlflow.data.context", "training")]
+    assert inputs(trials["t2"].info.run_id) == []
 
     again = sync()  # acknowledged: nothing to replay
     assert (again.values, again.events) == (0, 0)
     os.remove(Path(location.path) / acked_name("s1"))  # the marker lost: replay checks MLflow
     replayed = sync()
-    assert (replayed.values, replayed.events) == (0, 8)
+    assert (replayed.values, replayed.events) == (0, 9)
+    assert len(inputs(parent.info.run_id)) == len(inputs(trials["t1"].info.run_id)) == 1
     for trial_id, epochs in (("t1", [1, 2, 3]), ("t2", [1, 2])):
         for key in ("val_auc_macro", "val_loss"):
             assert _history(client, trials[trial_id].info.run_id, key) == epochs

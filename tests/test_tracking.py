@@ -11,7 +11,10 @@ import socket
 import threading
 from types import SimpleNamespace
 
+import pytest
+
 from chestxpert.sweeps.tracking import NestedMlflowCallback, ended_reason
+from chestxpert.trainable.system_metrics import enabled, visible_gpus
 
 
 class HungServer:
@@ -126,3 +129,18 @@ def test_a_local_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatc
     assert not (tmp_path / "mlruns").exists(), "artifacts landed in the working directory"
     stored = list((tmp_path / "ws" / "mlflow-artifacts").rglob("note.txt"))
     assert len(stored) == 1 and stored[0].read_text() == "report"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", []), ("1", ["1"]), ("0, 2", ["0", "2"]), ("GPU-5eed", ["GPU-5eed"])],
+)
+def test_a_trial_monitors_only_the_gpus_ray_gave_it(value, expected) -> None:
+    assert visible_gpus(value) == expected
+
+
+def test_trials_log_system_metrics_to_an_mlflow_server_unless_switched_off() -> None:
+    assert enabled("http://127.0.0.1:5000", {})
+    assert enabled("https://mlflow.example", {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true"})
+    assert not enabled("http://127.0.0.1:5000", {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
+    assert not enabled("sqlite:////tmp/mlflow.db", {})  # the driver's own store: not shared

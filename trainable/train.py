@@ -21,6 +21,7 @@ import numpy as np
 from chestxpert.cluster.endpoints import Endpoints, worker_endpoints
 from chestxpert.datasets.images import resize_uint8
 from chestxpert.trainable.config import TrialConfig
+from chestxpert.trainable.system_metrics import SystemMetricsTarget, trial_system_metrics
 
 # report(metrics, checkpoint_dir or None): where a trial's per-epoch results go.
 Reporter = Callable[[dict[str, float], Path | None], None]
@@ -336,13 +337,18 @@ def _plateau_step(model, plateau: dict, val_loss: float, config: TrialConfig) ->
         plateau["wait"] = 0
 
 
-def train(config: dict[str, Any], dataset_generation: str = "") -> None:
+def train(
+    config: dict[str, Any],
+    dataset_generation: str = "",
+    system_metrics: SystemMetricsTarget | None = None,
+) -> None:
     """Ray Tune function trainable: builds from `config`, resumes from `tune.get_checkpoint()`,
     and calls `tune.report(metrics, checkpoint=…)` after every epoch.
 
     `dataset_generation` is the dataset version the sweep's driver chose (bound with
     `tune.with_parameters`, so a resumed trial gets the driver's current choice, not the one
-    frozen in its config); it overrides the config's own.
+    frozen in its config); it overrides the config's own. `system_metrics` names the MLflow
+    server and sweep whose trial run gets this process's CPU, memory and GPU use.
     """
     from ray import tune
 
@@ -367,9 +373,10 @@ def train(config: dict[str, Any], dataset_generation: str = "") -> None:
             checkpoint=checkpoint,
         )
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        run_trial(trial_config, report)
-        return
-    with checkpoint.as_directory() as restore:
-        run_trial(trial_config, report, restore=Path(restore))
+    with trial_system_metrics(system_metrics, tune.get_context().get_trial_id()):
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            run_trial(trial_config, report)
+            return
+        with checkpoint.as_directory() as restore:
+            run_trial(trial_config, report, restore=Path(restore))
