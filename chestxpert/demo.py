@@ -136,7 +136,13 @@ def run_demo(
             f"  Ray dashboard   {state['ray']['dashboard_url']}  "
             f"(token: {state['ray']['auth_token_path']})"
         )
-        print(f"  MLflow          {state['mlflow']['url']}  experiment {spec.mlflow.experiment!r}")
+        from chestxpert.cluster.mlflow_runs import client, experiment_page, failures
+
+        try:  # opened on the experiment's runs: MLflow's UI otherwise opens on GenAI's overview
+            page = experiment_page(client(state["mlflow"]["url"]), spec.mlflow.experiment)
+        except failures():
+            page = None
+        print(f"  MLflow          {page or state['mlflow']['url']}")
         print(f"  storage         {endpoints.storage_uri}/{name}")
         print(f"  sweep status    .venv/bin/chestxpert sweep status {name}")
         print(f"  final report    {final['report_dir']}/report.html")
