@@ -166,7 +166,7 @@ def register_sweep_report(sweep_sub: argparse._SubParsersAction) -> None:
         help="the sweep in one self-contained HTML page (curves, history, importances, trials, "
         "budget, best trial), from storage; also logged to the sweep's MLflow parent run",
     )
-    report.add_argument("name")
+    report.add_argument("name", help="sweep name")
     report.add_argument(
         "--out", default=None, metavar="DIR", help="also write report.html and report.json here"
     )
@@ -195,7 +195,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     final.add_argument(
         "--epochs", type=int, default=None, help="epochs (default: the best trial's)"
     )
-    final.add_argument("--train-on", default="train", choices=["train", "train+val"])
+    final.add_argument(
+        "--train-on",
+        default="train",
+        choices=["train", "train+val"],
+        help="split(s) the final model is retrained on",
+    )
     final.add_argument(
         "--target-sensitivity",
         type=float,
@@ -260,8 +265,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull = sub.add_parser(
         "pull-best", help="download the best trial checkpoint (or --final model), checksum-verified"
     )
-    pull.add_argument("name")
-    pull.add_argument("--to", required=True)
+    pull.add_argument("name", help="sweep name")
+    pull.add_argument("--to", required=True, help="folder to download into")
     pull.add_argument(
         "--final",
         action="store_true",
@@ -295,7 +300,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pred.add_argument(
         "--gradcam", default=None, metavar="OUT", help="write overlays for the top findings here"
     )
-    pred.add_argument("--json", action="store_true")
+    pred.add_argument("--json", action="store_true", help="print the predictions as JSON (README)")
     pred.add_argument(
         "--uncalibrated",
         action="store_true",
