@@ -39,26 +39,15 @@ def _load(spec_arg: str, overrides: dict | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from chestxpert.sweeps.run import format_summary, run_sweep
-
     spec = _load(args.spec, overrides={"name": args.name} if args.name else None)
     endpoints = _endpoints(args, spec)
-    if args.dry_run:
-        print(
-            json.dumps(
-                {
-                    "spec": spec.to_plain_dict(),
-                    "param_space": {k: str(v) for k, v in spec.param_space().items()},
-                    "ray_address": endpoints.ray_address,
-                    "storage": f"{endpoints.storage_uri}/{spec.name}",
-                    "mlflow": endpoints.mlflow_tracking_uri,
-                    "tpe_startup_trials": spec.search.tpe_startup_trials(),
-                },
-                indent=2,
-                default=str,
-            )
-        )
+    if args.dry_run:  # no Ray, no TensorFlow: see sweeps/dry_run.py
+        from chestxpert.sweeps.dry_run import check_dataset, plan_lines
+
+        print("\n".join(plan_lines(spec, endpoints, check_dataset(spec, endpoints))))
         return 0
+    from chestxpert.sweeps.run import format_summary, run_sweep
+
     summary = run_sweep(spec, endpoints, mlflow_uri=args.mlflow_uri, force=args.force)
     print(format_summary(summary), end="")
     return 0 if summary.get("best_trial_id") else 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,53 @@ def test_sweep_list_json_on_an_empty_storage(tmp_path: Path, capsys) -> None:
     argv = ["sweep", "list", "--json", "--storage", str(storage), "--workspace", str(tmp_path)]
     data = _json_out(capsys, argv)
     assert data == {"storage": storage.as_uri(), "sweeps": []}
+
+
+def _spec(tmp_path: Path, dataset: Path, trial: str) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: dry\ndataset: {dataset}\ntrial: {trial}\n"
+        "space:\n"
+        "  learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-2}\n"
+        "  batch_size: {type: choice, values: [16, 32]}\n"
+        "  dropout: {type: quniform, low: 0.0, high: 0.4, q: 0.1}\n"
+    )
+    return spec
+
+
+def test_dry_run_checks_the_dataset_and_imports_neither_tensorflow_nor_ray(
+    synthetic_dataset, tmp_path: Path
+) -> None:
+    """A separate interpreter, so what the dry run imports is all that is imported."""
+    spec = _spec(tmp_path, synthetic_dataset.prepared, "{backbone: densenet121, epochs: 2}")
+    argv = ["--workspace", str(tmp_path / "ws"), "sweep", "run", str(spec), "--dry-run"]
+    script = (
+        "import sys\nfrom chestxpert.cli import main\n"
+        f"code = main({argv!r})\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'ray'})\n"
+        "print('imported:', heavy)\nsys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "imported: []" in out
+    assert "learning_rate: loguniform(1e-5, 0.01)" in out
+    assert "batch_size: choice([16, 32])" in out and "dropout: quniform(0, 0.4, 0.1)" in out
+    assert f"{synthetic_dataset.prepared.as_uri()}: 64 px, 14 labels" in out
+    assert "<ray.tune" not in out and "object at 0x" not in out
+
+
+def test_dry_run_refuses_a_missing_dataset_and_images_too_small(
+    synthetic_dataset, tmp_path: Path, capsys
+) -> None:
+    ws = ["--workspace", str(tmp_path / "ws")]
+    missing = _spec(tmp_path, tmp_path / "nowhere", "{backbone: densenet121}")
+    assert main([*ws, "sweep", "run", str(missing), "--dry-run"]) == EXIT_USER_ERROR
+    assert "has no manifest.json" in capsys.readouterr().err
+    # The dataset's 64 px reach the trials (no image_size): below InceptionResNetV2's 75.
+    small = _spec(tmp_path, synthetic_dataset.prepared, "{backbone: inceptionresnetv2}")
+    assert main([*ws, "sweep", "run", str(small), "--dry-run"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "backbone inceptionresnetv2 needs at least 75 px" in err and "64 px" in err
