@@ -20,6 +20,7 @@ from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
 from chestxpert.results import versions
 from chestxpert.results.final_figures import gradcam_gallery, summary_figures
+from chestxpert.results.progress import Stages
 from chestxpert.results.publish import FinalError, load_sweep, register_and_promote
 from chestxpert.sweeps.layout import (
     DATASET_GENERATION,
@@ -94,6 +95,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
     to it. A crash anywhere leaves the previous final model served.
     """
     started = time.monotonic()
+    stages = Stages("final")
     sweep = load_sweep(name, endpoints)
     location, spec = sweep.location, sweep.spec
     if opts.train_on not in ("train", "train+val"):
@@ -128,10 +130,12 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             f"({'a Ray task on the cluster' if on_cluster else 'this machine'}) ...",
             flush=True,
         )
+        stages.start("retrain", f"{config['epochs']} epochs")
         if on_cluster:
             train_metrics = _retrain_on_cluster(config, location.fs, staging, spec, opts, endpoints)
         else:
             train_metrics = retrain(config, location.fs, staging, endpoints)
+        stages.end()
         from chestxpert.results.download import download_folder
 
         # checksum-verified: the model evaluated is the model published
@@ -143,7 +147,9 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             folder,
             progress=False,
         )
-        metrics = evaluate_model(model_dir, config, opts, endpoints, folder / VERSION_REPORT, name)
+        metrics = evaluate_model(
+            model_dir, config, opts, endpoints, folder / VERSION_REPORT, name, stages
+        )
         metrics["final_training"] = train_metrics
         number = versions.next_version(location)
         value = metrics["validation"].get(spec.metric, train_metrics.get(spec.metric))
@@ -160,6 +166,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             "train_splits": opts.train_on,
         }
         (folder / VERSION_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        stages.start("upload", f"version {number} to {location.uri}")
         try:
             versions.publish_version(location, number, folder)
         except FileExistsError:
@@ -176,8 +183,11 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             report_dir=str(local_report),
             storage_dir=versions.version_uri(location, number),
         )
+        stages.end()
         print(f"published version {number}: {metrics['storage_dir']}", flush=True)
+        stages.start("registration", "MLflow model registry")
         outcome = register_and_promote(sweep, number, info, lambda: folder, endpoints, opts.promote)
+        stages.end()
         metrics["promotion"] = outcome.message(name)
         metrics["mlflow"] = {
             "run_id": outcome.run_id,
@@ -264,6 +274,7 @@ def evaluate_model(
     endpoints: Endpoints,
     out: Path,
     name: str,
+    stages: Stages | None = None,
 ) -> dict[str, Any]:
     """Thresholds on validation, metrics on test, figures, Grad-CAM, the report files into `out`.
 
@@ -284,6 +295,7 @@ def evaluate_model(
     from chestxpert.trainable.checkpoint import load_model, read_state
     from chestxpert.trainable.metrics import auc_metrics
 
+    stages = stages or Stages("final")
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir, compile=False)
     state = read_state(model_dir)
@@ -298,6 +310,7 @@ def evaluate_model(
     if size != dataset.image_size:
         val["image"] = resize_uint8(val["image"], size).numpy()
         test["image"] = resize_uint8(test["image"], size).numpy()
+    stages.start("prediction", f"{len(val['image'])} validation, {len(test['image'])} test images")
     val_prob = model.predict(val["image"], batch_size=64, verbose=0)
     test_prob = model.predict(test["image"], batch_size=64, verbose=0)
     choice = choose_thresholds(
@@ -319,6 +332,7 @@ def evaluate_model(
             target_specificity=target if method == "specificity" else None,
         )
     calibrator = fit_platt(val["labels"], val_prob, labels)
+    stages.start("bootstrap", f"{opts.bootstrap} patient resamples")
     evaluation = evaluate(
         test["labels"],
         test_prob,
@@ -342,7 +356,9 @@ def evaluate_model(
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
+    stages.start("figures")
     figures = summary_figures(evaluation, choice, out)
+    stages.start("grad-cam")
     gallery, layer, note, localization = gradcam_gallery(
         model,
         get_backbone(config["backbone"]).last_conv_layer,
@@ -356,6 +372,7 @@ def evaluate_model(
         out,
     )
     figures += gallery
+    stages.start("report")
     metrics = {
         "sweep": name,
         "source": dataset.manifest.get("source"),
@@ -397,4 +414,5 @@ def evaluate_model(
     (model_dir / "state.json").write_text(
         json.dumps(state, indent=2, sort_keys=True, default=float)
     )
+    stages.end()
     return metrics

@@ -375,8 +375,8 @@ def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
 
 @pytest.fixture(scope="session")
 def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_factory) -> dict:
-    """A one-trial sweep run to the end with an in-process Ray, then `chestxpert final` on it once
-    (version 1, the champion); its storage, workspace, environment and the final's output."""
+    """A one-trial sweep run to the end with an in-process Ray, then `chestxpert final --json` on
+    it once (version 1, the champion); its storage, workspace, environment and the outputs."""
     import yaml
 
     root = tmp_path_factory.mktemp("final")
@@ -406,7 +406,7 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     final = subprocess.run(
-        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200"],
+        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200", "--json"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -414,4 +414,11 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
         timeout=900,
     )
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    return {"root": root, "env": env, "stdout": final.stdout, "mlflow": mlflow_server.url}
+    return {
+        "root": root,
+        "env": env,
+        "stdout": final.stdout,  # the --json summary
+        "stderr": final.stderr,  # its progress
+        "sweep_stderr": run.stderr,
+        "mlflow": mlflow_server.url,
+    }
