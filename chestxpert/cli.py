@@ -19,6 +19,7 @@ from chestxpert.cli_options import (
     refuse_misplaced,
 )
 from chestxpert.cluster.errors import UserError
+from chestxpert.cluster.quiet import VERBOSE_ENV, quiet_environment
 from chestxpert.cluster.workspace import workspace_path
 from chestxpert.demo import DEMO_IMAGE_SIZE, DEMO_IMAGES
 
@@ -215,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     from chestxpert.cluster.endpoints import prepare_ray_environment
 
     prepare_ray_environment(args.workspace)
-    # TensorFlow's start-up chatter hides our output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's start-up chatter hides our output (chestxpert/__init__ filters the rest);
+    # --verbose keeps it, here and in every process started from here.
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    for key, value in quiet_environment().items():
+        os.environ.setdefault(key, value)
     if getattr(args, "sweep_command", None) in ("run", "resume") and not getattr(
         args, "dry_run", False
     ):
