@@ -349,6 +349,20 @@ def central_mlflow(
         stop_group(record["pid"], record["start_time"])
 
 
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path: Path) -> None:
+    """For tests that call `chestxpert.cli.main` in-process: what it sets in the environment (Ray's
+    client auth, TensorFlow's log level, --verbose) is undone after the test."""
+    for key, value in {
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "ray_auth_token"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CHESTXPERT_VERBOSE", raising=False)
+
+
 @dataclass(frozen=True)
 class SyntheticDataset:
     raw: Path

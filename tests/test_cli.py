@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,13 @@ from chestxpert.cli_options import (
     HelpFormatter,
     subcommand_parsers,
 )
+from chestxpert.cluster.quiet import VERBOSE_ENV
 
 PARSER = build_parser()
 COMMANDS = list(subcommand_parsers(PARSER))
+
+
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -181,3 +186,32 @@ def test_dry_run_refuses_a_missing_dataset_and_images_too_small(
     assert main([*ws, "sweep", "run", str(small), "--dry-run"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "backbone inceptionresnetv2 needs at least 75 px" in err and "64 px" in err
+
+
+def test_tensorflow_start_up_lines_are_dropped_and_other_lines_kept(capfd) -> None:
+    from chestxpert.cluster.quiet import filtered_stderr
+
+    with filtered_stderr():
+        os.write(2, b"I0000 00:00:1.2 port.cc:153] oneDNN custom operations are on.\n")
+        os.write(2, b"E0000 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\n")
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called\n")
+        os.write(2, b"a real problem\n")
+    assert capfd.readouterr().err == "a real problem\n"
+
+
+def test_verbose_keeps_tensorflow_start_up_as_it_is() -> None:
+    """With CHESTXPERT_VERBOSE=1 (what --verbose sets, for workers too) TensorFlow imports
+    unfiltered and with its own log level (the quiet path is checked on a real sweep and final
+    in test_final)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env[VERBOSE_ENV] = "1"
+    script = (
+        "import os, chestxpert, tensorflow as tf\n"
+        "print('filtered' if 'exec_module' in vars(tf.__spec__.loader) else 'as it is',"
+        " os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["as", "it", "is", "None"]

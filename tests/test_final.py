@@ -165,3 +165,21 @@ def test_final_json_summary_and_progress_per_stage(finished_sweep: dict) -> None
     starts = [progress.index(f"final: {stage} ") for stage in stages]  # the start comes first
     assert all(start < end for start, end in zip(starts, ends, strict=True))
     assert starts[1:] == sorted(starts[1:]) and starts[1] > ends[0]
+
+
+def test_no_tensorflow_start_up_lines_in_the_output_or_the_trial_logs(finished_sweep: dict) -> None:
+    """The sweep and the final imported TensorFlow in the CLI and in Ray trial workers; none of
+    its oneDNN/CUDA start-up lines reached the user or the workers' logs (no --verbose)."""
+    from chestxpert.cluster.quiet import NOISE
+
+    logs = finished_sweep["root"] / "ws" / "ray" / "session_latest" / "logs"
+    workers = sorted(logs.glob("worker-*"))
+    assert workers, f"no worker logs in {logs}"
+    texts = {
+        "sweep run": finished_sweep["sweep_stderr"],
+        "final": finished_sweep["stderr"],
+        **{path.name: path.read_text(errors="replace") for path in workers},
+    }
+    for where, text in texts.items():
+        noisy = [line for line in text.splitlines() if NOISE.search(line)]
+        assert not noisy, f"{where}: {noisy[:3]}"
