@@ -79,7 +79,8 @@ def final_summary(metrics: dict) -> dict:
 def _finish(args: argparse.Namespace) -> int:
     from chestxpert.results.publish import finish
 
-    outcomes, removed = finish(args.name, _endpoints(args), promote=args.promote)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        outcomes, removed = finish(args.name, _endpoints(args), promote=args.promote)
     if args.json:
         said = [outcome.message(args.name) for outcome in outcomes]
         print(json.dumps({"sweep": args.name, "removed_staging": removed, "finished": said}))
