@@ -6,3 +6,9 @@ live in the repository's top-level folders and import as `chestxpert.cluster`,
 """
 
 __version__ = "0.2.0"
+
+# Every process that runs our code (the CLI, Ray trial workers, tasks) imports this package
+# first: TensorFlow's start-up lines are hidden from here on (cluster/quiet.py).
+from chestxpert.cluster.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()

@@ -6,12 +6,20 @@ Each package contributes its subcommands; user errors end as one readable line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from chestxpert import __version__
+from chestxpert.cli_options import (
+    EXIT_USER_ERROR,
+    add_top_level_options,
+    finish_tree,
+    refuse_misplaced,
+)
 from chestxpert.cluster.errors import UserError
+from chestxpert.cluster.quiet import VERBOSE_ENV, quiet_environment
 from chestxpert.cluster.workspace import workspace_path
 from chestxpert.demo import DEMO_IMAGE_SIZE, DEMO_IMAGES
 
@@ -40,12 +48,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_data(ws: Path, rows: list[dict], endpoints) -> dict:
+    """`chestxpert status --json`: the schema in the README's JSON table."""
+    return {
+        "workspace": str(ws),
+        "services": rows,
+        "storage": {"uri": endpoints.storage_uri, "from": endpoints.sources["storage"]},
+        "mlflow": {
+            "uri": endpoints.mlflow_tracking_uri,
+            "from": endpoints.sources["mlflow_tracking_uri"],
+        },
+        "ray_token_path": endpoints.ray_auth_token_path,
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.cluster.stack import health
 
     ws = workspace_path(args.workspace)
     rows = health(ws)
+    endpoints = resolve(workspace=ws)
+    code = 0 if all(row["healthy"] for row in rows) else 1
+    if args.json:
+        print(json.dumps(status_data(ws, rows, endpoints), indent=2))
+        return code
     if not rows:
         print(f"no services recorded in {ws}; start them with `chestxpert up`")
     for row in rows:
@@ -57,7 +84,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"{row['service']:7s} {state:22s} {row['url']:28s} pid {row['pid']:<8d} {row['detail']}"
         )
-    endpoints = resolve(workspace=ws)
     print(f"storage {endpoints.storage_uri}  (from {endpoints.sources['storage']})")
     print(
         f"mlflow  {endpoints.mlflow_tracking_uri}  "
@@ -68,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "ray token: export RAY_AUTH_MODE=token "
             f"RAY_AUTH_TOKEN_PATH={endpoints.ray_auth_token_path}"
         )
-    return 0 if all(row["healthy"] for row in rows) else 1
+    return code
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -127,11 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter sweeps for multi-label chest X-ray classification on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"chestxpert {__version__}")
-    parser.add_argument(
-        "--workspace",
-        default=os.environ.get("CHESTXPERT_WORKSPACE"),
-        help="runtime state folder (default: $CHESTXPERT_WORKSPACE or ./.chestxpert)",
-    )
+    add_top_level_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up_parser = sub.add_parser("up", help="start Ray, MLflow (and --s3) on this machine")
@@ -139,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     up_parser.set_defaults(func=cmd_up)
 
     status_parser = sub.add_parser("status", help="show each local service, its URL and health")
+    status_parser.add_argument(
+        "--json", action="store_true", help="print the services and endpoints as JSON (README)"
+    )
     status_parser.set_defaults(func=cmd_status)
 
     down_parser = sub.add_parser("down", help="stop exactly the services `up` started")
@@ -179,17 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_sweep_report(register_sweeps(sub))
     register_results(sub)
+    finish_tree(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chestxpert` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_misplaced(parser, args)
     from chestxpert.cluster.endpoints import prepare_ray_environment
 
     prepare_ray_environment(args.workspace)
-    # TensorFlow's start-up chatter hides our output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's start-up chatter hides our output (chestxpert/__init__ filters the rest);
+    # --verbose keeps it, here and in every process started from here.
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    for key, value in quiet_environment().items():
+        os.environ.setdefault(key, value)
     if getattr(args, "sweep_command", None) in ("run", "resume") and not getattr(
         args, "dry_run", False
     ):
@@ -199,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from chestxpert.cluster.endpoints import (
     client_environment,
     prepare_ray_environment,
 )
+from chestxpert.cluster.quiet import quiet_environment
 
 AWS_CREDENTIAL_VARIABLES = (
     "AWS_ACCESS_KEY_ID",
@@ -34,7 +35,7 @@ def worker_environment(endpoints: Endpoints) -> dict[str, str]:
     if not endpoints.local_s3:
         env.pop("AWS_ACCESS_KEY_ID", None)
         env.pop("AWS_SECRET_ACCESS_KEY", None)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.update(quiet_environment())
     return env
 
 

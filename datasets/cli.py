@@ -98,7 +98,11 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     synth.set_defaults(func=cmd_synth)
 
     download = data_sub.add_parser("download", help="fetch NIH ChestX-ray14 (needs internet)")
-    download.add_argument("dataset", choices=["nih-sample", "nih-full"])
+    download.add_argument(
+        "dataset",
+        choices=["nih-sample", "nih-full"],
+        help="nih-sample: the Kaggle 5%% sample (5,606 images); nih-full: all 112,120 images",
+    )
     download.add_argument("--to", required=True, help="folder to download and unpack into")
     download.add_argument(
         "--env-file", default=None, help="a .env file with KAGGLE_USERNAME / KAGGLE_KEY"
@@ -111,21 +115,38 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     prep = data_sub.add_parser(
         "prepare", help="validate, split by patient, resize and shard into Parquet"
     )
-    prep.add_argument("--source", required=True, choices=["nih", "chexpert"])
+    prep.add_argument(
+        "--source", required=True, choices=["nih", "chexpert"], help="layout of --input"
+    )
     prep.add_argument("--input", required=True, help="source folder or s3:// prefix")
     prep.add_argument("--out", required=True, help="output folder or s3:// prefix")
     prep.add_argument(
         "--image-size", type=int, required=True, help="square side in pixels (>= 32; 224 usual)"
     )
-    prep.add_argument("--split", default="patient", choices=["patient", "official"])
+    prep.add_argument(
+        "--split",
+        default="patient",
+        choices=["patient", "official"],
+        help="patient: random split by patient; official: the source's own test list",
+    )
     prep.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of patients for validation"
     )
     prep.add_argument("--test-fraction", type=float, default=0.2, help="share of patients for test")
-    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--seed", type=int, default=0, help="random seed of the patient split")
     prep.add_argument("--views", default="PA,AP", help="views to keep (CheXpert), comma-separated")
-    prep.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"])
-    prep.add_argument("--on-bad-image", default="fail", choices=["skip", "fail"])
+    prep.add_argument(
+        "--uncertain",
+        default="ones",
+        choices=["ones", "zeros", "ignore"],
+        help="CheXpert's uncertain (-1) labels become 1, 0, or are left out of the loss",
+    )
+    prep.add_argument(
+        "--on-bad-image",
+        default="fail",
+        choices=["skip", "fail"],
+        help="an unreadable or missing image stops the run (fail) or is left out (skip)",
+    )
     prep.add_argument(
         "--force",
         action="store_true",

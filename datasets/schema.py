@@ -7,10 +7,14 @@ An adapter (NIH, CheXpert, synthetic phantoms in NIH layout) returns a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from chestxpert.cluster.errors import UserError
+
+# pandas only where a source table is built: the reader and every CLI command import this
+# module for its constants, and pandas costs them half a second or more.
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The prepared dataset (written by `prepare`, read by `reader`): a folder or object-store
 # prefix with MANIFEST, written last, and Parquet shards per split. SCHEMA_VERSION changes
@@ -100,6 +104,12 @@ BOX_COLUMNS: tuple[str, ...] = (
 )  # pixels of the original image
 
 
+def _empty_boxes() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(columns=list(BOX_COLUMNS))
+
+
 @dataclass
 class SourceTable:
     """A dataset source read into the common shape.
@@ -115,7 +125,7 @@ class SourceTable:
     source: str
     labels: tuple[str, ...]
     images: pd.DataFrame
-    boxes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(BOX_COLUMNS)))
+    boxes: pd.DataFrame = field(default_factory=_empty_boxes)
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     provenance: dict | None = None

@@ -4,7 +4,9 @@ report, using it, comparing two models, and the sweep's own report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 
@@ -40,8 +42,13 @@ def cmd_final(args: argparse.Namespace) -> int:
         allow_dataset_change=args.allow_dataset_change,
         promote=args.promote,
     )
-    metrics = run_final(args.name, opts, _endpoints(args))
+    # With --json the summary is stdout's; the progress goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        metrics = run_final(args.name, opts, _endpoints(args))
     ev = metrics["evaluation"]
+    if args.json:
+        print(json.dumps(final_summary(metrics), indent=2, default=str))
+        return 0
     print(
         f"test macro AUC {ev['auc_macro']:.4f} (micro {ev['auc_micro']:.4f}) "
         f"on {ev['counts']['images']} images"
@@ -52,10 +59,32 @@ def cmd_final(args: argparse.Namespace) -> int:
     return 0
 
 
+def final_summary(metrics: dict) -> dict:
+    """`chestxpert final --json`: the schema in the README's JSON table (metrics.json in the
+    report holds everything)."""
+    ev = metrics["evaluation"]
+    return {
+        "sweep": metrics["sweep"],
+        "version": metrics["version"],
+        "auc_macro": ev["auc_macro"],
+        "auc_micro": ev["auc_micro"],
+        "test_images": ev["counts"]["images"],
+        "report": f"{metrics['report_dir']}/report.html",
+        "storage": metrics["storage_dir"],
+        "mlflow": metrics["mlflow"],
+        "promotion": metrics["promotion"],
+    }
+
+
 def _finish(args: argparse.Namespace) -> int:
     from chestxpert.results.publish import finish
 
-    outcomes, removed = finish(args.name, _endpoints(args), promote=args.promote)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        outcomes, removed = finish(args.name, _endpoints(args), promote=args.promote)
+    if args.json:
+        said = [outcome.message(args.name) for outcome in outcomes]
+        print(json.dumps({"sweep": args.name, "removed_staging": removed, "finished": said}))
+        return 0
     for attempt in removed:
         print(f"removed final/staging/{attempt}: a retrain that was interrupted, never published")
     for outcome in outcomes:
@@ -69,16 +98,26 @@ def cmd_pull_best(args: argparse.Namespace) -> int:
     from chestxpert.results.pull import PullError, load_lines, pull_best, pull_final
 
     verify = not args.no_verify
-    if args.final or args.version is not None:
-        if not args.final:
-            raise PullError(
-                f"--version {args.version} names a final model version; add --final: "
-                f"`chestxpert pull-best {args.name} --final --version {args.version} --to DIR`"
+    if args.version is not None and not args.final:
+        raise PullError(
+            f"--version {args.version} names a final model version; add --final: "
+            f"`chestxpert pull-best {args.name} --final --version {args.version} --to DIR`"
+        )
+    what = None
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        if args.final:
+            path, what = pull_final(
+                args.name, Path(args.to), _endpoints(args), args.version, verify
             )
-        path, what = pull_final(args.name, Path(args.to), _endpoints(args), args.version, verify)
+        else:
+            path = pull_best(args.name, Path(args.to), endpoints=_endpoints(args), verify=verify)
+    if args.json:
+        kind = "final" if args.final else "best"
+        pulled = {"sweep": args.name, "kind": kind, "path": str(path), "final_model": what}
+        print(json.dumps({**pulled, "verified": verify, "load": load_lines(path)}, indent=2))
+        return 0
+    if what:
         print(f"final model of {args.name}: {what}")
-    else:
-        path = pull_best(args.name, Path(args.to), endpoints=_endpoints(args), verify=verify)
     print(f"pulled to {path}\n{load_lines(path)}")
     return 0
 
@@ -191,7 +230,7 @@ def register_sweep_report(sweep_sub: argparse._SubParsersAction) -> None:
         help="the sweep in one self-contained HTML page (curves, history, importances, trials, "
         "budget, best trial), from storage; also logged to the sweep's MLflow parent run",
     )
-    report.add_argument("name")
+    report.add_argument("name", help="sweep name")
     report.add_argument(
         "--out", default=None, metavar="DIR", help="also write report.html and report.json here"
     )
@@ -220,7 +259,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     final.add_argument(
         "--epochs", type=int, default=None, help="epochs (default: the best trial's)"
     )
-    final.add_argument("--train-on", default="train", choices=["train", "train+val"])
+    final.add_argument(
+        "--train-on",
+        default="train",
+        choices=["train", "train+val"],
+        help="split(s) the final model is retrained on",
+    )
     final.add_argument(
         "--target-sensitivity",
         type=float,
@@ -279,14 +323,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="no retrain: register and promote published versions an MLflow failure or a crash "
         "left behind, remove interrupted retrains' staging",
     )
+    final.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (README); progress to stderr"
+    )
     _flags(final)
     final.set_defaults(func=cmd_final)
 
     pull = sub.add_parser(
         "pull-best", help="download the best trial checkpoint (or --final model), checksum-verified"
     )
-    pull.add_argument("name")
-    pull.add_argument("--to", required=True)
+    pull.add_argument("name", help="sweep name")
+    pull.add_argument("--to", required=True, help="folder to download into")
     pull.add_argument(
         "--final",
         action="store_true",
@@ -305,6 +352,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip the checksum checks: take a checkpoint without model.keras.sha256, or a "
         "version whose SHA256SUMS is missing",
     )
+    pull.add_argument("--json", action="store_true", help="print what was pulled as JSON (README)")
     _flags(pull)
     pull.set_defaults(func=cmd_pull_best)
 
@@ -320,7 +368,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pred.add_argument(
         "--gradcam", default=None, metavar="OUT", help="write overlays for the top findings here"
     )
-    pred.add_argument("--json", action="store_true")
+    pred.add_argument("--json", action="store_true", help="print the predictions as JSON (README)")
     pred.add_argument(
         "--uncalibrated",
         action="store_true",

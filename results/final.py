@@ -20,6 +20,7 @@ from chestxpert.cluster.errors import UserError
 from chestxpert.datasets.images import resize_uint8
 from chestxpert.results import versions
 from chestxpert.results.final_figures import gradcam_gallery, summary_figures
+from chestxpert.results.progress import Stages
 from chestxpert.results.publish import FinalError, load_sweep, register_and_promote
 from chestxpert.sweeps.layout import (
     DATASET_GENERATION,
@@ -95,7 +96,9 @@ def retrain_and_evaluate(
             shutil.copytree(checkpoint_dir, version / VERSION_MODEL)
             last.update(metrics)
 
+    stages = Stages("final")  # printed where the work runs (a Ray task's lines reach the driver)
     try:
+        stages.start("retrain", f"{config['epochs']} epochs")
         run_trial(TrialConfig.from_dict(config), report, endpoints=endpoints, trained=models.append)
         metrics = evaluate_model(
             version / VERSION_MODEL,
@@ -105,9 +108,12 @@ def retrain_and_evaluate(
             version / VERSION_REPORT,
             name,
             model=models[0] if models else None,
+            stages=stages,
         )
         metrics["final_training"] = last
+        stages.start("staging", "the evaluated model and report to storage")
         versions.upload_folder(fs, version, staging)
+        stages.end()
         return metrics
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -123,6 +129,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
     to it. A crash anywhere leaves the previous final model served.
     """
     started = time.monotonic()
+    stages = Stages("final")
     sweep = load_sweep(name, endpoints)
     location, spec = sweep.location, sweep.spec
     if opts.train_on not in ("train", "train+val"):
@@ -200,6 +207,7 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             "train_splits": opts.train_on,
         }
         (folder / VERSION_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        stages.start("upload", f"version {number} to {location.uri}")
         try:
             versions.publish_version(location, number, folder)
         except FileExistsError:
@@ -216,8 +224,11 @@ def run_final(name: str, opts: FinalOptions, endpoints: Endpoints) -> dict[str, 
             report_dir=str(local_report),
             storage_dir=versions.version_uri(location, number),
         )
+        stages.end()
         print(f"published version {number}: {metrics['storage_dir']}", flush=True)
+        stages.start("registration", "MLflow model registry")
         outcome = register_and_promote(sweep, number, info, lambda: folder, endpoints, opts.promote)
+        stages.end()
         metrics["promotion"] = outcome.message(name)
         metrics["mlflow"] = {
             "run_id": outcome.run_id,
@@ -307,6 +318,7 @@ def evaluate_model(
     out: Path,
     name: str,
     model=None,
+    stages: Stages | None = None,
 ) -> dict[str, Any]:
     """Thresholds on validation, metrics on test, figures, Grad-CAM, the report files into `out`.
 
@@ -330,6 +342,7 @@ def evaluate_model(
     from chestxpert.trainable.metrics import auc_metrics
     from chestxpert.trainable.train import weights_digest
 
+    stages = stages or Stages("final")
     out.mkdir(parents=True, exist_ok=True)
     state = read_state(model_dir)
     if model is None:
@@ -347,6 +360,7 @@ def evaluate_model(
     if size != dataset.image_size:
         val["image"] = resize_uint8(val["image"], size).numpy()
         test["image"] = resize_uint8(test["image"], size).numpy()
+    stages.start("prediction", f"{len(val['image'])} validation, {len(test['image'])} test images")
     val_prob = model.predict(val["image"], batch_size=64, verbose=0)
     test_prob = model.predict(test["image"], batch_size=64, verbose=0)
     choice = choose_thresholds(
@@ -368,6 +382,7 @@ def evaluate_model(
             target_specificity=target if method == "specificity" else None,
         )
     calibrator = fit_platt(val["labels"], val_prob, labels)
+    stages.start("bootstrap", f"{opts.bootstrap} patient resamples")
     evaluation = evaluate(
         test["labels"],
         test_prob,
@@ -391,7 +406,9 @@ def evaluate_model(
     known = ~np.isnan(val["labels"])
     validation = auc_metrics(np.nan_to_num(val["labels"]), val_prob, known, labels)
 
+    stages.start("figures")
     figures = summary_figures(evaluation, choice, out)
+    stages.start("grad-cam")
     gallery, layer, note, localization = gradcam_gallery(
         model,
         get_backbone(config["backbone"]).last_conv_layer,
@@ -405,6 +422,7 @@ def evaluate_model(
         out,
     )
     figures += gallery
+    stages.start("report")
     metrics = {
         "sweep": name,
         "source": dataset.manifest.get("source"),
@@ -446,4 +464,5 @@ def evaluate_model(
     (model_dir / "state.json").write_text(
         json.dumps(state, indent=2, sort_keys=True, default=float)
     )
+    stages.end()
     return metrics

@@ -39,26 +39,15 @@ def _load(spec_arg: str, overrides: dict | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from chestxpert.sweeps.run import format_summary, run_sweep
-
     spec = _load(args.spec, overrides={"name": args.name} if args.name else None)
     endpoints = _endpoints(args, spec)
-    if args.dry_run:
-        print(
-            json.dumps(
-                {
-                    "spec": spec.to_plain_dict(),
-                    "param_space": {k: str(v) for k, v in spec.param_space().items()},
-                    "ray_address": endpoints.ray_address,
-                    "storage": f"{endpoints.storage_uri}/{spec.name}",
-                    "mlflow": endpoints.mlflow_tracking_uri,
-                    "tpe_startup_trials": spec.search.tpe_startup_trials(),
-                },
-                indent=2,
-                default=str,
-            )
-        )
+    if args.dry_run:  # no Ray, no TensorFlow: see sweeps/dry_run.py
+        from chestxpert.sweeps.dry_run import check_dataset, plan_lines
+
+        print("\n".join(plan_lines(spec, endpoints, check_dataset(spec, endpoints))))
         return 0
+    from chestxpert.sweeps.run import format_summary, run_sweep
+
     summary = run_sweep(spec, endpoints, mlflow_uri=args.mlflow_uri, force=args.force)
     print(format_summary(summary), end="")
     _after_sweep(args, spec, endpoints)
@@ -178,6 +167,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     endpoints = _endpoints(args)
     fs, root = storage_filesystem(endpoints)
     names = list_sweeps(fs, root)
+    if args.json:
+        print(json.dumps({"storage": endpoints.storage_uri, "sweeps": names}, indent=2))
+        return 0
     print("\n".join(names) if names else f"no sweeps in {endpoints.storage_uri}")
     return 0
 
@@ -280,7 +272,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from chestxpert.sweeps.spec import load_spec
 
     spec_path = Path(args.spec).resolve()
-    spec = load_spec(spec_path)
+    # The flags go into the spec that travels, so they win over its keys on the cluster too.
+    flags = {"name": args.name, "storage": args.storage, "mlflow.tracking_uri": args.mlflow_uri}
+    spec = load_spec(spec_path, overrides={k: v for k, v in flags.items() if v} or None)
+    # --address is the dashboard here, not the driver's Ray address.
     endpoints = _endpoints(argparse.Namespace(workspace=args.workspace), spec)
     address = args.address or endpoints.ray_dashboard_url
     if not address:
@@ -354,10 +349,15 @@ def _service_flags(
         default=None,
         help="Ray address (else RAY_ADDRESS, the local stack, in-process)",
     )
+    parser.add_argument("--mlflow-uri", default=None, help=mlflow_help)
+    _storage_flags(parser)
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    """For the commands that only read the storage."""
     parser.add_argument(
         "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
     )
-    parser.add_argument("--mlflow-uri", default=None, help=mlflow_help)
     parser.add_argument(
         "--s3-endpoint",
         default=None,
@@ -395,7 +395,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     run.set_defaults(func=cmd_run)
 
     resume = sweep_sub.add_parser("resume", help="continue an interrupted sweep from its storage")
-    resume.add_argument("name")
+    resume.add_argument("name", help="the sweep's name (its folder in the storage)")
     resume.add_argument(
         "--allow-dataset-change",
         action="store_true",
@@ -413,9 +413,9 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     status = sweep_sub.add_parser(
         "status", help="trials, states, epochs and the best so far, from storage"
     )
-    status.add_argument("name")
-    status.add_argument("--json", action="store_true")
-    _service_flags(status)
+    status.add_argument("name", help="the sweep's name (its folder in the storage)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON (README)")
+    _storage_flags(status)
     status.set_defaults(func=cmd_status)
 
     study = sweep_sub.add_parser(
@@ -439,25 +439,38 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     study.set_defaults(func=cmd_study)
 
     listing = sweep_sub.add_parser("list", help="sweeps in the storage")
-    _service_flags(listing)
+    listing.add_argument("--json", action="store_true", help="print the list as JSON (README)")
+    _storage_flags(listing)
     listing.set_defaults(func=cmd_list)
 
     sync = sweep_sub.add_parser(
         "mlflow-sync",
         help="send MLflow what it lacks of a sweep (journal, results, final statuses)",
     )
-    sync.add_argument("name")
-    _service_flags(sync, RECORDED_MLFLOW_HELP)
+    sync.add_argument("name", help="the sweep's name (its folder in the storage)")
+    sync.add_argument("--mlflow-uri", default=None, help=RECORDED_MLFLOW_HELP)
+    _storage_flags(sync)
     sync.set_defaults(func=cmd_mlflow_sync)
 
     submit = sweep_sub.add_parser(
         "submit", help="submit `sweep run` to a Ray cluster through the Jobs API"
     )
-    submit.add_argument("spec")
+    submit.add_argument("spec", help="sweep spec YAML; it travels in the job's environment")
     submit.add_argument(
         "--address",
         default=None,
         help="dashboard URL, e.g. http://HEAD:8265 (default: local stack)",
+    )
+    submit.add_argument("--name", default=None, help="override the spec's name")
+    submit.add_argument(
+        "--storage",
+        default=None,
+        help="storage URI the sweep writes to (else the spec's, CHESTXPERT_STORAGE, …)",
+    )
+    submit.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="MLflow tracking URI the sweep logs to (else the spec's, MLFLOW_TRACKING_URI, …)",
     )
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     submit.add_argument(

@@ -349,6 +349,20 @@ def central_mlflow(
         stop_group(record["pid"], record["start_time"])
 
 
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path: Path) -> None:
+    """For tests that call `chestxpert.cli.main` in-process: what it sets in the environment (Ray's
+    client auth, TensorFlow's log level, --verbose) is undone after the test."""
+    for key, value in {
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "ray_auth_token"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CHESTXPERT_VERBOSE", raising=False)
+
+
 @dataclass(frozen=True)
 class SyntheticDataset:
     raw: Path
@@ -375,8 +389,8 @@ def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
 
 @pytest.fixture(scope="session")
 def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_factory) -> dict:
-    """A one-trial sweep run to the end with an in-process Ray, then `chestxpert final` on it once
-    (version 1, the champion); its storage, workspace, environment and the final's output."""
+    """A one-trial sweep run to the end with an in-process Ray, then `chestxpert final --json` on
+    it once (version 1, the champion); its storage, workspace, environment and the outputs."""
     import yaml
 
     root = tmp_path_factory.mktemp("final")
@@ -408,7 +422,7 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     final = subprocess.run(
-        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200"],
+        [CHESTXPERT_CLI, "final", "tiny-final", "--local", "--bootstrap", "200", "--json"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -419,7 +433,9 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
     return {
         "root": root,
         "env": env,
-        "stdout": final.stdout,
+        "stdout": final.stdout,  # the --json summary
+        "stderr": final.stderr,  # its progress
+        "sweep_stderr": run.stderr,
         "sweep_stdout": run.stdout,
         "mlflow": mlflow_server.url,
     }

@@ -134,7 +134,7 @@ def test_up_port_conflict_names_port_and_flag(flag: str) -> None:
         ports[flag] = port
         args = [str(item) for pair in ports.items() for item in pair]
         result = run_cli("up", *args, workspace=ws, timeout=60)
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert f"port {port}" in result.stderr and f"chestxpert up {flag} PORT" in result.stderr
     assert not (ws / "services.json").exists(), "a refused `up` must start nothing"
 

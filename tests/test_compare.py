@@ -184,7 +184,7 @@ def test_compare_on_the_final_model_with_itself_and_with_a_copy_that_cannot_rank
     metrics = json.loads((version / "report" / "metrics.json").read_text())
     dataset = metrics["dataset"]
 
-    assert main(["compare", "no-such-sweep", "tiny-final"]) == 2
+    assert main(["compare", "no-such-sweep", "tiny-final"]) == 3
     said = capsys.readouterr().err
     assert "'no-such-sweep' is not a folder here, so it was taken as a sweep name" in said
     assert "no sweep named 'no-such-sweep'" in said

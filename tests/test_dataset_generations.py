@@ -99,7 +99,7 @@ def test_prepare_refuses_an_out_it_could_damage_and_deletes_nothing(
     """Drill 1: a real `data prepare` at a folder holding other files or the input's parent."""
     before = tree(layout)
     result = cli(*prepare_args("data/nih", out, *(["--force"] if force else [])), cwd=layout)
-    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr
     message = result.stderr.strip()
     assert message.startswith("error: --") and "\n" not in message, message
     for text in expected:
@@ -195,7 +195,7 @@ def test_gc_removes_only_generations_nothing_names(tmp_path: Path) -> None:
 def test_gc_refuses_a_folder_that_is_not_a_dataset(layout: Path) -> None:
     before = tree(layout)
     result = cli("data", "gc", str(layout / "downloads"), cwd=layout)
-    assert result.returncode == 2 and "not a prepared dataset" in result.stderr, result.stderr
+    assert result.returncode == 3 and "not a prepared dataset" in result.stderr, result.stderr
     assert tree(layout) == before
 
 
@@ -260,7 +260,7 @@ def test_prepare_refuses_a_bucket_root_and_a_prefix_holding_other_objects(
     for input_uri, out, expected in cases:
         args = prepare_args(input_uri, out, *(["--force"] if force else []))
         result = cli(*args, cwd=layout, env=s3_endpoint.env())
-        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.returncode == 3, result.stdout + result.stderr
         assert expected in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert objects() == before, "a refused prepare changed the bucket"
 
@@ -377,7 +377,7 @@ def test_prepare_force_while_a_sweep_reads_the_dataset(
 
     for refused in (run("sweep", "resume", "drill-old"), run("final", "drill-old", "--local")):
         message = refused.stderr.strip().splitlines()[-1]  # after TensorFlow's start-up lines
-        assert refused.returncode == 2 and message.startswith("error: "), refused.stderr[-3000:]
+        assert refused.returncode == 3 and message.startswith("error: "), refused.stderr[-3000:]
         for text in (uri, old[:12], new[:12], "--allow-dataset-change"):
             assert text in message, message
     allowed = run("sweep", "resume", "drill-old", "--allow-dataset-change")

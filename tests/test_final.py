@@ -115,7 +115,9 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
     assert pointer["version"] == 1 and pointer["registered_version"] == version.version
     assert version.tags["chestxpert.final_version"] == (final / "versions" / "1").as_uri()
     assert pointer["metric"] == "val_auc_macro" and 0.0 <= pointer["value"] <= 1.0
-    assert "champion: version 1 (val_auc_macro" in finished_sweep["stdout"]
+    summary = json.loads(finished_sweep["stdout"])
+    assert summary["promotion"].startswith("champion: version 1 (val_auc_macro")
+    assert summary["mlflow"]["uri"] == "models:/tiny-final-model@champion"
     run = client.get_run(version.run_id)
     assert run.data.tags["chestxpert.role"] == "final"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -176,3 +178,49 @@ def test_the_sweep_reads_in_mlflow_as_its_users_read_it(
         assert key in metrics, sorted(metrics)
     rss = client.get_metric_history(trial.info.run_id, "system/trial_memory_rss_megabytes")
     assert len(rss) >= 2 and all(point.value > 50 for point in rss)
+
+
+def test_final_json_summary_and_progress_per_stage(finished_sweep: dict) -> None:
+    """`final --json`: stdout is the summary alone (README schema); each stage's start and end,
+    with its seconds, are on stderr, in order."""
+    summary = json.loads(finished_sweep["stdout"])
+    assert set(summary) == {
+        "sweep",
+        "version",
+        "auc_macro",
+        "auc_micro",
+        "test_images",
+        "report",
+        "storage",
+        "mlflow",
+        "promotion",
+    }
+    assert summary["sweep"] == "tiny-final" and summary["version"] == 1
+    assert 0.0 <= summary["auc_macro"] <= 1.0 and summary["test_images"] > 0
+    assert set(summary["mlflow"]) == {"run_id", "model_name", "version", "uri", "champion"}
+    progress = finished_sweep["stderr"]
+    assert "final: epoch 2" in progress
+    stages = ["retrain", "prediction", "bootstrap", "grad-cam", "upload", "registration"]
+    ends = [progress.index(f"final: {stage} done in ") for stage in stages]
+    assert ends == sorted(ends), progress[-3000:]
+    starts = [progress.index(f"final: {stage} ") for stage in stages]  # the start comes first
+    assert all(start < end for start, end in zip(starts, ends, strict=True))
+    assert starts[1:] == sorted(starts[1:]) and starts[1] > ends[0]
+
+
+def test_no_tensorflow_start_up_lines_in_the_output_or_the_trial_logs(finished_sweep: dict) -> None:
+    """The sweep and the final imported TensorFlow in the CLI and in Ray trial workers; none of
+    its oneDNN/CUDA start-up lines reached the user or the workers' logs (no --verbose)."""
+    from chestxpert.cluster.quiet import NOISE
+
+    logs = finished_sweep["root"] / "ws" / "ray" / "session_latest" / "logs"
+    workers = sorted(logs.glob("worker-*"))
+    assert workers, f"no worker logs in {logs}"
+    texts = {
+        "sweep run": finished_sweep["sweep_stderr"],
+        "final": finished_sweep["stderr"],
+        **{path.name: path.read_text(errors="replace") for path in workers},
+    }
+    for where, text in texts.items():
+        noisy = [line for line in text.splitlines() if NOISE.search(line)]
+        assert not noisy, f"{where}: {noisy[:3]}"

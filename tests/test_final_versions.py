@@ -131,7 +131,7 @@ def test_sigkill_mid_retrain_leaves_the_previous_final_model(
         assert ok(after) and (tmp_path / "after" / "model" / "model.keras").read_bytes() == before
         assert (pointer.read_bytes() if pointer.exists() else None) == pointed
     else:
-        assert after.returncode == 2, after.stdout + after.stderr
+        assert after.returncode == 3, after.stdout + after.stderr
         assert (
             "no final model yet" in after.stderr and "chestxpert final tiny-final" in after.stderr
         )
@@ -228,7 +228,7 @@ def test_a_registration_mlflow_refused_is_finished_later(
                 proc.kill()
                 proc.wait()
         out = log.read_text()
-        assert proc.returncode == 2, out
+        assert proc.returncode == 3, out
         error = [line for line in out.splitlines() if line.startswith("error: ")]
         assert len(error) == 1 and "Traceback" not in out, out
         assert "version 1 of tiny-final is published in storage" in error[0]
@@ -238,7 +238,7 @@ def test_a_registration_mlflow_refused_is_finished_later(
         assert not (final / "current.json").exists(), "the pointer waits for the registration"
         assert not list((final / "staging").iterdir()), "staging is removed once published"
         refused = cli("pull-best", SWEEP, "--final", "--to", str(tmp_path / "none"), env=env)
-        assert refused.returncode == 2 and "--finish" in refused.stderr, refused.stderr
+        assert refused.returncode == 3 and "--finish" in refused.stderr, refused.stderr
         published = pulled_model(env, tmp_path / "v1", "--version", "1")
 
         # The same store, served again (on a new port): finish registers and promotes.

@@ -157,10 +157,13 @@ def test_installed_wheel_runs_outside_the_repo_beside_hugging_face_datasets(
         "1",
     )
     assert len(list((work / "synth").rglob("*.png"))) == 12
+    # The dry run opens the dataset it names (and checks its image size against the backbone).
+    prepare = ("--source", "nih", "--input", "synth", "--out", "prepared", "--image-size", "64")
+    run(chestxpert, "data", "prepare", *prepare, "--workers", "1")
     (work / "spec.yaml").write_text(
         "name: from-a-wheel\ndataset: prepared\n"
         "trial: {backbone: densenet_tiny, image_size: 64, epochs: 2}\n"
         "space:\n  learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
     )
     plan = run(chestxpert, "sweep", "run", "spec.yaml", "--dry-run")
-    assert "from-a-wheel" in plan and "learning_rate" in plan
+    assert "from-a-wheel" in plan and "learning_rate: loguniform(0.0001, 0.01)" in plan

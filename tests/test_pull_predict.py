@@ -514,3 +514,24 @@ def test_registered_champion_resolves_and_predicts(
         resolve_model(f"models:/{name}/7", endpoints)
     with pytest.raises(PullError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
         resolve_model(f"models:/{name}/one", endpoints)
+
+
+def test_pull_best_and_predict_json_through_the_cli(
+    trial_checkpoint, final_model, sample_images, tmp_path, cli_env, capsys
+) -> None:
+    """The README's JSON schemas of `pull-best --json` and `predict --json`."""
+    from chestxpert.cli import main
+
+    lay_out_sweep(tmp_path / "storage", trial_checkpoint, final_model)
+    where = ["--storage", str(tmp_path / "storage"), "--workspace", str(tmp_path / "ws")]
+    assert main(["pull-best", SWEEP, "--to", str(tmp_path / "out"), "--json", *where]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    assert set(pulled) == {"sweep", "kind", "path", "final_model", "verified", "load"}
+    assert pulled["kind"] == "best" and pulled["path"] == str(tmp_path / "out" / CHECKPOINT)
+    assert pulled["final_model"] is None and pulled["verified"] is True
+
+    argv = ["predict", str(final_model), str(sample_images[0]), "--json", *where]
+    assert main(argv) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert set(result) == {"image", "findings", "threshold_source", "probabilities"}
+    assert set(result["findings"][0]) == {"label", "probability", "threshold", "positive"}

@@ -133,7 +133,7 @@ def test_drill4_mlflow_down_driver_killed_then_resumed(
     server = start_mlflow(opts, (ws / "artifacts").as_uri())  # back: same port, same database
     try:
         refused = chestxpert("sweep", "resume", name, env=env, cwd=tmp_path)
-        assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+        assert refused.returncode == 3, refused.stdout[-3000:] + refused.stderr[-3000:]
         assert f"pid {driver.pid} is not running on this host" in refused.stderr
         assert "Traceback" not in refused.stderr
         resumed = chestxpert("sweep", "resume", name, "--force", env=env, cwd=tmp_path)
@@ -207,7 +207,7 @@ def test_drill5_a_second_run_of_a_running_sweep_is_refused(
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.returncode == 3, second.stdout[-3000:] + second.stderr[-3000:]
     assert "sweep 'drill5' is being written by " in second.stderr
     assert f"(pid {first.pid} on {socket.gethostname()}, `chestxpert sweep run drill5`)" in (
         second.stderr

@@ -54,3 +54,36 @@ def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_sn
     assert rows["aaaa0001"]["state"] == "TERMINATED" and rows["aaaa0001"]["ended"] == "completed"
     assert rows["bbbb0003"]["state"] == "UNKNOWN" and rows["bbbb0003"]["epochs"] == 1
     assert status["best_so_far"]["trial_id"] == "aaaa0001"
+
+
+def test_sweep_status_and_list_json_keys(tmp_path: Path, cli_env, capsys) -> None:
+    """The README's JSON schemas of `sweep status --json` and `sweep list --json`."""
+    from chestxpert.cli import main
+
+    spec = SweepSpec.model_validate({"name": "done", "dataset": str(tmp_path / "data")})
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / SPEC_FILE).write_text(json.dumps({"raw": spec.model_dump(mode="json")}))
+    _trial(tmp_path / "done" / "train_aaaa0001", "aaaa0001", [0.6, 0.7], 1_800_000_000.0)
+    where = ["--storage", str(tmp_path), "--workspace", str(tmp_path / "ws")]
+
+    assert main(["sweep", "status", "done", "--json", *where]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert set(status) == {
+        "name",
+        "storage",
+        "metric",
+        "mode",
+        "num_samples",
+        "summary",
+        "writer",
+        "best_so_far",
+        "trials",
+        "abandoned",
+    }
+    assert set(status["best_so_far"]) == {"trial_id", "value", "config"}
+    [trial] = status["trials"]
+    assert set(trial) == {"trial_id", "state", "epochs", "best", "ended", "config", "folder"}
+    assert trial["best"] == 0.7 and trial["epochs"] == 2
+
+    assert main(["--storage", str(tmp_path), "sweep", "list", "--json", *where[2:]]) == 0
+    assert json.loads(capsys.readouterr().out) == {"storage": tmp_path.as_uri(), "sweeps": ["done"]}

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-
-# keras.applications only exports DenseNet121/169/201; they are thin calls of this
-# function, which takes the number of conv blocks per dense block.
-from keras.src.applications.densenet import DenseNet as _keras_densenet
+# Keras (and so TensorFlow) is imported by the functions that build, not by the registry:
+# a spec check or `sweep run --dry-run` reads the registry's facts in well under a second.
+if TYPE_CHECKING:
+    import keras
 
 DEFAULT_BACKBONE = "densenet121"
 
@@ -52,16 +52,23 @@ def _load_base_weights(base: keras.Model, input_tensor: keras.KerasTensor, path:
     scaling layers; the Keras notop .h5 files match layers by order, which only works
     on a model with exactly the application's layers. This view shares those layers.
     """
+    import keras
+
     application_only = keras.Model(input_tensor, base.output)
     application_only.load_weights(path)
 
 
 def _keras_application(
-    application: Callable[..., keras.Model],
+    application: Callable[..., keras.Model] | str,
     input_tensor: keras.KerasTensor,
     weights: str | None = None,
 ) -> keras.Model:
-    """Build a Keras application without its top on `input_tensor`; `weights` is None or a file."""
+    """Build a Keras application (a function, or its name in `keras.applications`) without its
+    top on `input_tensor`; `weights` is None or a file."""
+    import keras
+
+    if isinstance(application, str):
+        application = getattr(keras.applications, application)
     base = application(include_top=False, weights=None, input_tensor=input_tensor)
     if weights is not None:
         _load_base_weights(base, input_tensor, weights)
@@ -69,7 +76,7 @@ def _keras_application(
 
 
 def _mobilenet_v3(
-    application: Callable[..., keras.Model],
+    application: Callable[..., keras.Model] | str,
     input_tensor: keras.KerasTensor,
     weights: str | None = None,
 ) -> keras.Model:
@@ -90,6 +97,8 @@ def _efficientnet_b0(input_tensor: keras.KerasTensor, weights: str | None = None
     so a local copy of efficientnetb0_notop.h5 behaves like the download. Every loaded
     file is treated so: weights saved from a base built here would be folded twice.
     """
+    import keras
+
     base = _keras_application(keras.applications.EfficientNetB0, input_tensor, weights)
     if weights is not None:
         normalization = next(
@@ -104,6 +113,10 @@ def _efficientnet_b0(input_tensor: keras.KerasTensor, weights: str | None = None
 
 def _densenet_tiny(**kwargs) -> keras.Model:
     """DenseNet121's design with 1, 2, 4, 2 conv blocks (not 6, 12, 24, 16): ~7x faster on CPU."""
+    # keras.applications only exports DenseNet121/169/201; they are thin calls of this
+    # function, which takes the number of conv blocks per dense block.
+    from keras.src.applications.densenet import DenseNet as _keras_densenet
+
     return _keras_densenet([1, 2, 4, 2], name="densenet_tiny", **kwargs)
 
 
@@ -114,6 +127,8 @@ def _convnet_small(input_tensor: keras.KerasTensor, weights: str | None = None) 
     For smoke runs and tests of the pipeline around the model, not for results: its graph
     builds in a fraction of densenet_tiny's time (see `make bench` startup_per_backbone).
     """
+    import keras
+
     x = input_tensor
     for stage, filters in enumerate((16, 32, 64, 128), start=1):
         x = keras.layers.Conv2D(
@@ -146,7 +161,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=32,
             last_conv_layer="relu",
             scaling="torch",
-            builder=partial(_keras_application, keras.applications.DenseNet121),
+            builder=partial(_keras_application, "DenseNet121"),
             **_keras_notop("densenet/", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         Backbone(
@@ -154,7 +169,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=32,
             last_conv_layer="relu",
             scaling="torch",
-            builder=partial(_keras_application, keras.applications.DenseNet169),
+            builder=partial(_keras_application, "DenseNet169"),
             **_keras_notop("densenet/", "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         Backbone(
@@ -162,7 +177,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=32,
             last_conv_layer="relu",
             scaling="torch",
-            builder=partial(_keras_application, keras.applications.DenseNet201),
+            builder=partial(_keras_application, "DenseNet201"),
             **_keras_notop("densenet/", "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         # MobileNetV3 and EfficientNet carry their own Rescaling/Normalization layers and
@@ -172,7 +187,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=32,
             last_conv_layer="conv_1_activation",
             scaling="raw",
-            builder=partial(_mobilenet_v3, keras.applications.MobileNetV3Small),
+            builder=partial(_mobilenet_v3, "MobileNetV3Small"),
             **_keras_notop(
                 "mobilenet_v3/", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
             ),
@@ -182,7 +197,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=32,
             last_conv_layer="conv_1_activation",
             scaling="raw",
-            builder=partial(_mobilenet_v3, keras.applications.MobileNetV3Large),
+            builder=partial(_mobilenet_v3, "MobileNetV3Large"),
             **_keras_notop(
                 "mobilenet_v3/", "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"
             ),
@@ -201,7 +216,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=32,
             last_conv_layer="post_relu",
             scaling="tf",
-            builder=partial(_keras_application, keras.applications.ResNet50V2),
+            builder=partial(_keras_application, "ResNet50V2"),
             **_keras_notop("resnet/", "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         ),
         Backbone(
@@ -209,7 +224,7 @@ BACKBONES: dict[str, Backbone] = {
             min_size=75,
             last_conv_layer="conv_7b_ac",
             scaling="tf",
-            builder=partial(_keras_application, keras.applications.InceptionResNetV2),
+            builder=partial(_keras_application, "InceptionResNetV2"),
             **_keras_notop(
                 "inception_resnet_v2/",
                 "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -249,6 +264,8 @@ def get_backbone(name: str) -> Backbone:
 
 def _scale(rgb: keras.KerasTensor, scaling: str) -> keras.KerasTensor:
     """Scale 0..255 RGB the way the backbone was trained, with serializable built-in layers."""
+    import keras
+
     if scaling == "torch":
         unit = keras.layers.Rescaling(1.0 / 255.0, name="scale_to_unit")(rgb)
         return keras.layers.Normalization(
@@ -279,6 +296,8 @@ def _resolve_weights(backbone: Backbone, weights: str | None) -> str | None:
     if not weights:  # None, or "" as the trial config spells "from scratch"
         return None
     if weights == "imagenet":
+        import keras
+
         if backbone.weights_file is None:
             raise ValueError(
                 f"Backbone {backbone.name!r} has no ImageNet weights: leave `weights` empty "
@@ -320,6 +339,8 @@ def build_model(
     notop .h5 file, matched by layer order as Keras does, or .weights.h5/.keras, matched by
     layer name); a file that does not fit is an error, not a partial load. Every layer is a
     Keras built-in, so the model loads with `keras.models.load_model(..., safe_mode=True)`."""
+    import keras
+
     entry = get_backbone(backbone)
     if image_size < entry.min_size:
         raise ValueError(
