@@ -59,6 +59,7 @@ def _tuner_parts(
     location: SweepLocation,
     callback,
     dataset_generation: str = "",
+    stop=None,
 ):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -121,7 +122,7 @@ def _tuner_parts(
             checkpoint_score_attribute=spec.metric,
             checkpoint_score_order=spec.mode,
         ),
-        callbacks=[callback],
+        callbacks=[callback] if stop is None else [callback, stop],
         verbose=1,
     )
     return trainable, tune_config, run_config
@@ -145,6 +146,7 @@ def run_sweep(
     `data prepare --force` replaced it; `resume` refuses a replaced dataset unless
     `allow_dataset_change`, which moves new and resumed trials to the current version.
     """
+    from chestxpert.sweeps.driver_log import console_log
     from chestxpert.sweeps.journal import new_session
     from chestxpert.sweeps.lease import acquire
 
@@ -153,9 +155,10 @@ def run_sweep(
     command = f"sweep {'resume' if resume else 'run'} {spec.name}"
     lease = acquire(location, endpoints, command, session, force=force)
     try:
-        return _run_holding_lease(
-            spec, endpoints, location, session, resume, mlflow_uri, allow_dataset_change
-        )
+        with console_log(location, endpoints.workspace, session):  # for `sweep logs`
+            return _run_holding_lease(
+                spec, endpoints, location, session, resume, mlflow_uri, allow_dataset_change
+            )
     finally:
         lease.release()
 
@@ -171,6 +174,7 @@ def _run_holding_lease(
 ) -> dict[str, Any]:
     from chestxpert.cluster.mlflow_runs import safe_uri
     from chestxpert.datasets.reader import open_dataset
+    from chestxpert.sweeps.graceful import GracefulStop, end_stopped, unfinished
 
     recorded = location.read_json(SPEC_FILE)
     if resume and recorded is None:
@@ -217,8 +221,10 @@ def _run_holding_lease(
         callback = _tracking(
             spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version
         )
+        stop = GracefulStop(spec.name)
+        callback.stopped = lambda: stop.requested
         trainable, tune_config, run_config = _tuner_parts(
-            spec, endpoints, location, callback, version[DATASET_GENERATION]
+            spec, endpoints, location, callback, version[DATASET_GENERATION], stop
         )
         from ray import tune
 
@@ -255,6 +261,8 @@ def _run_holding_lease(
             # A resumed Tune uploads the spec record it read at restore at every snapshot,
             # undoing a parent id recorded since; record it again now that Tune is done.
             callback.record_parent(callback.parent_run_id)
+        if stop.requested and unfinished(spec, location):
+            return end_stopped(spec.name, callback)  # no summary: `sweep resume` continues
         return _summarise(spec, results, location, callback)
     finally:
         if callback is not None and callback.journal is not None and not callback.journal.closed:
@@ -392,6 +400,11 @@ def _with_scheme(path: str | None, location: SweepLocation) -> str | None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-sweep lines: best trial, its metric, its config and its checkpoint."""
+    if summary.get("stopped"):
+        return (
+            f"sweep {summary['name']} stopped before its end: its state and checkpoints are "
+            f"saved; continue it with `chestxpert sweep resume {summary['name']}`\n"
+        )
     out = io.StringIO()
     out.write(f"sweep {summary['name']}: {summary['trials']} trials, {summary['errors']} errored\n")
     if summary.get("best_trial_id"):
