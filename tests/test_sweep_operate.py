@@ -99,3 +99,43 @@ def test_stop_a_running_driver_follow_its_log_and_resume_to_the_end(
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}, [
         (r.data.tags.get("chestxpert.role"), r.info.status) for r in runs
     ]
+
+
+def test_stop_a_submitted_sweep_through_the_jobs_api(
+    synthetic_dataset: SyntheticDataset,
+    ray_cluster: RayCluster,
+    s3_endpoint,
+    mlflow_server,
+    tmp_path: Path,
+) -> None:
+    name = "submitted-stop"
+    storage = tmp_path / "storage"
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        trial__image_size=32,
+        search__num_samples=1,
+        scheduler={"type": "none"},
+    )
+    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+    address = ("--address", ray_cluster.dashboard_url)
+    submitted = chestxpert("sweep", "submit", str(spec), *address, env=env, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    deadline = time.monotonic() + 300
+    while not list((storage / name).glob("train_*")):  # Tune runs, with its SIGINT handler
+        assert time.monotonic() < deadline, "the job's driver never started a trial"
+        time.sleep(0.5)
+    lease = json.loads((storage / name / "chestxpert.lease").read_text())
+    assert lease["ray_job"] == job_id
+
+    stopped = chestxpert("sweep", "stop", name, *address, env=env, cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert f"asked Ray to stop job {job_id}" in stopped.stdout
+    assert f"job {job_id} ended STOPPED" in stopped.stdout
+    logs = chestxpert("sweep", "logs", name, *address, env=env, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    # SIGINT reached the driver (not Ray's default SIGTERM and SIGKILL 3 s later): it let go
+    assert "stop requested (SIGINT)" in logs.stdout, logs.stdout[-3000:]
+    assert not (storage / name / "chestxpert.lease").exists()
