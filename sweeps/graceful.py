@@ -53,6 +53,15 @@ class GracefulStop(Callback):
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+        self._restore = (tune_handler, term_handler)
+
+    def on_experiment_end(self, trials, **info: Any) -> None:
+        # Tune's loop is over: a signal now is no longer a request to stop it
+        restore = getattr(self, "_restore", None)
+        if restore is not None and threading.current_thread() is threading.main_thread():
+            if not self.requested:  # else Tune already put back the handler it found
+                signal.signal(signal.SIGINT, restore[0])
+            signal.signal(signal.SIGTERM, restore[1])
 
 
 def unfinished(spec, location) -> bool:

@@ -17,25 +17,41 @@ from tests.test_sweeps import chestxpert, sweep_env, write_spec
 pytestmark = pytest.mark.services
 
 
-def test_stop_a_running_driver_follow_its_log_and_resume_to_the_end(
+@pytest.fixture
+def one_trial_sweep(
     synthetic_dataset: SyntheticDataset,
     ray_cluster: RayCluster,
     s3_endpoint,
     mlflow_server,
     tmp_path: Path,
+):
+    """Make a one-trial convnet_small sweep at 32 px on the shared cluster: (spec, env, storage)."""
+
+    def make(name: str, epochs: int) -> tuple[Path, dict[str, str], Path]:
+        storage = tmp_path / "storage"
+        spec = write_spec(
+            tmp_path / "spec.yaml",
+            name,
+            synthetic_dataset.prepared,
+            trial__image_size=32,
+            trial__epochs=epochs,
+            search__num_samples=1,
+            scheduler={"type": "none"},
+        )
+        return (
+            spec,
+            sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage)),
+            storage,
+        )
+
+    return make
+
+
+def test_stop_a_running_driver_follow_its_log_and_resume_to_the_end(
+    one_trial_sweep, mlflow_server, tmp_path: Path
 ) -> None:
     name = "halted"
-    storage = tmp_path / "storage"
-    spec = write_spec(
-        tmp_path / "spec.yaml",
-        name,
-        synthetic_dataset.prepared,
-        trial__image_size=32,
-        trial__epochs=12,  # about 2 s each: the stop lands mid-trial
-        search__num_samples=1,
-        scheduler={"type": "none"},
-    )
-    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+    spec, env, storage = one_trial_sweep(name, epochs=12)  # about 2 s each: stopped mid-trial
     driver = _start_driver(spec, env, tmp_path)
     follower = None
     try:
@@ -102,23 +118,10 @@ def test_stop_a_running_driver_follow_its_log_and_resume_to_the_end(
 
 
 def test_stop_a_submitted_sweep_through_the_jobs_api(
-    synthetic_dataset: SyntheticDataset,
-    ray_cluster: RayCluster,
-    s3_endpoint,
-    mlflow_server,
-    tmp_path: Path,
+    one_trial_sweep, ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
     name = "submitted-stop"
-    storage = tmp_path / "storage"
-    spec = write_spec(
-        tmp_path / "spec.yaml",
-        name,
-        synthetic_dataset.prepared,
-        trial__image_size=32,
-        search__num_samples=1,
-        scheduler={"type": "none"},
-    )
-    env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
+    spec, env, storage = one_trial_sweep(name, epochs=2)
     address = ("--address", ray_cluster.dashboard_url)
     submitted = chestxpert("sweep", "submit", str(spec), *address, env=env, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
