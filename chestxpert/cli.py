@@ -94,6 +94,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "ray token: export RAY_AUTH_MODE=token "
             f"RAY_AUTH_TOKEN_PATH={endpoints.ray_auth_token_path}"
         )
+    if any(row["service"] == "ray" for row in rows):
+        print("dashboard login: `chestxpert dashboard` prints its URL and token (--open)")
     return code
 
 
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.set_defaults(func=cmd_demo)
 
+    from chestxpert.dashboard import register as register_dashboard
+
+    register_dashboard(sub)
     from chestxpert.dataset_gc import register as register_dataset_gc
     from chestxpert.datasets.cli import register as register_datasets
 

@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_sweep(spec, endpoints, mlflow_uri=args.mlflow_uri, force=args.force)
     print(format_summary(summary), end="")
     _after_sweep(args, spec, endpoints)
-    return 0 if summary.get("best_trial_id") else 1
+    return _exit_code(summary)
 
 
 def _after_sweep(args: argparse.Namespace, spec, endpoints) -> None:
@@ -94,6 +94,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     )
     print(format_summary(summary), end="")
     _after_sweep(args, spec, endpoints)
+    return _exit_code(summary)
+
+
+def _exit_code(summary: dict) -> int:
+    from chestxpert.sweeps.graceful import STOPPED_EXIT_CODE
+
+    if summary.get("stopped"):
+        return STOPPED_EXIT_CODE  # `sweep stop` or Ctrl+C: saved, unfinished
     return 0 if summary.get("best_trial_id") else 1
 
 
@@ -258,6 +266,60 @@ def ray_token(endpoints, address: str) -> str | None:
     return None
 
 
+def jobs_client(endpoints, address: str):
+    """A Ray Jobs API client for the dashboard at `address`, with the Ray token for it."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = ray_token(endpoints, address)
+    return JobSubmissionClient(
+        address, headers={"Authorization": f"Bearer {token}"} if token else None
+    )
+
+
+def _jobs(args: argparse.Namespace, endpoints):
+    """A maker of the Jobs API client for --address, else the local stack's dashboard; None
+    when neither is known. The client is made (and the cluster asked) on first use only."""
+    import functools
+
+    from chestxpert.sweeps.run import SweepError
+
+    address = args.address or endpoints.ray_dashboard_url
+    if not address:
+        return None
+
+    @functools.cache
+    def make():
+        try:
+            return jobs_client(endpoints, address)
+        except (ConnectionError, RuntimeError) as err:
+            raise SweepError(f"the Ray Jobs API at {address} does not answer ({err})") from None
+
+    return make
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from chestxpert.sweeps.layout import locate
+    from chestxpert.sweeps.operate import stop_sweep
+
+    endpoints = _endpoints(args)
+    location = locate(endpoints, args.name)
+    return 0 if stop_sweep(location, _jobs(args, endpoints), args.timeout) else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from chestxpert.sweeps.layout import locate
+    from chestxpert.sweeps.operate import show_logs
+
+    endpoints = _endpoints(args)
+    location = locate(endpoints, args.name)
+
+    def out(text: str) -> None:
+        print(text, end="", flush=True)
+
+    show_logs(location, endpoints.workspace, _jobs(args, endpoints), args.follow, out)
+    return 0
+
+
 def _is_loopback(url: str) -> bool:
     from urllib.parse import urlparse
 
@@ -265,9 +327,8 @@ def _is_loopback(url: str) -> bool:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from ray.job_submission import JobSubmissionClient
-
     from chestxpert.cluster.ray_driver import package_for_workers, worker_environment
+    from chestxpert.sweeps.operate import JOB_STOP_ENV, SWEEP_METADATA
     from chestxpert.sweeps.run import SweepError
     from chestxpert.sweeps.spec import load_spec
 
@@ -302,7 +363,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 "(s3://…) and MLflow server (http://…) in the spec or the environment"
             )
     env.update(worker_environment(endpoints))
-    token = ray_token(endpoints, address)
+    env.update(JOB_STOP_ENV)  # `sweep stop`: a graceful stop, as for a local driver
     python = args.python or (sys.executable if _is_loopback(address) else "python")
     # The spec travels in the job's environment (paths in it already made absolute),
     # so it need not be inside the uploaded package.
@@ -311,15 +372,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     env["CHESTXPERT_SPEC_YAML"] = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     # -P: the job's working folder must not shadow the shipped package (Python >= 3.11).
     entrypoint = f"{python} -P -m chestxpert sweep run {SPEC_ENV_PREFIX}CHESTXPERT_SPEC_YAML"
-    client = JobSubmissionClient(
-        address, headers={"Authorization": f"Bearer {token}"} if token else None
-    )
+    client = jobs_client(endpoints, address)
     # The code travels with the job (Ray uploads the folder once per content hash), so the
     # driver and every trial run this checkout's ChestXpert, whatever the nodes have installed.
     with tempfile.TemporaryDirectory(prefix="cx-submit-") as staging:
         job_id = client.submit_job(
             entrypoint=entrypoint,
             runtime_env={"py_modules": [str(package_for_workers(Path(staging)))], "env_vars": env},
+            metadata={SWEEP_METADATA: spec.name},  # how `sweep stop` and `sweep logs` find it
         )
     print(f"submitted {job_id}: {entrypoint}")
     print(f"dashboard: {address}/#/jobs/{job_id}")
@@ -452,6 +512,8 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     _storage_flags(sync)
     sync.set_defaults(func=cmd_mlflow_sync)
 
+    register_operate(sweep_sub)
+
     submit = sweep_sub.add_parser(
         "submit", help="submit `sweep run` to a Ray cluster through the Jobs API"
     )
@@ -480,3 +542,45 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     )
     submit.set_defaults(func=cmd_submit)
     return sweep_sub
+
+
+def register_operate(sweep_sub: argparse._SubParsersAction) -> None:
+    """Add `sweep stop` and `sweep logs`."""
+    address_help = (
+        "Ray dashboard URL for a submitted sweep, e.g. http://HEAD:8265 "
+        "(default: the local stack's)"
+    )
+    stop = sweep_sub.add_parser(
+        "stop",
+        help="stop a running sweep (local driver or submitted job); `sweep resume` continues it",
+        description="Stop a running sweep gracefully: a `sweep run`/`resume` process on this "
+        "host gets SIGINT, a submitted job is stopped through the Ray Jobs API. Tune saves the "
+        "sweep's state and its trials keep their last checkpoint; `chestxpert sweep resume NAME` "
+        "continues. Refused when nothing runs the sweep, or when its driver runs on another host.",
+    )
+    stop.add_argument("name", help="the sweep's name")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for the driver to end (default: %(default)s)",
+    )
+    stop.add_argument("--address", default=None, help=address_help)
+    stop.add_argument("--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, …)")
+    stop.set_defaults(func=cmd_stop)
+
+    logs = sweep_sub.add_parser(
+        "logs",
+        help="the driver's console log (the Jobs API's logs for a submitted sweep)",
+        description="Print the console log of the sweep's newest driver. A local `sweep run` "
+        "writes it to <storage>/<name>/logs/driver-<session>.log (with s3:// storage, to "
+        "<workspace>/logs/sweeps/ until the driver ends, then uploaded there); a submitted "
+        "sweep's log comes from the Ray Jobs API, with the Ray token.",
+    )
+    logs.add_argument("name", help="the sweep's name")
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing until the driver ends"
+    )
+    logs.add_argument("--address", default=None, help=address_help)
+    logs.add_argument("--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, …)")
+    logs.set_defaults(func=cmd_logs)

@@ -161,6 +161,16 @@ def _pid_gone(pid: int) -> bool:
     return False
 
 
+def submitted_job_id() -> str | None:
+    """The Ray Jobs API submission id when this process is a submitted job's entrypoint, else
+    None. Ray hands the entrypoint its job config, metadata included, in this variable."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return config.get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
 def read_holder(location: SweepLocation) -> dict[str, Any] | None:
     """The sweep's lease as stored, with `age_s` (seconds since its heartbeat) and `live`
     (heartbeat fresh and, on this host, the pid running); None when nobody holds it."""
@@ -299,6 +309,7 @@ def acquire(
         "heartbeat": now,
         "command": command,
         "session": session,
+        "ray_job": submitted_job_id(),  # a submitted driver is stopped through the Jobs API
     }
     data = json.dumps(payload, indent=2).encode()
     for _ in range(3):  # a holder may release between our attempt and our look

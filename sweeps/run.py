@@ -61,6 +61,7 @@ def _tuner_parts(
     dataset_generation: str = "",
     study=None,
     system_metrics=None,
+    stop=None,
 ):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -130,7 +131,7 @@ def _tuner_parts(
             checkpoint_score_attribute=spec.metric,
             checkpoint_score_order=spec.mode,
         ),
-        callbacks=[callback],
+        callbacks=[callback] if stop is None else [callback, stop],
         verbose=1,
     )
     return trainable, tune_config, run_config
@@ -154,6 +155,7 @@ def run_sweep(
     `data prepare --force` replaced it; `resume` refuses a replaced dataset unless
     `allow_dataset_change`, which moves new and resumed trials to the current version.
     """
+    from chestxpert.sweeps.driver_log import console_log
     from chestxpert.sweeps.journal import new_session
     from chestxpert.sweeps.lease import acquire
 
@@ -162,9 +164,10 @@ def run_sweep(
     command = f"sweep {'resume' if resume else 'run'} {spec.name}"
     lease = acquire(location, endpoints, command, session, force=force)
     try:
-        return _run_holding_lease(
-            spec, endpoints, location, session, resume, mlflow_uri, allow_dataset_change
-        )
+        with console_log(location, endpoints.workspace, session):  # for `sweep logs`
+            return _run_holding_lease(
+                spec, endpoints, location, session, resume, mlflow_uri, allow_dataset_change
+            )
     finally:
         lease.release()
 
@@ -180,6 +183,7 @@ def _run_holding_lease(
 ) -> dict[str, Any]:
     from chestxpert.cluster.mlflow_runs import safe_uri
     from chestxpert.datasets.reader import open_dataset
+    from chestxpert.sweeps.graceful import GracefulStop, end_stopped, unfinished
     from chestxpert.sweeps.study import plan_study
     from chestxpert.sweeps.sweep_runs import dataset_input
     from chestxpert.trainable.system_metrics import SystemMetricsTarget
@@ -234,6 +238,8 @@ def _run_holding_lease(
         callback = _tracking(
             spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version, inputs
         )
+        stop = GracefulStop(spec.name)
+        callback.stopped = lambda: stop.requested
         trainable, tune_config, run_config = _tuner_parts(
             spec,
             endpoints,
@@ -242,6 +248,7 @@ def _run_holding_lease(
             version[DATASET_GENERATION],
             study,
             SystemMetricsTarget(safe_uri(mlflow_uri), spec.mlflow.experiment, spec.name),
+            stop,
         )
         from ray import tune
 
@@ -278,6 +285,8 @@ def _run_holding_lease(
             # A resumed Tune uploads the spec record it read at restore at every snapshot,
             # undoing a parent id recorded since; record it again now that Tune is done.
             callback.record_parent(callback.parent_run_id)
+        if stop.requested and unfinished(spec, location):
+            return end_stopped(spec.name, callback)  # no summary: `sweep resume` continues
         return _summarise(spec, results, location, callback)
     finally:
         if callback is not None and callback.journal is not None and not callback.journal.closed:
@@ -421,6 +430,11 @@ def _with_scheme(path: str | None, location: SweepLocation) -> str | None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-sweep lines: best trial, its metric, its config and its checkpoint."""
+    if summary.get("stopped"):
+        return (
+            f"sweep {summary['name']} stopped before its end: its state and checkpoints are "
+            f"saved; continue it with `chestxpert sweep resume {summary['name']}`\n"
+        )
     out = io.StringIO()
     out.write(f"sweep {summary['name']}: {summary['trials']} trials, {summary['errors']} errored\n")
     if summary.get("best_trial_id"):

@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from chestxpert.cluster.mlflow_runs import safe_uri
 from chestxpert.sweeps.journal import Journal
+from chestxpert.sweeps.replay import INTERRUPTED
 from chestxpert.sweeps.sweep_runs import (
     SweepRuns,
     ended_reason,
@@ -68,6 +69,7 @@ class NestedMlflowCallback(Callback):
         self.dataset = dataset  # the prepared dataset the trials read (`sweep_runs.dataset_input`)
         self.pending: deque[dict[str, Any]] = deque()
         self.ended: set[str] = set()
+        self.started: set[str] = set()  # trials this driver ran
         self.warned = False
         self.journal: Journal | None = None
         self.runs = SweepRuns(tracking_uri, experiment, sweep, storage_uri, parent_run_id)
@@ -76,6 +78,7 @@ class NestedMlflowCallback(Callback):
         self._sender: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self.stopped: Callable[[], bool] = lambda: False  # the driver's GracefulStop sets it
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment folder: settings only. The journal
@@ -187,6 +190,7 @@ class NestedMlflowCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         # The run exists (RUNNING, with its dataset) from the trial's start, not its first
         # report: the trial's process finds it there to log its system metrics.
+        self.started.add(trial.trial_id)
         self._submit(
             "start", trial_id=trial.trial_id, config=dict(trial.config), dataset=self.dataset
         )
@@ -224,9 +228,22 @@ class NestedMlflowCallback(Callback):
         self._end(trial, errored=True)
 
     def on_experiment_end(self, trials, **info) -> None:
-        # trials stopped by the time budget end without on_trial_complete
+        # trials stopped by the time budget end without on_trial_complete; after a graceful
+        # stop (sweeps/graceful.py) those Tune left unfinished are interrupted, not ended
         for trial in trials:
-            if trial.trial_id not in self.ended and trial.last_result:
+            if trial.trial_id in self.ended or not trial.last_result:
+                continue
+            if self.stopped():  # Tune marks them TERMINATED to stop them: not finished
+                if trial.trial_id in self.started:  # not the trials earlier drivers ended
+                    config = dict(trial.config)
+                    self._submit(
+                        "end",
+                        trial_id=trial.trial_id,
+                        config=config,
+                        reason=INTERRUPTED,
+                        status="KILLED",
+                    )
+            else:
                 self._end(trial, errored=trial.status == "ERROR")
         self.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -30,13 +31,16 @@ from tests.conftest import CHESTXPERT_CLI, RayCluster, ray_summary, short_tmpdir
 CLI = [CHESTXPERT_CLI]
 
 
-def run_cli(*args: str, workspace: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, workspace: Path, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, "--workspace", str(workspace), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=workspace,
+        env=env,
     )
 
 
@@ -94,6 +98,28 @@ def test_up_status_down_lifecycle() -> None:
         status = run_cli("status", workspace=ws)
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("healthy") == 2
+        assert "`chestxpert dashboard` prints its URL and token" in status.stdout
+
+        # the dashboard's URL and the token its login prompt takes; --open with and without a
+        # browser (one that notes the URL it was given)
+        headless = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")
+        }
+        shown = run_cli("dashboard", "--open", workspace=ws, env=headless)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert f"dashboard: {dashboard}\n" in shown.stdout
+        assert f"token:     {token}\n" in shown.stdout
+        assert "no browser on this machine" in shown.stdout
+        browser = ws / "browser.sh"
+        browser.write_text(f'#!/bin/sh\necho "$1" > {ws / "opened.txt"}\n')
+        browser.chmod(0o755)
+        opened = run_cli(
+            "dashboard", "--open", workspace=ws, env={**headless, "BROWSER": str(browser)}
+        )
+        assert opened.returncode == 0 and "opened in a browser" in opened.stdout, opened.stderr
+        assert (ws / "opened.txt").read_text().strip() == dashboard
 
         again = run_cli("up", "--num-cpus", "1", *port_args, workspace=ws)
         assert again.returncode == 0, again.stderr

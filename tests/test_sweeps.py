@@ -266,6 +266,13 @@ def test_sweep_submitted_through_the_jobs_api(
     assert shipped and "py_modules" in shipped.group(1), result.stdout[-4000:]
     assert not shipped.group(1).startswith(str(REPO))
     assert (tmp_path / "storage" / "submitted" / "chestxpert_summary.json").exists()
+    # `sweep logs` finds the job by the sweep's name and reads its log with the token
+    logs = chestxpert(
+        "sweep", "logs", "submitted", "--address", ray_cluster.dashboard_url, env=env, cwd=tmp_path
+    )
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    assert "best trial" in logs.stdout and "Running entrypoint for job raysubmit_" in logs.stdout
+    assert not (tmp_path / "storage" / "submitted" / "logs").exists(), "the Jobs API keeps it"
     # without the token the Jobs API refuses
     import requests
 
