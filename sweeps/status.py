@@ -90,7 +90,11 @@ def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int
         )
         values = [r[metric] for r in results if isinstance(r.get(metric), int | float)]
         best = (max(values) if mode == "max" else min(values)) if values else None
-        if state in ("RUNNING", "PENDING", "PAUSED", "ABANDONED"):
+        # A trial that reported its last epoch has completed, even if the driver died before
+        # Tune's next snapshot said so (reused workers start the next trial at once).
+        if state in ("RUNNING", "PENDING", "PAUSED", "ABANDONED") and not (
+            state == "RUNNING" and not errored and epochs >= max_epochs
+        ):
             ended = state.lower()
         else:
             ended = ended_reason(epochs, max_epochs, errored)

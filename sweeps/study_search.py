@@ -114,12 +114,12 @@ class StudySearch(OptunaSearch):
         self._ot_trials = {}
         for frozen in self._ot_study.get_trials(deepcopy=False):
             tune_id = frozen.user_attrs.get(TUNE_TRIAL_ID)
-            if tune_id is None:
+            if tune_id is None and frozen.state != running:
                 continue  # a point to evaluate still waiting in the queue
             if tune_id in known:
                 self._ot_trials[tune_id] = optuna.Trial(self._ot_study, frozen._trial_id)
                 if frozen.state.is_finished():
                     self._completed_trials.add(tune_id)
-            elif frozen.state == running:
+            elif frozen.state == running:  # a dead driver's, untied if it died inside suggest
                 self._ot_study._storage.set_trial_user_attr(frozen._trial_id, ABANDONED, True)
                 self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)

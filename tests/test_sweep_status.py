@@ -40,9 +40,17 @@ def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_sn
     _trial(sweep / "train_dead0002", "dead0002", [], snapshot - 100)
     # started by the live driver after the snapshot it has written so far
     _trial(sweep / "train_bbbb0003", "bbbb0003", [0.65], snapshot + 50)
+    # reported its last epoch; killed before Tune's next snapshot said it had ended
+    _trial(sweep / "train_cccc0004", "cccc0004", [0.5, 0.55], snapshot - 200)
+    # still in its first epoch when the snapshot was written
+    _trial(sweep / "train_dddd0005", "dddd0005", [0.5], snapshot - 150)
     state = sweep / "experiment_state-2026-12-02_15-00-00.json"
-    trial = {"trial_id": "aaaa0001", "status": "TERMINATED"}
-    state.write_text(json.dumps({"trial_data": [[json.dumps(trial), "{}"]]}))
+    recorded = [
+        {"trial_id": "aaaa0001", "status": "TERMINATED"},
+        {"trial_id": "cccc0004", "status": "RUNNING"},
+        {"trial_id": "dddd0005", "status": "RUNNING"},
+    ]
+    state.write_text(json.dumps({"trial_data": [[json.dumps(t), "{}"] for t in recorded]}))
     os.utime(state, (snapshot, snapshot))
 
     location = SweepLocation(pafs.LocalFileSystem(), str(tmp_path), "resumed", sweep.as_uri())
@@ -50,8 +58,10 @@ def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_sn
 
     assert status["abandoned"] == ["dead0002"]
     rows = {row["trial_id"]: row for row in status["trials"]}
-    assert sorted(rows) == ["aaaa0001", "bbbb0003"]
+    assert sorted(rows) == ["aaaa0001", "bbbb0003", "cccc0004", "dddd0005"]
     assert rows["aaaa0001"]["state"] == "TERMINATED" and rows["aaaa0001"]["ended"] == "completed"
+    assert rows["cccc0004"]["state"] == "RUNNING" and rows["cccc0004"]["ended"] == "completed"
+    assert rows["dddd0005"]["ended"] == "running"
     assert rows["bbbb0003"]["state"] == "UNKNOWN" and rows["bbbb0003"]["epochs"] == 1
     assert status["best_so_far"]["trial_id"] == "aaaa0001"
 
