@@ -80,7 +80,7 @@ def sync_sweep(
             continue  # no results in storage yet: the journal may have some (below)
         seen.add(trial.trial_id)
         counts.values += runs.log_metrics(trial.trial_id, trial.config, metric_rows(trial.results))
-        if trial.state in _ENDED_STATES:
+        if trial.state in _ENDED_STATES or trial.ended == "completed":  # all epochs reported
             reason = trial.ended
         elif interrupted or trial.state == "ABANDONED":
             reason = INTERRUPTED

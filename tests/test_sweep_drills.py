@@ -238,6 +238,9 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
         search__num_samples=2,
         search__max_concurrent=1,
         scheduler={"type": "none"},
+        # a new worker per trial: the second trial's first epoch comes after Tune has recorded
+        # the first trial's end (a reused worker starts it before Tune's next snapshot)
+        reuse_actors=False,
     )
     env = sweep_env(ray_cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
     driver = _start_driver(spec, env, tmp_path)
