@@ -175,7 +175,7 @@ def test_submit_watch_final_pull_predict_on_the_central_mlflow_and_nothing_leaks
     ]
     leaks = found_in_places(places, needles) + found_in_trees(trees, needles)
     # The search bites: the token's own file is found, and is the one place allowed to hold it.
-    assert leaks == [f"Ray token in {cluster.token_path}"]
+    assert leaks == [f"Ray token in {cluster.token_path}"], "\n".join(leaks)
 
 
 def test_lambda_layer_checkpoint_is_refused(tmp_path: Path) -> None:
