@@ -1,10 +1,15 @@
-"""The users' whole day on a real multi-node cluster through the CLI only, and what must never leak.
+"""The users' whole day on a real multi-node cluster through the CLI only, against the central
+MLflow as production runs it, and what must never leak.
 
-Synthetic data → prepare into the S3 bucket → `sweep submit` through the Jobs API
-(trials visible in the dashboard's API while running) → `sweep status` → `final`
-on the cluster → `pull-best` from the bucket → `predict` with the pulled model.
-The cluster's nodes, the driver and the servers carry fake AWS credentials; after
-the run no log, MLflow param or tag, stored file or report may contain them.
+Prepare into the S3 bucket → `sweep submit` through the Jobs API (trials visible in the
+dashboard's API while running) → `sweep status` → `final` on the cluster → `pull-best` from the
+bucket → `predict` with the pulled model and from the registry. Tracking goes to the central
+MLflow of cluster/compose.yaml (PostgreSQL store, basic-auth login, artifacts proxied to S3).
+The cluster's nodes carry fake AWS credentials and the MLflow login, as a real cluster's do
+(instance profile, mounted secret). Afterwards no credential (AWS keys, MLflow logins, the
+PostgreSQL password, Basic headers, the Ray token) may be in any S3 object, the MLflow
+database, a CLI output, Ray's job list or logs, or a file of the workspace, Ray, MLflow or
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,126 +22,82 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from chestxpert.cluster.processes import free_port, stop_group
-from chestxpert.cluster.stack import StackOptions, start_mlflow
-from tests.conftest import CHESTXPERT_CLI, short_tmpdir, start_cluster, stop_cluster
+from tests.conftest import CentralMlflow, S3Endpoint, SyntheticDataset, start_cluster, stop_cluster
+from tests.test_sweeps import write_spec
+from tests.workflow_helpers import (
+    bucket_keys,
+    cli,
+    found_in_places,
+    found_in_trees,
+    mlflow_get,
+    needles_of,
+    read_object,
+    runs_of_experiment,
+    tag,
+)
 
 pytestmark = pytest.mark.services
 
-# Made at run time: the job uploads this repository (this file too) to every node.
+# Made at run time: the job uploads the chestxpert package to every node, never the keys.
 FAKE_KEY_ID = "AKIA" + uuid.uuid4().hex[:16].upper()
 FAKE_SECRET = "fake-secret-" + uuid.uuid4().hex
 
 
-def cli(*args: str, env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [CHESTXPERT_CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, (
-        f"chestxpert {' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return result
-
-
-def grep_tree(root: Path, needle: bytes) -> list[str]:
-    hits = []
-    for path in root.rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
-                hits.append(str(path))
-        except OSError:
-            continue
-    return hits
-
-
-def test_submit_watch_final_pull_predict_and_nothing_leaks(
-    s3_endpoint, s3_client, tmp_path: Path
+def test_submit_watch_final_pull_predict_on_the_central_mlflow_and_nothing_leaks(
+    s3_endpoint: S3Endpoint,
+    s3_client,
+    central_mlflow: CentralMlflow,
+    synthetic_dataset: SyntheticDataset,
+    tmp_path: Path,
 ) -> None:
-    secrets_env = {
+    name, model = "workflow", "workflow-model"
+    aws = {
         **s3_endpoint.env(),
         "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
     }
-    ml_ws = short_tmpdir("cxwm")
-    mlflow = start_mlflow(
-        StackOptions(workspace=ml_ws, mlflow_port=free_port()), (ml_ws / "artifacts").as_uri()
-    )
-    cluster, records = start_cluster(secrets_env)
+    login = central_mlflow.login_env()
+    node_login = {k: v for k, v in login.items() if k != "MLFLOW_TRACKING_URI"}
+    cluster, records = start_cluster({**aws, **node_login})
     try:
         env = {
             **cluster.client_env(),
-            **secrets_env,
-            "MLFLOW_TRACKING_URI": mlflow["url"],
-            "CHESTXPERT_STORAGE": f"s3://{s3_endpoint.bucket}/workflow",
+            **aws,
+            **login,
+            "CHESTXPERT_STORAGE": f"s3://{s3_endpoint.bucket}/{name}",
             "CHESTXPERT_WORKSPACE": str(tmp_path / "ws"),
         }
-        dataset = f"s3://{s3_endpoint.bucket}/data/wf-64"
-        cli(
-            "data",
-            "synth",
-            "--out",
-            str(tmp_path / "raw"),
-            "--images",
-            "400",
-            "--size",
-            "128",
-            "--seed",
-            "1",
-            env=env,
-            cwd=tmp_path,
-        )
-        cli(
-            "data",
-            "prepare",
-            "--source",
-            "nih",
-            "--input",
-            str(tmp_path / "raw"),
-            "--out",
-            dataset,
-            "--image-size",
-            "64",
-            "--split",
-            "official",
-            env=env,
-            cwd=tmp_path,
-        )
-        spec = {
-            "name": "workflow",
-            "dataset": dataset,
-            "model_name": "workflow-model",
-            "trial": {"backbone": "convnet_small", "image_size": 64, "epochs": 2, "batch_size": 32},
-            "resources": {"cpus": 1, "gpus": 1},
-            "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
-            "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3}},
-            "scheduler": {"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
-        }
-        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        outputs: list[subprocess.CompletedProcess] = []
 
-        submitted = cli(
-            "sweep",
-            "submit",
-            str(tmp_path / "spec.yaml"),
-            "--address",
-            cluster.dashboard_url,
-            env=env,
-            cwd=tmp_path,
+        def run(*args: str) -> subprocess.CompletedProcess:
+            outputs.append(cli(*args, env=env, cwd=tmp_path))
+            return outputs[-1]
+
+        dataset = f"s3://{s3_endpoint.bucket}/data/{name}-64"
+        source = ["--source", "nih", "--input", str(synthetic_dataset.raw), "--split", "official"]
+        run("data", "prepare", *source, "--out", dataset, "--image-size", "64")
+        spec = write_spec(
+            tmp_path / "spec.yaml",
+            name,
+            dataset,
+            model_name=model,
+            resources={"cpus": 1, "gpus": 1},
+            search__num_samples=2,
+            search__max_concurrent=2,
         )
+
+        # --- the sweep runs as a Ray job; its trials show in the dashboard's API ---
+        submitted = run("sweep", "submit", str(spec), "--address", cluster.dashboard_url)
         job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
-        token = cluster.token_path.read_text().strip()
-        auth = {"Authorization": f"Bearer {token}"}
-        assert (
-            requests.get(f"{cluster.dashboard_url}/api/jobs/{job_id}", timeout=10).status_code
-            == 401
-        )
+        ray_token = cluster.token_path.read_text().strip()
+        auth = {"Authorization": f"Bearer {ray_token}"}
+        job_url = f"{cluster.dashboard_url}/api/jobs/{job_id}"
+        assert requests.get(job_url, timeout=10).status_code == 401
         seen_trial_actor, status = False, None
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            status = requests.get(
-                f"{cluster.dashboard_url}/api/jobs/{job_id}", headers=auth, timeout=10
-            ).json()["status"]
+            status = requests.get(job_url, headers=auth, timeout=10).json()["status"]
             actors = requests.get(
                 f"{cluster.dashboard_url}/api/v0/actors?limit=200", headers=auth, timeout=30
             ).text
@@ -144,85 +105,77 @@ def test_submit_watch_final_pull_predict_and_nothing_leaks(
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             time.sleep(2)
-        logs = requests.get(
-            f"{cluster.dashboard_url}/api/jobs/{job_id}/logs", headers=auth, timeout=30
-        ).json()["logs"]
+        logs = requests.get(f"{job_url}/logs", headers=auth, timeout=30).json()["logs"]
         assert status == "SUCCEEDED", logs[-3000:]
         assert seen_trial_actor, "no trial was visible in the dashboard's API while the job ran"
 
-        status_json = json.loads(
-            cli("sweep", "status", "workflow", "--json", env=env, cwd=tmp_path).stdout
-        )
-        assert len(status_json["trials"]) == 2 and status_json["summary"][
-            "best_checkpoint"
-        ].startswith("s3://")
+        status_json = json.loads(run("sweep", "status", name, "--json").stdout)
+        assert len(status_json["trials"]) == 2
+        assert status_json["summary"]["best_checkpoint"].startswith("s3://")
 
-        final = cli(
-            "final",
-            "workflow",
-            "--address",
-            cluster.address,
-            "--bootstrap",
-            "100",
-            env=env,
-            cwd=tmp_path,
-        )
-        assert "registered: models:/workflow-model@champion" in final.stdout
-
-        pulled = cli(
-            "pull-best",
-            "workflow",
-            "--final",
-            "--to",
-            str(tmp_path / "models"),
-            env=env,
-            cwd=tmp_path,
-        )
+        # --- final on the cluster, pull-best from the bucket, predict two ways ---
+        final = run("final", name, "--address", cluster.address, "--bootstrap", "100")
+        assert f"registered: models:/{model}@champion" in final.stdout
+        pulled = run("pull-best", name, "--final", "--to", str(tmp_path / "models"))
         model_dir = tmp_path / "models" / "model"
         assert "load_model" in pulled.stdout and (model_dir / "model.keras").exists()
-        film = next((tmp_path / "raw").rglob("*.png"))
-        predicted = cli("predict", str(model_dir), str(film), "--json", env=env, cwd=tmp_path)
+        film = next(synthetic_dataset.raw.rglob("*.png"))
+        predicted = run("predict", str(model_dir), str(film), "--json")
         findings = json.loads(predicted.stdout)[0]["findings"]
         assert len(findings) == 14 and all(
             f["positive"] == (f["probability"] >= f["threshold"]) for f in findings
         )
-        from_registry = cli(
-            "predict", "models:/workflow-model@champion", str(film), "--json", env=env, cwd=tmp_path
-        )
+        from_registry = run("predict", f"models:/{model}@champion", str(film), "--json")
         assert json.loads(from_registry.stdout)[0]["findings"] == findings
 
-        # --- nothing leaks: logs, MLflow, storage, reports, job config ---
-        needle = FAKE_SECRET.encode()
-        assert grep_tree(cluster.workspace, needle) == [], (
-            "a Ray log or session file holds the secret"
-        )
-        assert grep_tree(tmp_path / "ws", needle) == [], (
-            "the workspace (reports, caches) holds the secret"
-        )
-        assert grep_tree(ml_ws, needle) == [], "the MLflow store or its artifacts hold the secret"
-        objects = [
-            o["Key"]
-            for page in s3_client.get_paginator("list_objects_v2").paginate(
-                Bucket=s3_endpoint.bucket
-            )
-            for o in page.get("Contents", [])
-        ]
-        leaked = [
-            k
-            for k in objects
-            if needle in s3_client.get_object(Bucket=s3_endpoint.bucket, Key=k)["Body"].read()
-        ]
-        assert leaked == [], f"stored objects hold the secret: {leaked[:5]}"
-        job = requests.get(
-            f"{cluster.dashboard_url}/api/jobs/{job_id}", headers=auth, timeout=10
-        ).text
-        assert FAKE_SECRET not in job and FAKE_KEY_ID not in job, (
-            "the job's runtime env carries credentials"
-        )
-        assert FAKE_SECRET not in logs
+        # --- what the run wrote to the central MLflow, read back with the client login ---
+        runs = runs_of_experiment(central_mlflow, name)
+        roles = {tag(r, "chestxpert.role"): r for r in runs}
+        assert sorted(roles) == ["final", "sweep", "trial"]
+        assert [tag(r, "chestxpert.role") for r in runs].count("trial") == 2
+        assert "val_auc_macro" in {m["key"] for m in roles["trial"]["data"]["metrics"]}
+        assert "test_auc_macro" in {m["key"] for m in roles["final"]["data"]["metrics"]}
+        final_id = roles["final"]["info"]["run_id"]
+        champion = mlflow_get(
+            central_mlflow,
+            "/api/2.0/mlflow/registered-models/alias",
+            name=model,
+            alias="champion",
+        )["model_version"]
+        assert champion["run_id"] == final_id
+        # The store is the PostgreSQL database, the artifacts are in the bucket (proxied).
+        with central_mlflow.postgres.connect() as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM runs")
+            assert cursor.fetchone()[0] >= len(runs) >= 4
+        keys = bucket_keys(s3_client, s3_endpoint.bucket)
+        assert any(k.startswith("mlflow/") and final_id in k and "report" in k for k in keys)
+        jobs = requests.get(f"{cluster.dashboard_url}/api/jobs/", headers=auth, timeout=30)
+        assert jobs.status_code == 200 and job_id in jobs.text
     finally:
         stop_cluster(records)
-        stop_group(mlflow["pid"], mlflow["start_time"])
+
+    # --- no credential in anything the run wrote (the cluster is stopped: its logs are whole) ---
+    needles = {
+        **needles_of(central_mlflow, ray_token),
+        "AWS access key id": FAKE_KEY_ID.encode(),
+        "AWS secret key": FAKE_SECRET.encode(),
+    }
+    places = {f"S3 object {k}": read_object(s3_client, s3_endpoint.bucket, k) for k in keys}
+    places["pg_dump of the MLflow database"] = central_mlflow.postgres.dump()
+    for result in outputs:
+        command = " ".join(result.args[1:3])
+        places[f"output of chestxpert {command}"] = (result.stdout + result.stderr).encode()
+    places["Ray's job list (runtime envs, entrypoints)"] = jobs.content
+    places["the job's logs"] = logs.encode()
+    trees = [
+        tmp_path,  # the workspace, its reports and pulled models, the spec
+        cluster.workspace,  # Ray's session folders and logs on all three nodes
+        central_mlflow.workspace,  # the MLflow server's log, auth config and user store
+        central_mlflow.postgres.root,  # PostgreSQL's data folder and log
+    ]
+    leaks = found_in_places(places, needles) + found_in_trees(trees, needles)
+    # The search bites: the token's own file is found, and is the one place allowed to hold it.
+    assert leaks == [f"Ray token in {cluster.token_path}"], "\n".join(leaks)
 
 
 def test_lambda_layer_checkpoint_is_refused(tmp_path: Path) -> None:
