@@ -488,14 +488,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     study.add_argument("name", help="the sweep's name")
     study.add_argument("--top", type=int, default=5, help="best trials to show (default: 5)")
     study.add_argument("--json", action="store_true", help="print JSON (schema in README)")
-    study.add_argument(
-        "--storage", default=None, help="storage URI (else CHESTXPERT_STORAGE, the local stack, …)"
-    )
-    study.add_argument(
-        "--s3-endpoint",
-        default=None,
-        help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3, …)",
-    )
+    _storage_flags(study)
     study.set_defaults(func=cmd_study)
 
     listing = sweep_sub.add_parser("list", help="sweeps in the storage")
