@@ -24,7 +24,7 @@ RESULT_LINES = {
     "s3_startup": "ratio mlflow/s3",
     "tune_trial": "ratio tune/bare (median): whole iteration",
     "startup_per_backbone": "1 of 1 backbones",
-    "asha": "ratio a/b: trial-epochs",
+    "asha": "ratio asha/full: trial-epochs",
     "driver": "ratio with/without:",
     "journal": "the journal adds",
     "demo_report": "pointing game above the centre baseline for 1 of 1 findings",
