@@ -217,6 +217,7 @@ def ensure_trial_run(
     parent_run_id: str | None,
     trial_id: str,
     config: dict,
+    surely_new: bool = False,
 ):
     """Trial `trial_id`'s run nested under `parent_run_id`: returns `(run, created)`.
 
@@ -224,8 +225,11 @@ def ensure_trial_run(
     trial's tag yet, so a replay never makes a second run for one trial. A run found
     under another parent (made while the parent was unknown, or before a resume against
     a new parent) is moved under this one; one whose params never arrived gets them.
+    `surely_new`: the caller knows there is none (`trial_run_ids`), so no search is made.
     """
-    existing = find_run(mlflow_client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    existing = None
+    if not surely_new:
+        existing = find_run(mlflow_client, experiment, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
     if existing is not None:
         run_id = existing.info.run_id
         if parent_run_id and existing.data.tags.get(PARENT_TAG) != parent_run_id:
@@ -239,6 +243,20 @@ def ensure_trial_run(
     run = mlflow_client.create_run(experiment, run_name=f"{sweep}-{trial_id}", tags=tags)
     log_params(mlflow_client, run.info.run_id, config)
     return run, True
+
+
+def trial_run_ids(mlflow_client, experiment: str, sweep: str) -> dict[str, str]:
+    """Trial id -> run id of every trial run sweep `sweep` has in experiment id `experiment`."""
+    query = f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'trial'"
+    found: dict[str, str] = {}
+    token = None
+    while True:
+        page = mlflow_client.search_runs([experiment], query, max_results=1000, page_token=token)
+        for run in page:
+            found.setdefault(run.data.tags.get(TRIAL_TAG, ""), run.info.run_id)
+        token = page.token
+        if not token:
+            return found
 
 
 def trial_run(

@@ -16,6 +16,7 @@ from chestxpert.cluster.mlflow_runs import (
     ensure_parent_run,
     ensure_trial_run,
     log_dataset,
+    trial_run_ids,
 )
 
 TERMINAL = ("FINISHED", "KILLED", "FAILED")
@@ -87,12 +88,19 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[int, int, dict[str,
     return rows
 
 
+def event_row(event: dict[str, Any]) -> tuple[int, int, dict[str, float]]:
+    """A journal `metrics` event as a `(step, timestamp in ms, metrics)` row."""
+    return int(event.get("step", 0)), int(event["timestamp"]), event.get("metrics", {})
+
+
 class SweepRuns:
     """The parent run and the trial runs of sweep `sweep` on the server at `tracking_uri`.
 
     Remembers which steps each run has (asked once per run and metric, or known because
     this object made the run); forgets a run's steps when a call fails, since the server
-    may have taken the call before the answer was lost.
+    may have taken the call before the answer was lost. `sole_writer` (the driver holding
+    the sweep's lease) lists the sweep's trial runs once, and then makes a new trial's run
+    without first searching for it.
     """
 
     def __init__(
@@ -102,6 +110,7 @@ class SweepRuns:
         sweep: str,
         storage_uri: str | None = None,
         parent_run_id: str | None = None,
+        sole_writer: bool = False,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -116,6 +125,8 @@ class SweepRuns:
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps it has
         self._fresh: set[str] = set()  # runs made here: every step they have is in _steps
         self._inputs: dict[str, set[tuple[str, str]]] = {}  # run id -> its (dataset, digest)s
+        self._sole_writer = sole_writer
+        self._listed: set[str] | None = None  # trial ids that have (or may have) a run
 
     @property
     def client(self):
@@ -162,8 +173,17 @@ class SweepRuns:
         logged as its input if missing."""
         run = None
         if trial_id not in self._runs:
+            surely_new = self._surely_new(trial_id)
+            if surely_new:
+                self._listed.add(trial_id)  # a failed call may have made it: search next time
             run, created = ensure_trial_run(
-                self.client, self.experiment_id, self.sweep, self.parent_run_id, trial_id, config
+                self.client,
+                self.experiment_id,
+                self.sweep,
+                self.parent_run_id,
+                trial_id,
+                config,
+                surely_new=surely_new,
             )
             run_id = run.info.run_id
             self._runs[trial_id] = run_id
@@ -175,6 +195,14 @@ class SweepRuns:
         if dataset and (dataset["name"], dataset["digest"]) not in self._inputs.get(run_id, ()):
             self._log_dataset(run or self.client.get_run(run_id), dataset)
         return run_id
+
+    def _surely_new(self, trial_id: str) -> bool:
+        # One search per driver instead of one per trial: the driver is the sweep's only writer
+        if not self._sole_writer:
+            return False
+        if self._listed is None:
+            self._listed = set(trial_run_ids(self.client, self.experiment_id, self.sweep))
+        return trial_id not in self._listed
 
     def _log_dataset(self, run, dataset: dict[str, Any]) -> None:
         log_dataset(self.client, run, dataset)
@@ -272,8 +300,7 @@ class SweepRuns:
                 self._status[run_id] = "RUNNING"
             return 0
         if kind == "metrics":
-            row = (int(event.get("step", 0)), int(event["timestamp"]), event.get("metrics", {}))
-            return self.log_metrics(trial_id, config, [row], reopen=live)
+            return self.log_metrics(trial_id, config, [event_row(event)], reopen=live)
         if kind == "end":
             self.end_trial(trial_id, config, event["reason"], event["status"])
             return 0

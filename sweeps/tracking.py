@@ -8,6 +8,7 @@ so neither an MLflow outage nor a killed driver loses it: `sweep resume` and
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -22,11 +23,14 @@ from chestxpert.sweeps.replay import INTERRUPTED
 from chestxpert.sweeps.sweep_runs import (
     SweepRuns,
     ended_reason,
+    event_row,
     is_metric,
     terminal_status,
 )
 
 __all__ = ["NestedMlflowCallback", "ended_reason", "outage_warning"]
+
+METRIC_EVENTS_PER_SEND = 200  # queued metric events sent together (one call per trial)
 
 
 def outage_warning(tracking_uri: str, where: str, sweep: str, error: BaseException) -> str:
@@ -72,7 +76,9 @@ class NestedMlflowCallback(Callback):
         self.started: set[str] = set()  # trials this driver ran
         self.warned = False
         self.journal: Journal | None = None
-        self.runs = SweepRuns(tracking_uri, experiment, sweep, storage_uri, parent_run_id)
+        self.runs = SweepRuns(
+            tracking_uri, experiment, sweep, storage_uri, parent_run_id, sole_writer=True
+        )
         self._catch_up: Callable[[SweepRuns], None] | None = None
         self._on_parent: Callable[[str], None] | None = None
         self._sender: threading.Thread | None = None
@@ -151,6 +157,26 @@ class NestedMlflowCallback(Callback):
                 if self._closing.wait(self.RETRY_SECONDS):
                     return
 
+    def _next_events(self) -> list[dict[str, Any]]:
+        """The oldest event, with the metric events right after it when it is one."""
+        events = [self.pending[0]]
+        if events[0]["kind"] == "metrics":
+            for event in itertools.islice(self.pending, 1, METRIC_EVENTS_PER_SEND):
+                if event["kind"] != "metrics":
+                    break
+                events.append(event)
+        return events
+
+    def _send_metrics(self, events: list[dict[str, Any]]) -> None:
+        """Metric events, one `log_batch` per trial; sending one again changes nothing."""
+        rows: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
+        configs: dict[str, dict[str, Any]] = {}
+        for event in events:
+            rows.setdefault(event["trial_id"], []).append(event_row(event))
+            configs[event["trial_id"]] = event.get("config", {})
+        for trial_id, trial_rows in rows.items():
+            self.runs.log_metrics(trial_id, configs[trial_id], trial_rows, reopen=True)
+
     def _send(self, event: dict[str, Any]) -> None:
         if event["kind"] == "catch-up":
             assert self._catch_up is not None
@@ -163,20 +189,28 @@ class NestedMlflowCallback(Callback):
                 self.record_parent(self.parent_run_id)
 
     def flush(self) -> bool:
-        """Send the queue oldest first, stopping at the first refusal; True when it is empty."""
+        """Send the queue oldest first, stopping at the first refusal; True when it is empty.
+
+        Metric events queued one after another go in one call per trial: when reports
+        arrive faster than the server answers, the queue shortens instead of growing."""
         while self.pending:
-            event = self.pending[0]
+            events = self._next_events()
             try:
-                self._send(event)
+                if len(events) == 1:
+                    self._send(events[0])
+                else:
+                    self._send_metrics(events)
             except Exception as err:
                 if not self.warned:
                     warning = outage_warning(self.tracking_uri, self.where, self.sweep, err)
                     print(warning, flush=True)
                     self.warned = True
                 return False
-            self.pending.popleft()
-            if self.journal is not None and "seq" in event:
-                self.journal.acknowledge(self.tracking_uri, event["seq"])
+            for _ in events:
+                self.pending.popleft()
+            seqs = [event["seq"] for event in events if "seq" in event]
+            if self.journal is not None and seqs:
+                self.journal.acknowledge(self.tracking_uri, max(seqs))
         if self.warned:
             print(
                 f"MLflow at {safe_uri(self.tracking_uri)} answers; journalled tracking sent",

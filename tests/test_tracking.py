@@ -144,3 +144,57 @@ def test_trials_log_system_metrics_to_an_mlflow_server_unless_switched_off() -> 
     assert enabled("https://mlflow.example", {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true"})
     assert not enabled("http://127.0.0.1:5000", {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
     assert not enabled("sqlite:////tmp/mlflow.db", {})  # the driver's own store: not shared
+
+
+@pytest.mark.services
+def test_queued_reports_go_in_one_call_per_trial_and_a_resumed_driver_adds_no_run(
+    mlflow_server,
+) -> None:
+    """Reports that queued up while the sender was busy reach MLflow in one `log_batch` per
+    trial, each value once; sending them again adds nothing; a second driver of the same
+    sweep (a resume) finds the trial's run instead of making another."""
+    from chestxpert.cluster.mlflow_runs import client, experiment_id, trial_run_ids
+
+    def driver() -> NestedMlflowCallback:
+        callback = NestedMlflowCallback(mlflow_server.url, "coalesce", "sweep-c", None, 3)
+        calls = []
+        real = callback.runs.client.log_batch
+        callback.runs.client.log_batch = lambda run_id, **kw: (
+            calls.append(run_id) or real(run_id, **kw)
+        )
+        callback.log_batch_calls = calls
+        return callback
+
+    first = driver()
+    trials = [SimpleNamespace(trial_id=f"t{n}", config={"lr": n}, last_result={}) for n in (1, 2)]
+    reports = [
+        {"kind": "metrics", "trial_id": t.trial_id, "config": t.config, "step": epoch,
+         "timestamp": 1_000 * epoch, "metrics": {"val_auc_macro": 0.5 + epoch / 10 + n / 100}}
+        for epoch in (1, 2, 3)
+        for n, t in enumerate(trials)
+    ]  # fmt: skip
+    starts = [{"kind": "start", "trial_id": t.trial_id, "config": t.config} for t in trials]
+    first.pending.extend(starts)
+    first.pending.extend(reports)
+    assert first.flush() and not first.pending
+    # the two starts log the params (one call each); the six reports, one call per trial
+    assert len(first.log_batch_calls) == 2 + 2, first.log_batch_calls
+    first.pending.extend(reports)  # as a replay would send them again
+    assert first.flush()
+    assert len(first.log_batch_calls) == 4, "values MLflow has are not sent again"
+
+    mlflow = client(mlflow_server.url)
+    runs = trial_run_ids(mlflow, experiment_id(mlflow, "coalesce"), "sweep-c")
+    assert sorted(runs) == ["t1", "t2"]
+    for n, trial in enumerate(trials):
+        history = mlflow.get_metric_history(runs[trial.trial_id], "val_auc_macro")
+        assert sorted((m.step, round(m.value, 4)) for m in history) == [
+            (epoch, round(0.5 + epoch / 10 + n / 100, 4)) for epoch in (1, 2, 3)
+        ]
+
+    resumed = driver()
+    resumed.pending.append({"kind": "start", "trial_id": "t1", "config": {"lr": 1}})
+    resumed.pending.append({"kind": "start", "trial_id": "t3", "config": {"lr": 3}})
+    assert resumed.flush()
+    again = trial_run_ids(mlflow, experiment_id(mlflow, "coalesce"), "sweep-c")
+    assert again["t1"] == runs["t1"] and sorted(again) == ["t1", "t2", "t3"]
