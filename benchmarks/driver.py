@@ -24,10 +24,15 @@ class Size:
     trials: int
     reports: int  # per trial
     warmup: int  # trials run first and not measured: Ray's worker pool, the trials' imports
+    new_worker_trials: int  # the slow side (a new worker per trial): fewer, its rate is steady
+    repeats: int  # rounds of without/with, alternating: scheduling is asynchronous
 
 
-FULL = Size(trials=200, reports=10, warmup=4)
-SMOKE = Size(trials=2, reports=2, warmup=1)
+FULL = Size(trials=200, reports=10, warmup=4, new_worker_trials=50, repeats=3)
+SMOKE = Size(trials=2, reports=2, warmup=1, new_worker_trials=2, repeats=1)
+# Issue 14's targets for the side with the callback
+RATE_TARGET = 200.0  # trials/min
+CPU_RATIO_TARGET = 1.5  # driver CPU per report, with/without
 TRIAL_CPUS = 1  # as a sweep's `resources.cpus` default: 2 trials at a time on 2 cores
 
 
@@ -141,9 +146,11 @@ def driver_fits(spec: dict[str, Any]) -> dict[str, Any]:
         return row
 
     fit("warmup", spec["warmup"], mlflow=False)
-    out = {"new worker per trial": fit("new", spec["trials"], mlflow=False, reuse=False)}
-    out["without"] = fit("without", spec["trials"], mlflow=False)
-    out["with"] = fit("with", spec["trials"], mlflow=True)
+    new_worker = fit("new", spec["new_worker_trials"], mlflow=False, reuse=False)
+    out: dict[str, Any] = {"new worker per trial": new_worker, "without": [], "with": []}
+    for round_ in range(spec["repeats"]):
+        out["without"].append(fit(f"without-{round_}", spec["trials"], mlflow=False))
+        out["with"].append(fit(f"with-{round_}", spec["trials"], mlflow=True))
     ray.shutdown()
     return out
 
@@ -162,52 +169,65 @@ def run(smoke: bool = False) -> None:
             "reports": size.reports,
             "cpus": TRIAL_CPUS,
             "warmup": size.warmup,
+            "new_worker_trials": size.new_worker_trials,
+            "repeats": size.repeats,
         }
         print(
             f"  {size.trials} trials x {size.reports} reports, {TRIAL_CPUS} CPU per trial "
             f"(reused workers, as a sweep runs them), MLflow server at {mlflow['url']} "
             f"(SQLite, 2 workers); {size.warmup} warm-up trials first; then a new worker per "
-            "trial (Tune's default), without the callback, with it",
+            f"trial (Tune's default, {size.new_worker_trials} trials); then {size.repeats} "
+            "rounds of without the callback, with it",
             flush=True,
         )
         result = run_child(driver_fits, spec, timeout=3 * 3600)
     report(result)
 
 
-LABELS = {
-    "new worker per trial": "without callback, new worker/trial",
-    "without": "without callback",
-    "with": "with callback",
-}
+def side_rates(side: dict[str, Any]) -> tuple[float, float]:
+    """Trials per minute and driver CPU seconds per report of one measured side."""
+    return side["trials"] / side["seconds"] * 60, side["cpu"] / max(side["results"], 1)
+
+
+def print_side(label: str, side: dict[str, Any]) -> None:
+    per_minute, per_report = side_rates(side)
+    extra = (
+        f"; MLflow holds {side['mlflow_runs']} trial runs, {side['mlflow_values']} "
+        f"val_auc_macro values, {side['pending']} calls still queued"
+        if "mlflow_runs" in side
+        else ""
+    )
+    print(
+        f"  {label:34s} {side['seconds']:6.1f} s  {per_minute:6.1f} trials/min"
+        f"  driver CPU {side['cpu']:6.1f} s = {per_report * 1000:5.1f} ms/report "
+        f"({side['results']} reports, {side['errors']} errored)  MLflow server CPU "
+        f"{side['server_cpu']:5.1f} s{extra}"
+    )
 
 
 def report(result: dict[str, Any]) -> None:
-    """Print each side's rate and CPU per report, what reached MLflow, and the ratios."""
-    rates = {}
-    for label in ("new worker per trial", "without", "with"):
-        side = result[label]
-        per_minute = side["trials"] / side["seconds"] * 60
-        per_report = side["cpu"] / max(side["results"], 1)
-        rates[label] = (per_minute, per_report)
-        extra = (
-            f"; MLflow holds {side['mlflow_runs']} trial runs, {side['mlflow_values']} "
-            f"val_auc_macro values, {side['pending']} calls still queued"
-            if label == "with"
-            else ""
-        )
+    """Print each side's rate and CPU per report, what reached MLflow, and the ratios of each
+    round, then the worst round against the targets."""
+    print_side("without callback, new worker/trial", result["new worker per trial"])
+    new_worker_rate = side_rates(result["new worker per trial"])[0]
+    rates, cpu_ratios = [], []
+    for round_, (without, with_) in enumerate(zip(result["without"], result["with"], strict=True)):
+        print_side(f"round {round_ + 1}: without callback", without)
+        print_side(f"round {round_ + 1}: with callback", with_)
+        (rate_without, cpu_without), (rate_with, cpu_with) = side_rates(without), side_rates(with_)
+        rates.append(rate_with)
+        cpu_ratios.append(cpu_with / cpu_without)
         print(
-            f"  {LABELS[label]:34s} {side['seconds']:6.1f} s  {per_minute:6.1f} trials/min"
-            f"  driver CPU {side['cpu']:6.1f} s = {per_report * 1000:5.1f} ms/report "
-            f"({side['results']} reports, {side['errors']} errored)  MLflow server CPU "
-            f"{side['server_cpu']:5.1f} s{extra}"
+            f"  round {round_ + 1} ratio with/without: trials/min {rate_with / rate_without:.2f}x, "
+            f"driver CPU per report {cpu_with / cpu_without:.2f}x "
+            f"(+{(cpu_with - cpu_without) * 1000:.1f} ms per report for MLflow); reused "
+            f"workers / a new worker per trial (without the callback) "
+            f"{rate_without / new_worker_rate:.2f}x"
         )
-    (rate_without, cpu_without), (rate_with, cpu_with) = rates["without"], rates["with"]
+    met = min(rates) >= RATE_TARGET and max(cpu_ratios) <= CPU_RATIO_TARGET
     print(
-        f"  reused workers / a new worker per trial (both without the callback): trials/min "
-        f"{rate_without / rates['new worker per trial'][0]:.2f}x"
-    )
-    print(
-        f"  ratio with/without: trials/min {rate_with / rate_without:.2f}x, driver CPU per "
-        f"report {cpu_with / cpu_without:.2f}x (+{(cpu_with - cpu_without) * 1000:.1f} ms per "
-        "report for MLflow)"
+        f"  with callback over {len(rates)} rounds: trials/min {min(rates):.1f}-{max(rates):.1f} "
+        f"(target >= {RATE_TARGET:.0f}), driver CPU with/without "
+        f"{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}x (target <= {CPU_RATIO_TARGET}); "
+        f"{'both targets met in every round' if met else 'target missed in a round'}"
     )

@@ -25,7 +25,7 @@ RESULT_LINES = {
     "tune_trial": "ratio tune/bare (median): whole iteration",
     "startup_per_backbone": "1 of 1 backbones",
     "asha": "ratio asha/full: trial-epochs",
-    "driver": "ratio with/without:",
+    "driver": "with callback over 1 rounds: trials/min",
     "journal": "the journal adds",
     "demo_report": "pointing game above the centre baseline for 1 of 1 findings",
     # a whole demo is too long for a smoke run; tests/test_demo.py checks its stage line
