@@ -83,7 +83,7 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "gpus": len(gpus),
-        "gpu_memory_growth": all(tf.config.experimental.get_memory_growth(g) for g in gpus),
+        "gpu_memory_growth": [tf.config.experimental.get_memory_growth(g) for g in gpus],
         "precision": policy,
         "niceness": os.nice(0),
     }
