@@ -129,7 +129,7 @@ class TrialConfig:
 
     def precision_policy(self, has_gpu: bool) -> str:
         """The Keras dtype policy this trial trains under: `mixed_float16` for `on` (and for
-        `auto` when the trial has a GPU), `bfloat16` as asked, else `float32`."""
+        `auto` when the trial has a GPU), `mixed_bfloat16` for `bfloat16`, else `float32`."""
         if self.mixed_precision in ("on", "mixed_float16") or (
             self.mixed_precision == "auto" and has_gpu
         ):

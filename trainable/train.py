@@ -70,7 +70,7 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
                 cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices
             )
         except RuntimeError:
-            pass  # too late in this process; _strategy says so if there are too few
+            pass  # too late in this process: training_devices says so if there are too few
     policy = config.precision_policy(has_gpu=bool(gpus))
     keras.mixed_precision.set_global_policy(policy)
     random.seed(config.seed)
@@ -182,7 +182,8 @@ def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
     import tensorflow as tf
 
     # A trial with several devices trains data-parallel: each step splits batch_size (the
-    # global batch) evenly over the replicas and sums their gradients.
+    # global batch) evenly over the replicas, each scales its loss by 1/replicas, and the
+    # summed gradients are the global batch's.
     devices = training_devices(config)
     if len(devices) > config.batch_size:
         raise ConfigError(
