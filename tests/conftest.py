@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -45,6 +46,16 @@ REPO = Path(__file__).resolve().parent.parent
 CHESTXPERT_CLI = str(Path(sys.executable).parent / "chestxpert")
 # Tests reach no cloud: without this, the AWS SDK would ask 169.254.169.254 for an instance profile.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def python_json(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> Any:
+    """Run `python ARGS` (a script, or `-c CODE`) in a new interpreter from the repository and
+    return the JSON on its last stdout line (TensorFlow prints its start-up lines first)."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def short_tmpdir(prefix: str) -> Path:

@@ -281,3 +281,40 @@ def test_a_label_auc_is_a_valid_metric() -> None:
     assert (
         parse_spec("name: t\ndataset: s3://b/p\nmetric: val_auc_Pleural_Effusion\n").mode == "max"
     )
+
+
+# --- the GPU settings: shared GPUs, mixed precision as YAML writes it ---------------------
+
+
+@pytest.mark.parametrize(("word", "setting"), [("on", "on"), ("off", "off"), ("auto", "auto")])
+def test_mixed_precision_on_and_off_read_as_written(word: str, setting: str) -> None:
+    spec = parse_spec(HEADER + f"  mixed_precision: {word}\nresources:\n  gpus: 0.5\n")
+    assert TrialConfig.from_dict(spec.trial_config_base()).mixed_precision == setting
+    assert spec.resources.gpus == 0.5
+
+
+@pytest.mark.parametrize(
+    ("setting", "gpu", "policy"),
+    [
+        ("on", False, "mixed_float16"),
+        ("mixed_float16", False, "mixed_float16"),
+        ("auto", True, "mixed_float16"),
+        ("auto", False, "float32"),
+        ("off", True, "float32"),
+        ("bfloat16", True, "mixed_bfloat16"),
+    ],
+)
+def test_each_mixed_precision_setting_is_one_keras_policy(
+    setting: str, gpu: bool, policy: str
+) -> None:
+    config = TrialConfig.from_dict({"mixed_precision": setting})
+    assert config.precision_policy(has_gpu=gpu) == policy
+
+
+def test_a_gpu_count_above_one_must_be_whole() -> None:
+    problems = problems_of(HEADER + "resources:\n  gpus: 1.5\n")
+    assert problems == [
+        "sweep.yaml line 6: resources.gpus: 1.5 is neither a share of one GPU (at most 1, "
+        "e.g. 0.5) nor a whole number of GPUs; use 1 or 2"
+    ]
+    assert parse_spec(HEADER + "resources:\n  gpus: 2\n").resources.gpus == 2

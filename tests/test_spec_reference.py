@@ -87,8 +87,17 @@ BASE: dict[str, Any] = {
         {"trial": {"batch_size": 32.0, "dropout": 0, "weights": None, "epochs": 3}},
         {"resources": {"cpus": 0.5, "gpus": 1}, "search": {"seed": None, "num_samples": 2}},
         {"metric": "val_auc_Pleural_Thickening"},
+        {"resources": {"gpus": 0.5}, "trial": {"mixed_precision": True}},
+        {"resources": {"gpus": 2}, "trial": {"mixed_precision": "bfloat16", "cpu_devices": 2}},
     ],
-    ids=["null-sections", "coerced-trial-values", "fractions-and-nulls", "label-metric"],
+    ids=[
+        "null-sections",
+        "coerced-trial-values",
+        "fractions-and-nulls",
+        "label-metric",
+        "shared-gpu-and-yaml-on",
+        "two-gpus",
+    ],
 )
 def test_the_schema_accepts_what_the_model_accepts(
     change: dict[str, Any], validator: jsonschema.Draft202012Validator
@@ -113,6 +122,7 @@ def test_the_schema_accepts_what_the_model_accepts(
         {"search": {"num_samples": 0}},
         {"search": {"algorithm": "bayes"}},
         {"resources": {"gpus": -1}},
+        {"resources": {"gpus": 1.5}},
         {"scheduler": {"reduction_factor": 1}},
         {"mode": "maximize"},
     ],

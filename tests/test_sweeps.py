@@ -173,6 +173,51 @@ def test_gpu_sweep_on_three_nodes_with_s3_storage_and_nested_mlflow(
     )
 
 
+def test_trials_given_half_a_gpu_share_one_two_at_a_time(
+    synthetic_dataset: SyntheticDataset, ray_cluster: RayCluster, mlflow_server, tmp_path: Path
+) -> None:
+    """`resources.gpus: 0.5` reaches Tune: four trials run at once on the fixture's two logical
+    GPUs, two on each, which whole GPUs would never allow."""
+    name = "half-gpu"
+    storage = tmp_path / "storage"
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        name,
+        synthetic_dataset.prepared,
+        trial={"backbone": "convnet_small", "image_size": 32, "epochs": 1, "batch_size": 32},
+        resources={"cpus": 0.5, "gpus": 0.5},  # a worker node has 1 CPU and 1 GPU
+        search={"algorithm": "random", "seed": 0, "num_samples": 4, "max_concurrent": 4},
+        scheduler={"type": "none"},
+    )
+    env = sweep_env(ray_cluster, {}, mlflow_server.url, str(storage))  # storage in a folder
+    result = chestxpert("sweep", "run", str(spec), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    rows = [
+        json.loads(path.read_text().splitlines()[0])
+        for path in (storage / name).glob("train_*/result.json")
+    ]
+    assert len(rows) == 4
+    # Tune's timestamps are whole seconds: an interval is [start, end] at that grain
+    spans = [
+        (
+            row["timestamp"] - row["time_this_iter_s"],
+            row["timestamp"],
+            row["node_id"],
+            row["gpu_ids"],
+        )
+        for row in rows
+    ]
+    assert {gpu for *_, gpu in spans} == {"0"}  # each trial got one GPU's share, numbered 0
+    gpu_nodes = {node for _, _, node, _ in spans}
+    assert len(gpu_nodes) == 2, "trials must land on both GPU workers (the head has no GPU)"
+    for node in gpu_nodes:
+        pair = [(start, end) for start, end, where, _ in spans if where == node]
+        assert len(pair) == 2, f"node {node} ran {len(pair)} trials"
+        (start_a, end_a), (start_b, end_b) = pair
+        assert start_a < end_b and start_b < end_a, f"the two trials on {node} did not overlap"
+
+
 def test_mlflow_outage_loses_no_metric(
     synthetic_dataset: SyntheticDataset, ray_cluster: RayCluster, s3_endpoint, tmp_path: Path
 ) -> None:

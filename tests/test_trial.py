@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import CHESTXPERT_CLI, SyntheticDataset
+from tests.conftest import CHESTXPERT_CLI, SyntheticDataset, python_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,17 +175,7 @@ def test_trainable_runs_as_ray_tune_trials_in_one_reused_worker(
         " 'ended': r.metrics['timestamp'],"
         " 'checkpoint': r.checkpoint.path, 'error': str(r.error)} for r in tuner.fit()]))\n"
     )
-    env = ray_cluster.client_env()
-    result = subprocess.run(
-        [sys.executable, str(driver)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    trials = json.loads(result.stdout.strip().splitlines()[-1])
+    trials = python_json([str(driver)], env=ray_cluster.client_env())
     assert len(trials) == 2
     for summary in trials:
         assert summary["error"] == "None" and summary["epoch"] == 2 and summary["iters"] == 2

@@ -13,6 +13,10 @@ from typing import Any
 
 from chestxpert.cluster.errors import UserError
 
+# Text settings whose values include "on" and "off": YAML 1.1 reads a bare on/off as a
+# boolean, which these take back as the word.
+ON_OFF_SETTINGS = ("mixed_precision",)
+
 
 class ConfigError(UserError, ValueError):
     """A trial setting that is unknown or out of range; the message names the key."""
@@ -51,9 +55,10 @@ class TrialConfig:
     hflip: bool = False  # off: a flip puts the heart on the wrong side
     weights: str = ""  # "" = from scratch; "imagenet"; or a local weights file
     seed: int = 0  # initial weights, shuffling and augmentation
-    mixed_precision: str = "auto"  # auto (on with a GPU) | off | mixed_float16 | bfloat16
+    mixed_precision: str = "auto"  # auto (on with a GPU) | on (= mixed_float16) | off | bfloat16
     xla: bool = False  # compile the training step with XLA
     cpus: int = 0  # TF threads; 0 = the Ray trial's or task's CPU allocation, else all cores
+    cpu_devices: int = 1  # > 1 without GPUs: that many logical CPUs, trained as several GPUs are
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)
 
@@ -71,6 +76,8 @@ class TrialConfig:
                     else f"; known keys: {', '.join(sorted(known))}"
                 )
                 raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            if key in ON_OFF_SETTINGS and isinstance(value, bool):
+                value = "on" if value else "off"
             default = known[key].default
             clean[key] = _coerce(key, value, type(default), where)
         config = cls(**clean)
@@ -87,7 +94,7 @@ class TrialConfig:
             "optimizer": ("adam", "adamw", "sgd"),
             "lr_schedule": ("constant", "cosine", "plateau"),
             "loss": ("weighted_bce", "bce", "focal"),
-            "mixed_precision": ("auto", "off", "mixed_float16", "bfloat16"),
+            "mixed_precision": ("auto", "on", "off", "mixed_float16", "bfloat16"),
             "train_splits": ("train", "train+val"),
         }
         for key, allowed in choices.items():
@@ -95,7 +102,7 @@ class TrialConfig:
                 raise ConfigError(
                     f"{where}: {key} {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
-        positive = ("batch_size", "epochs", "learning_rate", "checkpoint_every")
+        positive = ("batch_size", "epochs", "learning_rate", "checkpoint_every", "cpu_devices")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be > 0, got {getattr(self, key)}")
@@ -119,6 +126,15 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def precision_policy(self, has_gpu: bool) -> str:
+        """The Keras dtype policy this trial trains under: `mixed_float16` for `on` (and for
+        `auto` when the trial has a GPU), `mixed_bfloat16` for `bfloat16`, else `float32`."""
+        if self.mixed_precision in ("on", "mixed_float16") or (
+            self.mixed_precision == "auto" and has_gpu
+        ):
+            return "mixed_float16"
+        return "mixed_bfloat16" if self.mixed_precision == "bfloat16" else "float32"
 
 
 def _coerce(key: str, value: Any, kind: type, where: str) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 
 from chestxpert.cluster.endpoints import Endpoints, worker_endpoints
 from chestxpert.datasets.images import resize_uint8
-from chestxpert.trainable.config import TrialConfig
+from chestxpert.trainable.config import ConfigError, TrialConfig
 from chestxpert.trainable.system_metrics import SystemMetricsTarget, trial_system_metrics
 
 # report(metrics, checkpoint_dir or None): where a trial's per-epoch results go.
@@ -40,10 +40,14 @@ def _process_age_seconds() -> float:
 
 
 def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
-    """Threads, GPU memory growth, precision policy and seeds; must run before TF builds anything.
+    """Threads, devices, GPU memory growth, precision policy and seeds; must run before TF
+    builds anything.
 
     Ray gives a trial CPUs but does not limit TensorFlow's thread pools, so they
-    are sized from the allocation here. Returns what was chosen, for the log.
+    are sized from the allocation here. Memory growth lets trials that share a GPU
+    (`resources.gpus: 0.5`) each take only what they use. `cpu_devices` > 1 splits the
+    CPU into logical devices, which only a process whose TensorFlow has not started its
+    devices yet can do. Returns what was chosen, for the log and the checkpoint.
     """
     import keras
     import tensorflow as tf
@@ -58,12 +62,16 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
-            pass
-    policy = "float32"
-    if config.mixed_precision in ("mixed_float16", "bfloat16"):
-        policy = config.mixed_precision
-    elif config.mixed_precision == "auto" and gpus:
-        policy = "mixed_float16"
+            pass  # already initialised by an earlier trial in this process, which set it too
+    if config.cpu_devices > 1 and not gpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices
+            )
+        except RuntimeError:
+            pass  # too late in this process: training_devices says so if there are too few
+    policy = config.precision_policy(has_gpu=bool(gpus))
     keras.mixed_precision.set_global_policy(policy)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -75,9 +83,34 @@ def configure_runtime(config: TrialConfig, cpus: int) -> dict[str, Any]:
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "gpus": len(gpus),
+        "gpu_memory_growth": [tf.config.experimental.get_memory_growth(g) for g in gpus],
         "precision": policy,
         "niceness": os.nice(0),
     }
+
+
+def training_devices(config: TrialConfig) -> list[str]:
+    """The devices a trial trains on, one replica each: every GPU it can see, else with
+    `cpu_devices` > 1 that many logical CPUs, else the one default device ([]).
+
+    A CPU split asked for in a process whose TensorFlow started with fewer devices is a
+    ConfigError: the split needs a fresh process (a new Ray worker, not a reused one).
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return [gpu.name for gpu in gpus] if len(gpus) > 1 else []
+    if config.cpu_devices <= 1:
+        return []
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) < config.cpu_devices:
+        raise ConfigError(
+            f"trial config: cpu_devices {config.cpu_devices} needs a process whose TensorFlow "
+            f"has not started yet; this one runs with {len(cpus)} CPU device(s). Run the trial "
+            "in a new process (reuse_actors: false in a sweep)."
+        )
+    return [cpu.name for cpu in cpus[: config.cpu_devices]]
 
 
 def _trial_cpus(config: TrialConfig) -> int:
@@ -148,10 +181,17 @@ def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
 
     import tensorflow as tf
 
-    # A trial given several GPUs trains data-parallel; batch_size stays the global batch.
-    gpus = tf.config.list_logical_devices("GPU")
-    scope = tf.distribute.MirroredStrategy().scope() if len(gpus) > 1 else contextlib.nullcontext()
-    with scope:
+    # A trial with several devices trains data-parallel: each step splits batch_size (the
+    # global batch) evenly over the replicas, each scales its loss by 1/replicas, and the
+    # summed gradients are the global batch's.
+    devices = training_devices(config)
+    if len(devices) > config.batch_size:
+        raise ConfigError(
+            f"trial config: batch_size {config.batch_size} is smaller than the "
+            f"{len(devices)} devices it is split over"
+        )
+    strategy = tf.distribute.MirroredStrategy(devices) if devices else None
+    with strategy.scope() if strategy else contextlib.nullcontext():
         return _build_or_restore_here(config, data, restore)
 
 
@@ -181,9 +221,16 @@ def _build_or_restore_here(config: TrialConfig, data: _Data, restore: Path | Non
         data.manifest.get("neg_weight"),
         gamma=config.focal_gamma,
     )
-    model.compile(
-        optimizer=make_optimizer(config, data.steps_per_epoch), loss=loss, jit_compile=config.xla
-    )
+    optimizer = make_optimizer(config, data.steps_per_epoch)
+    if model.dtype_policy.name == "mixed_float16":
+        # float16 gradients underflow unless the loss is scaled. Wrapped here, not left to
+        # compile(): the saved compile config then names the LossScaleOptimizer, so a reload
+        # restores it and its state (compile() would wrap the reload only under a global
+        # mixed_float16 policy, and otherwise drop the optimizer state).
+        import keras
+
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=config.xla)
     return model, None
 
 
@@ -221,6 +268,7 @@ def run_trial(
     runtime = configure_runtime(config, _trial_cpus(config))
     data = _Data(config, endpoints or worker_endpoints())
     model, state = _build_or_restore(config, data, restore)
+    runtime["replicas"] = model.distribute_strategy.num_replicas_in_sync
     start_epoch = int(state["epoch"]) if state else 0
     if state:
         print(
@@ -359,15 +407,19 @@ def train(
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
+    # The GPUs Ray gave this trial, as numbered on its node ("" for none): trials that share
+    # one (fractional `gpus`) name the same GPU on the same node.
+    gpu_ids = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # node_id says where the epoch ran (trials move when nodes die), dataset_generation
-        # which version of the dataset it read; MLflow skips text values.
+        # node_id and gpu_ids say where the epoch ran (trials move when nodes die),
+        # dataset_generation which version of the dataset it read; MLflow skips text values.
         tune.report(
             {
                 **metrics,
                 "node_id": node_id,
+                "gpu_ids": gpu_ids,
                 "dataset_generation": trial_config.dataset_generation or "current",
             },
             checkpoint=checkpoint,

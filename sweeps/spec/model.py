@@ -77,7 +77,21 @@ class Resources(_Section):
     """CPUs Ray reserves for each trial (fractions allowed); TensorFlow runs as many threads
     unless `trial.cpus` says otherwise."""
     gpus: float = Field(0.0, ge=0)
-    """GPUs Ray reserves for each trial (fractions share one GPU)."""
+    """GPUs Ray reserves for each trial: a fraction up to 1 shares one GPU (`0.5`: two trials
+    on each), more than 1 is a whole number; a trial with several trains on all of them
+    (MirroredStrategy)."""
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_share_one_or_are_whole(cls, value: float) -> float:
+        # Ray itself refuses 1.5 GPUs, but only when the first trial starts
+        if value > 1 and not float(value).is_integer():
+            fail_at(
+                ("resources", "gpus"),
+                f"resources.gpus: {value} is neither a share of one GPU (at most 1, e.g. 0.5) "
+                f"nor a whole number of GPUs; use {int(value)} or {int(value) + 1}",
+            )
+        return value
 
 
 class Search(_Section):

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from chestxpert.sweeps.space import DIMENSION_MODELS, NOT_SEARCHABLE, SETTING_KINDS
 from chestxpert.sweeps.spec.model import _SECTIONS, NAME_PATTERN, SweepSpec
-from chestxpert.trainable.config import TrialConfig
+from chestxpert.trainable.config import ON_OFF_SETTINGS, TrialConfig
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "spec.schema.json"
 README_FILE = Path(__file__).resolve().parents[2] / "README.md"  # in a source checkout
@@ -78,6 +78,8 @@ def _trial_schema() -> dict[str, Any]:
         if item.name in notes:
             schema["description"] = notes[item.name]
         properties[item.name] = schema
+    for key in ON_OFF_SETTINGS:  # a bare `on`/`off` is a YAML boolean
+        properties[key]["type"] = [*properties[key]["type"], "boolean"]
     # the registry imports Keras: only this generator and the spec's backbone check read it
     from chestxpert.trainable.backbones import BACKBONES
 
@@ -121,6 +123,11 @@ def spec_schema() -> dict[str, Any]:
             _add_factory_defaults(section, schema["$defs"][section.__name__]["properties"])
             _describe(section, schema["$defs"][section.__name__]["properties"])
     properties["name"]["pattern"] = NAME_PATTERN.pattern
+    # Resources' validator: a share of one GPU, or whole GPUs (not more than 1 and a fraction)
+    schema["$defs"]["Resources"]["properties"]["gpus"]["not"] = {
+        "exclusiveMinimum": 1,
+        "not": {"multipleOf": 1},
+    }
     properties["trial"] = _trial_schema()
     searchable = [key for key in SETTING_KINDS if key not in NOT_SEARCHABLE]
     properties["space"]["propertyNames"] = {"enum": searchable}
