@@ -196,3 +196,36 @@ def test_trainable_runs_as_ray_tune_trials_in_one_reused_worker(
         assert state["runtime"]["cpus"] == 1 and state["runtime"]["intra_op_threads"] == 1
         # Our nodes start workers at nice 0, not Ray's 15 (see cluster.stack.ray_node_env).
         assert state["runtime"]["niceness"] == 0
+
+
+@pytest.mark.services
+def test_a_reused_worker_waits_for_its_stopped_trial_to_end(ray_cluster, tmp_path: Path) -> None:
+    """A trial stopped early (ASHA, a stopper) whose thread takes longer than Tune's default
+    2 s to end, as a Keras fit unwinding and system metrics flushing to MLflow can: the next
+    trial still gets the worker. Without the trainable's setting the next trial fails with
+    "Trainable runner reuse requires reset_config()" (and its searcher slot is never freed)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import json, os, time\n"
+        "from ray import tune\n"
+        "from chestxpert.trainable.train import wait_for_stopping_trials\n"
+        "def slow_to_stop(config):\n"
+        "    wait_for_stopping_trials()  # what chestxpert.trainable.train.train does first\n"
+        "    try:\n"
+        "        for epoch in range(3):\n"
+        "            tune.report({'epoch': epoch + 1, 'pid': os.getpid()})\n"
+        "    finally:\n"
+        "        time.sleep(5)  # a slow unwinding, past Tune's 2 s\n"
+        "tuner = tune.Tuner(tune.with_resources(slow_to_stop, {'cpu': 1}),\n"
+        "    param_space={'x': tune.uniform(0, 1)},\n"
+        "    tune_config=tune.TuneConfig(num_samples=2, max_concurrent_trials=1,"
+        " reuse_actors=True),\n"
+        f"    run_config=tune.RunConfig(name='stop', storage_path={str(tmp_path / 's')!r},"
+        " stop={'training_iteration': 1}, verbose=0))\n"
+        "print(json.dumps([{'pid': r.metrics['pid'], 'error': str(r.error)}"
+        " for r in tuner.fit()]))\n"
+    )
+    # without the setting Tune hangs with nothing running: a timeout here is that failure
+    trials = python_json([str(driver)], env=ray_cluster.client_env(), timeout=240)
+    assert [trial["error"] for trial in trials] == ["None", "None"], trials
+    assert trials[0]["pid"] == trials[1]["pid"], "the second trial did not reuse the worker"

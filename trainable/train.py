@@ -385,6 +385,21 @@ def _plateau_step(model, plateau: dict, val_loss: float, config: TrialConfig) ->
         plateau["wait"] = 0
 
 
+# Tune gives a stopped trial's thread TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) to end
+# before it hands the worker to the next trial; past that the next trial fails ("Trainable
+# runner reuse requires reset_config()…"), and Ray 2.60 never tells the searcher, so the slot
+# it held under `max_concurrent` stays taken and a sweep can hang with nothing running.
+# Unwinding a Keras fit and flushing the trial's system metrics to MLflow can take longer
+# than 2 s on a busy node.
+STOPPING_TRIAL_WAIT_SECONDS = 120
+
+
+def wait_for_stopping_trials() -> None:
+    """Let a reused worker wait up to STOPPING_TRIAL_WAIT_SECONDS for its stopped trial to end
+    (unless the environment sets Tune's own variable); Tune reads it in this process."""
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(STOPPING_TRIAL_WAIT_SECONDS))
+
+
 def train(
     config: dict[str, Any],
     dataset_generation: str = "",
@@ -400,6 +415,7 @@ def train(
     """
     from ray import tune
 
+    wait_for_stopping_trials()  # before this trial can be stopped and its worker reused
     if dataset_generation:
         config = {**config, "dataset_generation": dataset_generation}
     trial_config = TrialConfig.from_dict(config)
