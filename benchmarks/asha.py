@@ -35,7 +35,7 @@ class Size:
     orders: int = 500  # arrival orders replayed per seed
 
 
-FULL = Size(images=1500, trials=24, epochs=9, image_size=64, seeds=(0, 1, 2))
+FULL = Size(images=1000, trials=24, epochs=9, image_size=64, seeds=(0, 1, 2))
 SMOKE = Size(images=120, trials=1, epochs=2, image_size=32, seeds=(0,), orders=5)
 EPOCH_RATIO_TARGET = 1 / 3
 AUC_GAP_TARGET = -0.01
