@@ -171,17 +171,37 @@ def test_rerun_gives_the_same_digest_and_a_different_dataset_needs_force(
     )
 
 
-def test_interrupted_prepare_leaves_nothing_visible(
-    nih_copy: Path, tmp_path: Path, interrupt_on_second_shard
+def test_interrupted_prepare_shows_nothing_and_the_rerun_keeps_its_finished_shard(
+    nih_copy: Path, tmp_path: Path, interrupt_on_second_shard, monkeypatch
 ) -> None:
     out = tmp_path / "prepared"
     with pytest.raises(KeyboardInterrupt):
         prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
     assert interrupt_on_second_shard["n"] == 2
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nih"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nih", "prepared"]
+    (staging,) = (out / "generations").iterdir()  # hidden: no manifest names it
+    assert staging.name.startswith(".partial-stage-") and not (out / "manifest.json").exists()
+    (staged,) = (staging / "shards").glob("*/*.parquet")  # the train shard, finished first
+    before = staged.stat()
     with pytest.raises(DatasetError, match="no manifest.json"):
         open_dataset(str(out), local(tmp_path))
+
+    calls = {"n": 0}
+
+    def count(*args, **kwargs):
+        calls["n"] += 1
+        return interrupt_on_second_shard["real"](*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_shard_table", count)
+    manifest = prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
+    assert calls["n"] == 2, "only the val and test shards are written again"
+    kept = out / manifest["splits"]["train"]["shards"][0]
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in (out / "generations").iterdir()) == [manifest["generation"]]
+    assert (
+        manifest["digest"]
+        == prepare(str(nih_copy), str(tmp_path / "whole"), nih_opts(), local(tmp_path))["digest"]
+    )
 
 
 @pytest.mark.parametrize(
