@@ -270,7 +270,8 @@ class DatasetWriter:
                 destination_filesystem=self.fs,
             )
             scratch.unlink()
-        self._put(f"{self.staging}/{STAGED_JOURNAL}/{entry['journal']}.json", _json_bytes(entry))
+        journal = f"{self.staging}/{STAGED_JOURNAL}/{entry['journal']}.json"
+        self._replace(journal[len(self.root) + 1 :], _json_bytes(entry))  # whole, or absent
 
     def stage_bytes(self, relative: str, payload: bytes) -> None:
         """Write one small file (the bad-image list) among the staged shards."""
@@ -304,7 +305,7 @@ class DatasetWriter:
         if self.is_local:
             if Path(self.staging).exists():
                 self._discard(Path(self.staging))
-        else:
+        elif self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
             self.fs.delete_dir(self.staging)
         self._drop_scratch()
 

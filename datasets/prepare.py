@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -95,6 +96,8 @@ def check_options(opts: PrepareOptions) -> None:
     ):
         if not 0.0 < value < 1.0:
             raise DatasetError(f"{flag} {value} must be between 0 and 1 (exclusive)")
+    if opts.shard_rows < 1:
+        raise DatasetError(f"--shard-rows {opts.shard_rows} must be 1 or more (2000 is usual)")
     if opts.val_fraction + opts.test_fraction >= 0.9:
         raise DatasetError(
             f"--val-fraction {opts.val_fraction} + --test-fraction {opts.test_fraction} leaves "
@@ -280,8 +283,14 @@ def decode_stream(
         yield from map(_decode_one, tasks)
         return
     chunks = (tasks[start : start + DECODE_CHUNK] for start in range(0, len(tasks), DECODE_CHUNK))
+    # The AWS SDK under pyarrow's S3 filesystem is not safe across fork once used, and listing
+    # the input used it: workers that read from S3 start fresh.
+    context = multiprocessing.get_context("spawn") if input_uri else None
     with ProcessPoolExecutor(
-        max_workers=workers, initializer=_open_input_fs, initargs=(endpoints, input_uri)
+        max_workers=workers,
+        mp_context=context,
+        initializer=_open_input_fs,
+        initargs=(endpoints, input_uri),
     ) as pool:
         in_flight: deque = deque()
         for chunk in chunks:

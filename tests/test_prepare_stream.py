@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from chestxpert.cluster.endpoints import resolve
 from chestxpert.datasets import synth
+from chestxpert.datasets.output import STAGING_MARK
 from chestxpert.datasets.prepare import PrepareOptions, prepare
 from chestxpert.datasets.reader import open_dataset, read_split
-from chestxpert.datasets.schema import SPLITS
+from chestxpert.datasets.schema import GENERATIONS, SPLITS
+from tests.conftest import CHESTXPERT_CLI
 
 # The digest of `phantoms` below at --image-size 32, split by patient with seed 0, computed by
 # the prepare that held every image in memory (main at eac0d7a). A streaming prepare must
@@ -45,3 +52,49 @@ def test_digest_is_the_one_prepare_gave_before_streaming(
     counts = [len(read_split(dataset, s, columns=("image_id",))["image_id"]) for s in SPLITS]
     assert counts == [42, 3, 15]
     assert [len(manifest["splits"][s]["shards"]) for s in SPLITS] == [6, 1, 3]
+
+
+def test_a_killed_prepare_resumes_keeping_the_shards_it_finished(tmp_path: Path) -> None:
+    """`chestxpert data prepare` SIGKILLed once it has staged shards, then run again: the rerun
+    keeps those shards (same inode and mtime once published), decodes only the rest, and
+    publishes the dataset an uninterrupted prepare gives."""
+    raw = tmp_path / "raw"
+    synth.generate(raw, images=600, size=256, seed=1, progress=False)
+    out = tmp_path / "prepared"
+    command = [
+        CHESTXPERT_CLI, "data", "prepare", "--source", "nih", "--input", str(raw),
+        "--out", str(out), "--image-size", "64", "--shard-rows", "10", "--workers", "1",
+        "--workspace", str(tmp_path / "ws"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    journal: list[Path] = []
+    while killed.poll() is None and len(journal) < 3:
+        journal = list(out.glob(f"{GENERATIONS}/{STAGING_MARK}*/journal/*.json"))
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+    (staging,) = out.glob(f"{GENERATIONS}/{STAGING_MARK}*")
+    # A shard counts as finished once its journal entry is written, after the file.
+    finished = [json.loads(entry.read_text())["shard"] for entry in staging.glob("journal/*.json")]
+    staged = {relative: (staging / "shards" / relative).stat() for relative in finished}
+    assert len(staged) >= 3
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming:" in rerun.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    generation = out / GENERATIONS / manifest["generation"]
+    for relative, before in staged.items():
+        after = (generation / relative).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), relative
+    assert sorted(p.name for p in (out / GENERATIONS).iterdir()) == [manifest["generation"]]
+
+    whole = prepare(
+        str(raw), str(tmp_path / "whole"), PrepareOptions(source="nih", image_size=64, workers=1,
+        progress=False, shard_rows=10), local(tmp_path)
+    )  # fmt: skip
+    assert manifest["digest"] == whole["digest"]
+    assert manifest["splits"] == whole["splits"]
