@@ -6,6 +6,7 @@ A new dataset version goes under `generations/<generation>/` and becomes current
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ PARTIAL_MARK = ".partial-"
 STAGING_MARK = f"{PARTIAL_MARK}stage-"
 STAGED_SHARDS = "shards"
 STAGED_JOURNAL = "journal"
+STAGING_LOCK = "lock"
 # A shard file still being written (local; on S3 shards are written locally and uploaded).
 SCRATCH_SUFFIX = ".writing"
 
@@ -195,6 +197,7 @@ class DatasetWriter:
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         self.staging = ""
         self._scratch: Path | None = None  # local folder for shards being written
+        self._lock: Any = None  # the open lock file of a local staging area
         self._created: list[Path] = []  # local folders this writer made, deepest last
 
     def current_manifest(self) -> dict[str, Any] | None:
@@ -220,10 +223,26 @@ class DatasetWriter:
             raise DatasetError(
                 f"output {self.root} is not writable ({err.strerror}); choose another --out"
             ) from None
+        self._lock_staging()
         # Shards are written beside their staged place, so moving one in is a rename.
         self._scratch = Path(self.staging, STAGED_SHARDS)
         for leftover in self._scratch.glob(f"**/*{SCRATCH_SUFFIX}"):
             leftover.unlink()  # a shard a killed run was writing: only ever ours
+
+    def _lock_staging(self) -> None:
+        """Hold the staging area for this run: two runs with the same arguments would write the
+        same files. The lock goes with the process, so a killed run does not leave it behind."""
+        lock = open(Path(self.staging, STAGING_LOCK), "a")  # held until the run ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            staging, self.staging = self.staging, ""  # not ours: abandon() must leave it
+            raise DatasetError(
+                f"another `data prepare` with the same input and options is writing to {self.uri} "
+                f"(in {staging}); let it finish, or stop it and run the command again"
+            ) from None
+        self._lock = lock
 
     def scratch_file(self, relative: str) -> Path:
         """A local path to write shard `relative` to before `stage_file` moves it into staging."""
@@ -310,6 +329,9 @@ class DatasetWriter:
         self._drop_scratch()
 
     def _drop_scratch(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the staging area
+            self._lock = None
         if self._scratch is None:
             return
         if self.is_local:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -266,7 +267,7 @@ def _decode_object(task: tuple[str, str, int]) -> tuple:
 
 
 def decode_stream(
-    tasks: list[tuple[str, str, int]],
+    tasks: Iterable[tuple[str, str, int]],
     workers: int,
     endpoints: Endpoints | None = None,
     input_uri: str | None = None,
@@ -282,7 +283,8 @@ def decode_stream(
         _open_input_fs(endpoints, input_uri)
         yield from map(_decode_one, tasks)
         return
-    chunks = (tasks[start : start + DECODE_CHUNK] for start in range(0, len(tasks), DECODE_CHUNK))
+    tasks = iter(tasks)
+    chunks = iter(lambda: list(itertools.islice(tasks, DECODE_CHUNK)), [])
     # The AWS SDK under pyarrow's S3 filesystem is not safe across fork once used, and listing
     # the input used it: workers that read from S3 start fresh.
     context = multiprocessing.get_context("spawn") if input_uri else None
@@ -485,23 +487,21 @@ def _stage_shards(
         splits[split] = _SplitShards(split, output, images, opts, labels, staged=len(entries))
     image_ids, image_splits = images["image_id"].tolist(), images["split"].tolist()
     covered = [row <= covered_to.get(split, -1) for row, split in enumerate(image_splits)]
-    tasks = [
-        (image_ids[row], source.locate(images["path"].iat[row]), opts.image_size)
-        for row in range(len(images))
-        if not covered[row]
-    ]
-    if len(tasks) < len(images):
+    todo = [row for row in range(len(images)) if not covered[row]]
+    if len(todo) < len(images):
         print(
-            f"resuming: {len(images) - len(tasks)} images are in shards a stopped run staged; "
-            f"decoding the other {len(tasks)}"
+            f"resuming: {len(images) - len(todo)} images are in shards a stopped run staged; "
+            f"decoding the other {len(todo)}"
         )
+    paths = images["path"].tolist()
+    tasks = ((image_ids[row], source.locate(paths[row]), opts.image_size) for row in todo)
     boxes_by_image: dict[str, list[tuple]] = {}
     for box in table.boxes.itertuples(index=False):
         boxes_by_image.setdefault(box.image_id, []).append((box.label, box.x, box.y, box.w, box.h))
     from tqdm import tqdm
 
     bar = tqdm(
-        total=len(tasks),
+        total=len(todo),
         desc="decode+resize",
         unit="img",
         disable=not opts.progress,
@@ -526,7 +526,7 @@ def _stage_shards(
                 bar.update()
                 assert decoded_id == image_id, (decoded_id, image_id)
                 if problem:
-                    record = (image_id, source.locate(images["path"].iat[row]), problem)
+                    record = (image_id, source.locate(paths[row]), problem)
                     bad.append(record)
                     splits[split].note_bad(record)
                     continue

@@ -26,23 +26,6 @@ def nih_copy(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def interrupt_on_second_shard(monkeypatch) -> dict:
-    """Make `prepare` die (as on Ctrl-C) while writing its second shard; count the shard writes."""
-    calls = {"n": 0}
-    real = prepare_module._shard_table
-
-    def interrupt(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(prepare_module, "_shard_table", interrupt)
-    calls.update(real=real, interrupt=interrupt)  # to switch it off and on within one test
-    return calls
-
-
 def count_shard_writes(monkeypatch, real) -> dict:
     """From now on, count the Parquet tables `prepare` builds (one per shard for small splits)."""
     calls = {"n": 0}
@@ -182,11 +165,15 @@ def test_rerun_gives_the_same_digest_and_a_different_dataset_needs_force(
     second = prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
     assert second["digest"] == first["digest"]
     assert "nothing to do" in capsys.readouterr().out
+    assert [p.name for p in (out / "generations").iterdir()] == [first["generation"]]
     with pytest.raises(DatasetError, match="--force"):
         prepare(str(nih_copy), str(out), nih_opts(image_size=32), local(tmp_path))
+    capsys.readouterr()
     replaced = prepare(
         str(nih_copy), str(out), nih_opts(image_size=32, force=True), local(tmp_path)
     )
+    # the refused run's shards were staged: --force publishes them without decoding again
+    assert "resuming: 5 images are in shards a stopped run staged" in capsys.readouterr().out
     assert (
         replaced["digest"] != first["digest"]
         and open_dataset(str(out), local(tmp_path)).image_size == 32

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from chestxpert.cluster.endpoints import resolve
+from chestxpert.datasets import prepare as prepare_module
 from chestxpert.datasets import synth
-from chestxpert.datasets.output import STAGING_MARK
+from chestxpert.datasets.gc import collect_garbage
+from chestxpert.datasets.output import STAGING_MARK, DatasetWriter
 from chestxpert.datasets.prepare import PrepareOptions, prepare
 from chestxpert.datasets.reader import open_dataset, read_split
-from chestxpert.datasets.schema import GENERATIONS, SPLITS
+from chestxpert.datasets.schema import GENERATIONS, SPLITS, DatasetError
 from tests.conftest import CHESTXPERT_CLI
 
 # The digest of `phantoms` below at --image-size 32, split by patient with seed 0, computed by
@@ -98,3 +100,40 @@ def test_a_killed_prepare_resumes_keeping_the_shards_it_finished(tmp_path: Path)
     )  # fmt: skip
     assert manifest["digest"] == whole["digest"]
     assert manifest["splits"] == whole["splits"]
+
+
+def test_two_runs_with_the_same_arguments_do_not_share_a_staging_area(tmp_path: Path) -> None:
+    out = str(tmp_path / "prepared")
+    first = DatasetWriter(out, local(tmp_path))
+    first.stage("0123456789abcdef")
+    second = DatasetWriter(out, local(tmp_path))
+    with pytest.raises(DatasetError, match="another `data prepare` with the same input"):
+        second.stage("0123456789abcdef")
+    assert second.abandon() == 0 and Path(first.staging).is_dir(), "the first run's area stays"
+    second.stage("fedcba9876543210")  # other arguments: another area
+    first.drop_staging()
+    second.drop_staging()
+    DatasetWriter(out, local(tmp_path)).stage("0123456789abcdef")  # free again
+
+
+def test_gc_keeps_a_recent_staging_area_and_removes_an_idle_one(
+    phantoms: Path, tmp_path: Path, interrupt_on_second_shard, monkeypatch
+) -> None:
+    out = tmp_path / "prepared"
+    monkeypatch.setattr(prepare_module, "_shard_table", interrupt_on_second_shard["real"])
+    current = prepare(str(phantoms), str(out), phantom_opts(), local(tmp_path))
+    monkeypatch.setattr(prepare_module, "_shard_table", interrupt_on_second_shard["interrupt"])
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(phantoms), str(out), phantom_opts(image_size=48, force=True), local(tmp_path))
+    (staging,) = out.glob(f"{GENERATIONS}/{STAGING_MARK}*")
+    relative = staging.relative_to(out).as_posix()
+
+    rows = {row.name: row for row in collect_garbage(str(out), local(tmp_path), keep={})}
+    assert rows[relative].action == "keep" and "a prepare may still run" in rows[relative].reason
+    rows = {
+        row.name: row
+        for row in collect_garbage(str(out), local(tmp_path), keep={}, grace_seconds=0)
+    }
+    assert rows[relative].action == "remove" and not staging.exists()
+    assert rows[current["generation"]].action == "keep"
+    assert open_dataset(str(out), local(tmp_path)).digest == current["digest"]
