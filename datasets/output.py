@@ -384,14 +384,13 @@ class DatasetWriter:
         """After a failure: keep the staged shards for a rerun, remove the rest; return how many
         shards stay staged. A staging area with no finished shard goes, with the empty folders
         this writer made."""
-        self._drop_scratch()
-        if not self.staging:
-            kept = 0
-        else:
+        kept = 0
+        if self.staging:
             selector = pafs.FileSelector(f"{self.staging}/{STAGED_JOURNAL}", allow_not_found=True)
             kept = len(self.fs.get_file_info(selector))
             if not kept:
                 self.drop_staging()
+        self._drop_scratch()
         if not kept and self.is_local:
             for folder in reversed(self._created):
                 try:

@@ -379,13 +379,11 @@ class _SplitShards:
         labels: tuple[str, ...],
         staged: int,
     ) -> None:
-        self.split, self.output, self.images, self.opts, self.labels = (
-            split,
-            output,
-            images,
-            opts,
-            labels,
-        )
+        self.split = split
+        self.output = output
+        self.images = images
+        self.opts = opts
+        self.labels = labels
         self.count = staged  # shards of this split staged so far
         self._writer: pq.ParquetWriter | None = None
         self._scratch: Path | None = None
@@ -470,7 +468,7 @@ def _stage_shards(
     endpoints: Endpoints,
 ) -> _Staged:
     """Decode every image not in an already staged shard and stage shards as they fill,
-    computing the content digest on the way in image order (`_content_digest`)."""
+    computing the content digest on the way, in image order (`_digest_start`)."""
     labels = table.labels
     row_of = {image_id: row for row, image_id in enumerate(images["image_id"])}
     kept_hash: dict[str, str] = {}
