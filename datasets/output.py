@@ -231,11 +231,12 @@ class DatasetWriter:
 
     def _lock_staging(self) -> None:
         """Hold the staging area for this run: two runs with the same arguments would write the
-        same files. The lock goes with the process, so a killed run does not leave it behind."""
+        same files. A POSIX record lock belongs to this process alone (decode workers forked
+        later do not share it) and goes with it, so a killed run does not leave it behind."""
         lock = open(Path(self.staging, STAGING_LOCK), "a")  # held until the run ends
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             lock.close()
             staging, self.staging = self.staging, ""  # not ours: abandon() must leave it
             raise DatasetError(

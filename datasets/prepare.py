@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -229,6 +230,19 @@ def _open_input_fs(endpoints: Endpoints | None, uri: str | None) -> None:
     _input_fs = storage_filesystem(endpoints, uri)[0] if endpoints and uri else None
 
 
+def _start_worker(parent: int, endpoints: Endpoints | None, uri: str | None) -> None:
+    _open_input_fs(endpoints, uri)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A pool worker whose prepare was killed (SIGKILL runs no cleanup) would wait for work
+    # forever, holding its memory: it goes once it finds itself orphaned.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _decode_one(
     task: tuple[str, str, int],
 ) -> tuple[str, bytes | None, tuple[float, float, float], str | None]:
@@ -291,8 +305,8 @@ def decode_stream(
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
-        initializer=_open_input_fs,
-        initargs=(endpoints, input_uri),
+        initializer=_start_worker,
+        initargs=(os.getpid(), endpoints, input_uri),
     ) as pool:
         in_flight: deque = deque()
         for chunk in chunks:

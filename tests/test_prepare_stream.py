@@ -6,9 +6,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from chestxpert.cluster.endpoints import resolve
@@ -61,22 +63,27 @@ def test_a_killed_prepare_resumes_keeping_the_shards_it_finished(tmp_path: Path)
     keeps those shards (same inode and mtime once published), decodes only the rest, and
     publishes the dataset an uninterrupted prepare gives."""
     raw = tmp_path / "raw"
-    synth.generate(raw, images=600, size=256, seed=1, progress=False)
+    synth.generate(raw, images=800, size=256, seed=1, progress=False)
     out = tmp_path / "prepared"
     command = [
         CHESTXPERT_CLI, "data", "prepare", "--source", "nih", "--input", str(raw),
-        "--out", str(out), "--image-size", "64", "--shard-rows", "10", "--workers", "1",
+        "--out", str(out), "--image-size", "64", "--shard-rows", "10", "--workers", "2",
         "--workspace", str(tmp_path / "ws"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    killed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with (tmp_path / "killed.log").open("w") as log:  # a file: a pipe would wait for orphans
+        killed = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     journal: list[Path] = []
     while killed.poll() is None and len(journal) < 3:
         journal = list(out.glob(f"{GENERATIONS}/{STAGING_MARK}*/journal/*.json"))
         time.sleep(0.02)
+    workers = psutil.Process(killed.pid).children()
     killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    killed.wait()
     assert killed.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert len(workers) == 2
+    _, orphans = psutil.wait_procs(workers, timeout=30)
+    assert not orphans, "the decode workers of a killed prepare exit"
     assert not (out / "manifest.json").exists()
     (staging,) = out.glob(f"{GENERATIONS}/{STAGING_MARK}*")
     # A shard counts as finished once its journal entry is written, after the file.
@@ -95,7 +102,7 @@ def test_a_killed_prepare_resumes_keeping_the_shards_it_finished(tmp_path: Path)
     assert sorted(p.name for p in (out / GENERATIONS).iterdir()) == [manifest["generation"]]
 
     whole = prepare(
-        str(raw), str(tmp_path / "whole"), PrepareOptions(source="nih", image_size=64, workers=1,
+        str(raw), str(tmp_path / "whole"), PrepareOptions(source="nih", image_size=64, workers=2,
         progress=False, shard_rows=10), local(tmp_path)
     )  # fmt: skip
     assert manifest["digest"] == whole["digest"]
@@ -104,16 +111,36 @@ def test_a_killed_prepare_resumes_keeping_the_shards_it_finished(tmp_path: Path)
 
 def test_two_runs_with_the_same_arguments_do_not_share_a_staging_area(tmp_path: Path) -> None:
     out = str(tmp_path / "prepared")
-    first = DatasetWriter(out, local(tmp_path))
-    first.stage("0123456789abcdef")
-    second = DatasetWriter(out, local(tmp_path))
-    with pytest.raises(DatasetError, match="another `data prepare` with the same input"):
-        second.stage("0123456789abcdef")
-    assert second.abandon() == 0 and Path(first.staging).is_dir(), "the first run's area stays"
-    second.stage("fedcba9876543210")  # other arguments: another area
-    first.drop_staging()
-    second.drop_staging()
-    DatasetWriter(out, local(tmp_path)).stage("0123456789abcdef")  # free again
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_STAGING, out, str(tmp_path / "ws")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "staged\n"
+        second = DatasetWriter(out, local(tmp_path))
+        with pytest.raises(DatasetError, match="another `data prepare` with the same input"):
+            second.stage("0123456789abcdef")
+        assert second.abandon() == 0
+        assert (tmp_path / "prepared" / GENERATIONS / f"{STAGING_MARK}0123456789abcdef").is_dir()
+        second.stage("fedcba9876543210")  # other arguments: another area
+        second.drop_staging()
+    finally:
+        holder.kill()
+        holder.wait()
+    DatasetWriter(out, local(tmp_path)).stage("0123456789abcdef")  # a killed run holds nothing
+
+
+# A run that holds the staging area of key 0123456789abcdef until it is killed.
+HOLD_STAGING = """
+import sys, time
+from chestxpert.cluster.endpoints import resolve
+from chestxpert.datasets.output import DatasetWriter
+writer = DatasetWriter(sys.argv[1], resolve(workspace=sys.argv[2], environ={}))
+writer.stage("0123456789abcdef")
+print("staged", flush=True)
+time.sleep(600)
+"""
 
 
 def test_gc_keeps_a_recent_staging_area_and_removes_an_idle_one(
