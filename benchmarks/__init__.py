@@ -18,6 +18,7 @@ from benchmarks import (
     journal,
     mlflow_job_runner,
     parquet_vs_png,
+    prepare_memory,
     s3_startup,
     startup_per_backbone,
     tune_trial,
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     module.__name__.rsplit(".", 1)[1]: module
     for module in (
         parquet_vs_png,
+        prepare_memory,
         mlflow_job_runner,
         s3_startup,
         tune_trial,

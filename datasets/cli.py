@@ -59,6 +59,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         on_bad_image=args.on_bad_image,
         force=args.force,
         workers=args.workers,
+        shard_rows=args.shard_rows,
     )
     endpoints = resolve(s3_endpoint_url=args.s3_endpoint, workspace=args.workspace)
     manifest = prepare(args.input, args.out, opts, endpoints)
@@ -155,6 +156,12 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     )
     prep.add_argument(
         "--workers", type=int, default=None, help="decode processes (default: all cores)"
+    )
+    prep.add_argument(
+        "--shard-rows",
+        type=int,
+        default=2000,
+        help="images per Parquet shard (default 2000); a killed run keeps its finished shards",
     )
     prep.add_argument(
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL…)"

@@ -6,17 +6,18 @@ A new dataset version goes under `generations/<generation>/` and becomes current
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from chestxpert.cluster.endpoints import Endpoints, normalize_storage_uri, storage_filesystem
 from chestxpert.datasets.schema import (
@@ -31,6 +32,14 @@ from chestxpert.datasets.schema import (
 SHOWN_ENTRIES = 5
 # Hidden names of work in progress: a generation being written, a manifest being replaced.
 PARTIAL_MARK = ".partial-"
+# The staging area of one set of inputs and options, under generations/ (which gc watches):
+# the shards as they will be published, and beside them one journal entry per finished shard.
+STAGING_MARK = f"{PARTIAL_MARK}stage-"
+STAGED_SHARDS = "shards"
+STAGED_JOURNAL = "journal"
+STAGING_LOCK = "lock"
+# A shard file still being written (local; on S3 shards are written locally and uploaded).
+SCRATCH_SUFFIX = ".writing"
 
 
 def is_chestxpert_manifest(manifest: Any) -> bool:
@@ -160,22 +169,35 @@ def _json_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
 
 
-class DatasetWriter:
-    """Writes one generation of a dataset at a checked `--out`, then makes it current.
+def _sha256(stream: Any) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(1 << 22):
+        digest.update(chunk)
+    return digest.hexdigest()
 
-    Local folders: the shards go into a hidden folder renamed to `generations/<gen>` when
-    complete. S3 (no rename): straight under `generations/<gen>/`, which no manifest names
-    until the end. Then `manifests/<gen>.json`, then `manifest.json`, each replaced in one
-    step (local: temporary file and rename; S3: a single PUT), so a reader sees the old
-    dataset or the new one, never a mix, and a reader holding the old manifest keeps its shards.
+
+class DatasetWriter:
+    """Stages the shards of one `prepare` at a checked `--out`, then publishes them as a generation.
+
+    Shards are written as they fill into a staging area, `generations/.partial-stage-<key>/`,
+    named by a key of the inputs and options (not by the content digest, which is known only at
+    the end), so a rerun with the same arguments finds the shards a killed run finished. Each
+    staged shard has a journal entry (its size and SHA-256, and what the digest needs of its
+    rows), written after the shard: a shard without an entry that matches it is not kept.
+    Publishing moves the shards to `generations/<gen>/` (local: one rename; S3, which has no
+    rename: copy, then delete the staged objects this run's key created), then writes
+    `manifests/<gen>.json`, then `manifest.json`, each replaced in one step, so a reader sees
+    the old dataset or the new one, never a mix, and a reader holding the old manifest keeps its
+    shards.
     """
 
     def __init__(self, uri: str, endpoints: Endpoints) -> None:
         self.uri = normalize_storage_uri(uri)
         self.fs, self.root = storage_filesystem(endpoints, self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.generation = ""
-        self.write_root = ""
+        self.staging = ""
+        self._scratch: Path | None = None  # local folder for shards being written
+        self._lock: Any = None  # the open lock file of a local staging area
         self._created: list[Path] = []  # local folders this writer made, deepest last
 
     def current_manifest(self) -> dict[str, Any] | None:
@@ -188,29 +210,137 @@ class DatasetWriter:
         found = read_json(self.fs, f"{self.root}/{MANIFESTS}/{generation}.json")
         return found if is_chestxpert_manifest(found) else None
 
-    def begin(self, generation: str) -> str:
-        """Start writing `generation`; returns the prefix shard paths in its manifest take."""
-        self.generation = generation
-        final = f"{self.root}/{GENERATIONS}/{generation}"
+    def stage(self, key: str) -> None:
+        """Open the staging area of inputs-and-options `key`, creating it or finding it again."""
+        self.staging = f"{self.root}/{GENERATIONS}/{STAGING_MARK}{key}"
         if not self.is_local:
-            self.write_root = final
-            return f"{GENERATIONS}/{generation}"
+            self._scratch = Path(tempfile.mkdtemp(prefix="chestxpert-shards-"))
+            return
         try:
             self._make_dirs(Path(self.root) / GENERATIONS)
+            Path(self.staging, STAGED_SHARDS).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise DatasetError(
                 f"output {self.root} is not writable ({err.strerror}); choose another --out"
             ) from None
-        if Path(final).exists():
-            # Renamed into place by a `prepare` killed before its manifest: same digest, our
-            # own files; no manifest names them, so no reader can be using them.
-            self._discard(Path(final))
-        partial = (
-            Path(self.root) / GENERATIONS / f"{PARTIAL_MARK}{generation}-{uuid.uuid4().hex[:8]}"
-        )
-        partial.mkdir()
-        self.write_root = str(partial)
-        return f"{GENERATIONS}/{generation}"
+        self._lock_staging()
+        # Shards are written beside their staged place, so moving one in is a rename.
+        self._scratch = Path(self.staging, STAGED_SHARDS)
+        for leftover in self._scratch.glob(f"**/*{SCRATCH_SUFFIX}"):
+            leftover.unlink()  # a shard a killed run was writing: only ever ours
+
+    def _lock_staging(self) -> None:
+        """Hold the staging area for this run: two runs with the same arguments would write the
+        same files. A POSIX record lock belongs to this process alone (decode workers forked
+        later do not share it) and goes with it, so a killed run does not leave it behind."""
+        lock = open(Path(self.staging, STAGING_LOCK), "a")  # held until the run ends
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            staging, self.staging = self.staging, ""  # not ours: abandon() must leave it
+            raise DatasetError(
+                f"another `data prepare` with the same input and options is writing to {self.uri} "
+                f"(in {staging}); let it finish, or stop it and run the command again"
+            ) from None
+        self._lock = lock
+
+    def scratch_file(self, relative: str) -> Path:
+        """A local path to write shard `relative` to before `stage_file` moves it into staging."""
+        assert self._scratch is not None, "stage() first"
+        path = self._scratch / f"{relative}{SCRATCH_SUFFIX}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def staged_entries(self, name: str) -> list[dict[str, Any]]:
+        """Journal entries of the staged shards `name`-00000, -00001, … whose file still has the
+        size and SHA-256 its entry gives, up to the first one missing or not matching."""
+        kept = []
+        while True:
+            relative = f"{name}-{len(kept):05d}"
+            entry = read_json(self.fs, f"{self.staging}/{STAGED_JOURNAL}/{relative}.json")
+            if not isinstance(entry, dict) or not self._holds(entry):
+                return kept
+            kept.append(entry)
+
+    def _holds(self, entry: dict[str, Any]) -> bool:
+        path = f"{self.staging}/{STAGED_SHARDS}/{entry.get('shard')}"
+        info = self.fs.get_file_info(path)
+        if info.type != pafs.FileType.File or info.size != entry.get("bytes"):
+            return False
+        with self.fs.open_input_stream(path) as stream:
+            return _sha256(stream) == entry.get("sha256")
+
+    def stage_file(self, scratch: Path, entry: dict[str, Any]) -> None:
+        """Move a finished shard from `scratch_file` into staging, then record `entry` for it.
+
+        `entry["shard"]` is the shard's path in the generation and `entry["journal"]` the name
+        of its entry; the size and SHA-256 are added here, from the file as written.
+        """
+        with scratch.open("rb") as handle:
+            entry = {**entry, "bytes": scratch.stat().st_size, "sha256": _sha256(handle)}
+        target = f"{self.staging}/{STAGED_SHARDS}/{entry['shard']}"
+        if self.is_local:
+            os.replace(scratch, target)
+        else:
+            pafs.copy_files(
+                str(scratch),
+                target,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
+            scratch.unlink()
+        journal = f"{self.staging}/{STAGED_JOURNAL}/{entry['journal']}.json"
+        self._replace(journal[len(self.root) + 1 :], _json_bytes(entry))  # whole, or absent
+
+    def stage_bytes(self, relative: str, payload: bytes) -> None:
+        """Write one small file (the bad-image list) among the staged shards."""
+        self._put(f"{self.staging}/{STAGED_SHARDS}/{relative}", payload)
+
+    def _put(self, path: str, payload: bytes) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as stream:  # S3: one PUT, all or nothing
+            stream.write(payload)
+
+    def publish(self, generation: str, manifest: dict[str, Any]) -> None:
+        """Make the staged shards generation `generation`, then make `manifest` current."""
+        final = f"{self.root}/{GENERATIONS}/{generation}"
+        shards = f"{self.staging}/{STAGED_SHARDS}"
+        if self.is_local:
+            if Path(final).exists():
+                # Moved into place by a `prepare` killed before its manifest: same digest, our
+                # own files; no manifest names them, so no reader can be using them.
+                self._discard(Path(final))
+            os.rename(shards, final)
+        else:
+            selector = pafs.FileSelector(shards, recursive=True)
+            for info in self.fs.get_file_info(selector):
+                if info.type == pafs.FileType.File:
+                    self.fs.copy_file(info.path, final + info.path[len(shards) :])
+        self.make_current(manifest)
+        self.drop_staging()
+
+    def drop_staging(self) -> None:
+        """Remove this run's staging area: its shards are published, or not needed."""
+        if self.is_local:
+            if Path(self.staging).exists():
+                self._discard(Path(self.staging))
+        elif self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.staging)
+        self._drop_scratch()
+
+    def _drop_scratch(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the staging area
+            self._lock = None
+        if self._scratch is None:
+            return
+        if self.is_local:
+            for leftover in self._scratch.glob(f"**/*{SCRATCH_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch = None
 
     def _make_dirs(self, folder: Path) -> None:
         missing = []
@@ -220,26 +350,6 @@ class DatasetWriter:
         for path in reversed(missing):
             path.mkdir()
             self._created.append(path)
-
-    def write_bytes(self, relative: str, payload: bytes) -> None:
-        """Write one file of the generation (relative to the generation's folder)."""
-        path = f"{self.write_root}/{relative}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path) as stream:
-            stream.write(payload)
-
-    def write_table(self, relative: str, table: pa.Table) -> None:
-        """Write one Parquet shard of the generation (relative to the generation's folder)."""
-        path = f"{self.write_root}/{relative}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=self.fs, compression="zstd", row_group_size=256)
-
-    def publish(self, manifest: dict[str, Any]) -> None:
-        """Make the written generation current: shards in place, its manifest kept, then current."""
-        if self.is_local:
-            os.rename(self.write_root, f"{self.root}/{GENERATIONS}/{self.generation}")
-            self.write_root = f"{self.root}/{GENERATIONS}/{self.generation}"
-        self.make_current(manifest)
 
     def make_current(self, manifest: dict[str, Any]) -> None:
         """Keep `manifest` as `manifests/<gen>.json` and make it `manifest.json`.
@@ -271,17 +381,24 @@ class DatasetWriter:
             os.fsync(handle.fileno())
         os.replace(partial, path)
 
-    def abandon(self) -> None:
-        """After a failure: remove the unfinished generation and the empty folders we made."""
-        if not self.is_local:
-            return  # S3 leftovers sit under generations/ where no manifest names them
-        if self.write_root and PARTIAL_MARK in Path(self.write_root).name:
-            self._discard(Path(self.write_root))
-        for folder in reversed(self._created):
-            try:
-                folder.rmdir()  # only if empty: never what someone else put there
-            except OSError:
-                break
+    def abandon(self) -> int:
+        """After a failure: keep the staged shards for a rerun, remove the rest; return how many
+        shards stay staged. A staging area with no finished shard goes, with the empty folders
+        this writer made."""
+        kept = 0
+        if self.staging:
+            selector = pafs.FileSelector(f"{self.staging}/{STAGED_JOURNAL}", allow_not_found=True)
+            kept = len(self.fs.get_file_info(selector))
+            if not kept:
+                self.drop_staging()
+        self._drop_scratch()
+        if not kept and self.is_local:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()  # only if empty: never what someone else put there
+                except OSError:
+                    break
+        return kept
 
     @staticmethod
     def _discard(folder: Path) -> None:

@@ -1,9 +1,11 @@
 """`chestxpert data prepare`: a source table into patient-split Parquet shards plus manifest.json.
 
-Images are decoded in parallel, made 8-bit gray and square-resized once, so
-training reads raw pixels. Each run's shards form a new generation beside the old ones
-(`datasets.output`); the manifest is written last and names every shard: a reader that finds
-it finds a complete dataset.
+Images are decoded in worker processes, made 8-bit gray and square-resized once, so training
+reads raw pixels; they stream through in image order, a bounded number at a time, into shards
+staged as they fill, while the content digest is computed. A stopped run's staged shards are
+kept and a rerun continues from them. Each run's shards become a new generation beside the old
+ones (`datasets.output`); the manifest is written last and names every shard: a reader that
+finds it finds a complete dataset.
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,12 +35,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from chestxpert.cluster.endpoints import Endpoints, resolve, storage_filesystem
 from chestxpert.datasets.images import MIN_IMAGE_SIZE, load_gray_square
 from chestxpert.datasets.output import DatasetWriter, check_target
 from chestxpert.datasets.schema import (
     GENERATION_CHARS,
+    GENERATIONS,
     SCHEMA_VERSION,
     SPLITS,
     SYNTHETIC_MARKER,
@@ -88,6 +98,8 @@ def check_options(opts: PrepareOptions) -> None:
     ):
         if not 0.0 < value < 1.0:
             raise DatasetError(f"{flag} {value} must be between 0 and 1 (exclusive)")
+    if opts.shard_rows < 1:
+        raise DatasetError(f"--shard-rows {opts.shard_rows} must be 1 or more (2000 is usual)")
     if opts.val_fraction + opts.test_fraction >= 0.9:
         raise DatasetError(
             f"--val-fraction {opts.val_fraction} + --test-fraction {opts.test_fraction} leaves "
@@ -201,13 +213,42 @@ def loss_weights(labels: np.ndarray) -> tuple[list[float], list[float], list[int
     )
 
 
-# --- decoding --------------------------------------------------------------------------------
+# --- decoding ---------------------------------------------------------------------------------
+
+# Images one worker task decodes, and tasks allowed in flight (queued, running or decoded but
+# not yet written) per worker: together they bound the decoded images held in memory, whatever
+# the number of images.
+DECODE_CHUNK = 16
+TASKS_AHEAD_PER_WORKER = 4
+
+# The input store of the decode workers, when images are read object by object from S3.
+_input_fs: pafs.FileSystem | None = None
+
+
+def _open_input_fs(endpoints: Endpoints | None, uri: str | None) -> None:
+    global _input_fs
+    _input_fs = storage_filesystem(endpoints, uri)[0] if endpoints and uri else None
+
+
+def _start_worker(parent: int, endpoints: Endpoints | None, uri: str | None) -> None:
+    _open_input_fs(endpoints, uri)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A pool worker whose prepare was killed (SIGKILL runs no cleanup) would wait for work
+    # forever, holding its memory: it goes once it finds itself orphaned.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _decode_one(
     task: tuple[str, str, int],
 ) -> tuple[str, bytes | None, tuple[float, float, float], str | None]:
     image_id, path, size = task
+    if path.startswith("s3://"):
+        return _decode_object(task)
     problem = check_image(Path(path))
     if problem:
         return image_id, None, (0.0, 0.0, 0.0), problem
@@ -223,25 +264,61 @@ def _decode_one(
     )
 
 
-def decode_all(images: pd.DataFrame, size: int, workers: int, progress: bool) -> Iterator[tuple]:
-    """Decode and resize every image in parallel, yielding results in input order."""
-    from tqdm import tqdm
+def _decode_object(task: tuple[str, str, int]) -> tuple:
+    """Fetch one image object into a local file of its own, decode it as a local one, delete it:
+    the checks and the decoding are those of local files, and no input is mirrored whole."""
+    image_id, uri, size = task
+    assert _input_fs is not None, "the decode workers were started without the input store"
+    suffix = os.path.splitext(uri)[1]
+    with tempfile.NamedTemporaryFile(prefix="chestxpert-image-", suffix=suffix) as local:
+        try:
+            with _input_fs.open_input_stream(uri.removeprefix("s3://")) as stream:
+                shutil.copyfileobj(stream, local, 1 << 20)
+        except OSError as err:
+            return image_id, None, (0.0, 0.0, 0.0), f"cannot be read from S3 ({err})"
+        local.flush()
+        return _decode_one((image_id, local.name, size))
 
-    tasks = list(zip(images["image_id"], images["path"], [size] * len(images), strict=True))
-    bar = tqdm(
-        total=len(tasks), desc="decode+resize", unit="img", disable=not progress, mininterval=1.0
-    )
-    chunk = max(1, min(64, len(tasks) // (workers * 8) or 1))
+
+def decode_stream(
+    tasks: Iterable[tuple[str, str, int]],
+    workers: int,
+    endpoints: Endpoints | None = None,
+    input_uri: str | None = None,
+) -> Iterator[tuple]:
+    """Decode and resize images (id, path or s3:// URI, size) in worker processes, yielding
+    (id, pixels, placement, problem) in task order.
+
+    At most `workers * TASKS_AHEAD_PER_WORKER` tasks of DECODE_CHUNK images are in flight, so
+    memory does not grow with the number of images. `endpoints` and `input_uri` give the
+    workers the store to read `s3://` images from.
+    """
     if workers <= 1:
-        for task in tasks:
-            yield _decode_one(task)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(_decode_one, tasks, chunksize=chunk):
-                yield result
-                bar.update()
-    bar.close()
+        _open_input_fs(endpoints, input_uri)
+        yield from map(_decode_one, tasks)
+        return
+    tasks = iter(tasks)
+    chunks = iter(lambda: list(itertools.islice(tasks, DECODE_CHUNK)), [])
+    # The AWS SDK under pyarrow's S3 filesystem is not safe across fork once used, and listing
+    # the input used it: workers that read from S3 start fresh.
+    context = multiprocessing.get_context("spawn") if input_uri else None
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(os.getpid(), endpoints, input_uri),
+    ) as pool:
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.submit(_decode_chunk, chunk))
+            if len(in_flight) >= workers * TASKS_AHEAD_PER_WORKER:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+
+
+def _decode_chunk(tasks: list[tuple[str, str, int]]) -> list[tuple]:
+    return [_decode_one(task) for task in tasks]
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -279,28 +356,247 @@ _BOX_TYPE = pa.list_(
     )
 )
 
+# Rows per Parquet row group: also how many decoded images a split holds before writing them.
+ROW_GROUP_ROWS = 256
 
-def _boxes_by_image(
-    table: SourceTable, placements: dict[str, tuple[float, float, float]]
-) -> dict[str, list]:
-    boxes: dict[str, list] = {}
-    for row in table.boxes.itertuples(index=False):
-        if row.image_id not in placements:
-            continue
-        scale, off_x, off_y = placements[row.image_id]
-        boxes.setdefault(row.image_id, []).append(
-            {
-                "label": row.label,
-                "x": row.x * scale + off_x,
-                "y": row.y * scale + off_y,
-                "w": row.w * scale,
-                "h": row.h * scale,
-            }
+
+def _placed_boxes(boxes: list[tuple], placement: tuple[float, float, float]) -> list[dict]:
+    """One image's source boxes (label, x, y, w, h in original pixels) on the prepared square."""
+    scale, off_x, off_y = placement
+    return [
+        {
+            "label": label,
+            "x": x * scale + off_x,
+            "y": y * scale + off_y,
+            "w": w * scale,
+            "h": h * scale,
+        }
+        for label, x, y, w, h in boxes
+    ]
+
+
+class _SplitShards:
+    """One split's shards as its images arrive in order: rows go to the open shard a row group
+    at a time, and a shard that reaches `shard_rows` is staged with its journal entry at once.
+
+    The entry lists each row's image id and pixel hash (what the digest needs, so a resumed run
+    does not decode the images again) and the images of this split found bad since the previous
+    shard (so the resumed run's report still lists them).
+    """
+
+    def __init__(
+        self,
+        split: str,
+        output: DatasetWriter,
+        images: pd.DataFrame,
+        opts: PrepareOptions,
+        labels: tuple[str, ...],
+        staged: int,
+    ) -> None:
+        self.split = split
+        self.output = output
+        self.images = images
+        self.opts = opts
+        self.labels = labels
+        self.count = staged  # shards of this split staged so far
+        self._writer: pq.ParquetWriter | None = None
+        self._scratch: Path | None = None
+        self._pending: list[tuple[int, bytes, list[dict]]] = []
+        self._rows: list[list[str]] = []
+        self._bad: list[list[str]] = []
+
+    def add(self, row: int, pixels: bytes, boxes: list[dict], pixel_hash: bytes) -> None:
+        """Append one decoded image (row `row` of the image table) to the open shard."""
+        self._pending.append((row, pixels, boxes))
+        self._rows.append([self.images["image_id"].iat[row], pixel_hash.hex()])
+        if len(self._pending) == ROW_GROUP_ROWS:
+            self._write_pending()
+        if len(self._rows) == self.opts.shard_rows:
+            self._stage()
+
+    def note_bad(self, record: tuple[str, str, str]) -> None:
+        """Remember an image of this split that could not be used, for the shard's entry."""
+        self._bad.append(list(record))
+
+    def finish(self) -> None:
+        """Stage the last, partly filled shard."""
+        if self._rows:
+            self._stage()
+
+    def close(self) -> None:
+        """Drop an open shard (after a failure): it was never staged."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _write_pending(self) -> None:
+        rows = self.images.iloc[[row for row, _, _ in self._pending]].assign(
+            image=[pixels for _, pixels, _ in self._pending],
+            boxes=[boxes for _, _, boxes in self._pending],
         )
-    return boxes
+        table = _shard_table(rows, self.labels, self.opts.image_size)
+        self._pending = []
+        if self._writer is None:
+            self._scratch = self.output.scratch_file(self._relative())
+            # As pq.write_table(…, compression="zstd", row_group_size=256) wrote whole shards.
+            self._writer = pq.ParquetWriter(str(self._scratch), table.schema, compression="zstd")
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+
+    def _relative(self) -> str:
+        return f"{self.split}/part-{self.count:05d}.parquet"
+
+    def _stage(self) -> None:
+        if self._pending:
+            self._write_pending()
+        assert self._writer is not None and self._scratch is not None
+        self._writer.close()
+        self._writer = None
+        entry = {
+            "shard": self._relative(),
+            "journal": f"{self.split}-{self.count:05d}",
+            "rows": self._rows,
+            "bad": self._bad,
+        }
+        self.output.stage_file(self._scratch, entry)
+        self.count += 1
+        self._rows, self._bad = [], []
 
 
-def _local_input(input_uri: str, endpoints: Endpoints) -> Path:
+@dataclass
+class _Staged:
+    """What streaming the images produced: the digest, the rows used, the images left out, and
+    how many shards each split has in staging."""
+
+    digest: str
+    used_rows: list[int]
+    bad: list[tuple[str, str, str]]
+    shard_counts: dict[str, int]
+
+
+def _stage_shards(
+    output: DatasetWriter,
+    images: pd.DataFrame,
+    table: SourceTable,
+    opts: PrepareOptions,
+    source: InputFolder,
+    endpoints: Endpoints,
+) -> _Staged:
+    """Decode every image not in an already staged shard and stage shards as they fill,
+    computing the content digest on the way, in image order (`_digest_start`)."""
+    labels = table.labels
+    row_of = {image_id: row for row, image_id in enumerate(images["image_id"])}
+    kept_hash: dict[str, str] = {}
+    kept_bad: dict[str, tuple[str, str, str]] = {}
+    covered_to: dict[str, int] = {}  # per split: the last image row its staged shards cover
+    splits = {}
+    for split in SPLITS:
+        entries = output.staged_entries(split)
+        for entry in entries:
+            kept_hash.update((image_id, pixel_hash) for image_id, pixel_hash in entry["rows"])
+            kept_bad.update((record[0], tuple(record)) for record in entry["bad"])
+        if entries:
+            covered_to[split] = row_of[entries[-1]["rows"][-1][0]]
+        splits[split] = _SplitShards(split, output, images, opts, labels, staged=len(entries))
+    image_ids, image_splits = images["image_id"].tolist(), images["split"].tolist()
+    covered = [row <= covered_to.get(split, -1) for row, split in enumerate(image_splits)]
+    todo = [row for row in range(len(images)) if not covered[row]]
+    if len(todo) < len(images):
+        print(
+            f"resuming: {len(images) - len(todo)} images are in shards a stopped run staged; "
+            f"decoding the other {len(todo)}"
+        )
+    paths = images["path"].tolist()
+    tasks = ((image_ids[row], source.locate(paths[row]), opts.image_size) for row in todo)
+    boxes_by_image: dict[str, list[tuple]] = {}
+    for box in table.boxes.itertuples(index=False):
+        boxes_by_image.setdefault(box.image_id, []).append((box.label, box.x, box.y, box.w, box.h))
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(todo),
+        desc="decode+resize",
+        unit="img",
+        disable=not opts.progress,
+        mininterval=1.0,
+    )
+    results = decode_stream(tasks, opts.workers or os.cpu_count() or 1, endpoints, source.uri)
+    digest = _digest_start(labels, opts, table.synthetic)
+    label_matrix = images[list(labels)].to_numpy(dtype=np.float32)
+    used_rows, bad = [], []
+    try:
+        for row, image_id in enumerate(image_ids):
+            split = image_splits[row]
+            if covered[row]:
+                if image_id in kept_bad:
+                    bad.append(kept_bad[image_id])
+                    continue
+                if image_id not in kept_hash:
+                    raise AssertionError(f"staged shards skip {image_id}: the staging key is wrong")
+                pixel_hash = bytes.fromhex(kept_hash[image_id])
+            else:
+                decoded_id, pixels, placement, problem = next(results)
+                bar.update()
+                assert decoded_id == image_id, (decoded_id, image_id)
+                if problem:
+                    record = (image_id, source.locate(paths[row]), problem)
+                    bad.append(record)
+                    splits[split].note_bad(record)
+                    continue
+                pixel_hash = hashlib.sha256(pixels).digest()
+                boxes = _placed_boxes(boxes_by_image.get(image_id, []), placement)
+                splits[split].add(row, pixels, boxes, pixel_hash)
+            _digest_image(digest, image_id, split, label_matrix[row], pixel_hash)
+            used_rows.append(row)
+        for shards in splits.values():
+            shards.finish()
+    finally:
+        results.close()  # stops the workers if we stop early
+        bar.close()
+        for shards in splits.values():
+            shards.close()
+    return _Staged(digest.hexdigest(), used_rows, bad, {s: splits[s].count for s in SPLITS})
+
+
+# --- input -------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputFolder:
+    """The input as the source adapters see it: a local folder. For an `s3://` input `root` is a
+    temporary folder holding the label and list files and an empty stand-in for each image,
+    which `locate` maps back to its object, read by the decode workers one by one."""
+
+    root: Path
+    uri: str | None = None  # the s3:// prefix, None for a local folder
+    objects: dict[str, tuple[int, int]] = field(default_factory=dict)  # relative: size, mtime
+
+    def locate(self, path: str) -> str:
+        """Where the decode workers read the image the adapter found at `path`."""
+        if self.uri is None:
+            return path
+        return f"{self.uri}/{Path(path).relative_to(self.root).as_posix()}"
+
+    def identity(self, path: str) -> tuple[int, int]:
+        """(size in bytes, modification time in ns) of an image file or object: a rerun resumes
+        staged shards only while every image is unchanged."""
+        if self.uri is None:
+            stat = os.stat(path)
+            return stat.st_size, stat.st_mtime_ns
+        return self.objects[Path(path).relative_to(self.root).as_posix()]
+
+
+# Files of an input prefix fetched for the adapters (labels, lists, boxes, the synthetic marker);
+# any other object is an image, read by the decode workers when they reach it.
+METADATA_SUFFIXES = (".csv", ".txt", ".json")
+
+
+@contextmanager
+def open_input(input_uri: str, endpoints: Endpoints) -> Iterator[InputFolder]:
+    """The input folder of `input_uri` (local folder or `s3://` prefix) for the source adapter.
+
+    For S3, only the small label and list files are downloaded, into a temporary folder removed
+    afterwards; images stay in the bucket (see InputFolder).
+    """
     parsed = urlparse(input_uri)
     if parsed.scheme != "s3":
         path = Path(input_uri if not parsed.scheme else parsed.path).expanduser()
@@ -308,28 +604,31 @@ def _local_input(input_uri: str, endpoints: Endpoints) -> Path:
             raise DatasetError(
                 f"input {input_uri} is not a folder; point --input at the dataset's root folder"
             )
-        return path
-    # Decoding needs random access to thousands of files: mirror the prefix locally once.
+        yield InputFolder(path)
+        return
     fs, root = storage_filesystem(endpoints, input_uri)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise DatasetError(f"input {input_uri} does not exist (or the bucket is missing)")
-    cache = (
-        endpoints.workspace
-        / "cache"
-        / ("input-" + hashlib.sha1(input_uri.encode()).hexdigest()[:12])
-    )
-    if not (cache / ".complete").exists():
-        partial = Path(
-            tempfile.mkdtemp(prefix=".input-", dir=cache.parent if cache.parent.exists() else None)
-        )
-        pafs.copy_files(
-            root, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-        (partial / ".complete").touch()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(cache, ignore_errors=True)
-        shutil.move(str(partial), cache)
-    return cache
+    listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    with tempfile.TemporaryDirectory(prefix="chestxpert-input-") as temporary:
+        folder = InputFolder(Path(temporary), f"s3://{root}")
+        for info in listing:
+            if info.type != pafs.FileType.File or not info.base_name:
+                continue  # S3 "folder" marker objects
+            relative = info.path[len(root) + 1 :]
+            local = folder.root / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if relative.lower().endswith(METADATA_SUFFIXES):
+                _download(fs, info.path, local)
+            else:
+                local.touch()
+                folder.objects[relative] = (info.size, info.mtime_ns or 0)
+        yield folder
+
+
+def _download(fs: pafs.FileSystem, path: str, local: Path) -> None:
+    with fs.open_input_stream(path) as stream, local.open("wb") as handle:
+        shutil.copyfileobj(stream, handle, 1 << 20)
 
 
 def prepare(
@@ -339,47 +638,45 @@ def prepare(
 
     `input_uri` is a local folder or `s3://` prefix holding the source's layout;
     `out_uri` a local folder or `s3://` prefix that is absent, empty or a ChestXpert dataset
-    (see `check_target`). Re-running on the same input gives the same digest and leaves an
-    identical dataset untouched; replacing a different one needs `force`, and adds a new
-    generation beside the old one, which stays readable until `chestxpert data gc`.
+    (see `check_target`). Images are decoded in worker processes and each shard is staged as
+    soon as it fills, so memory does not grow with the number of images; a run that stops
+    (killed, interrupted, or refused at the end) leaves its finished shards staged, and the same
+    command run again keeps them and continues. Re-running on the same input gives the same
+    digest and leaves an identical dataset untouched; replacing a different one needs `force`,
+    and adds a new generation beside the old one, which stays readable until `chestxpert data gc`.
     """
     started = time.monotonic()
     check_options(opts)
     endpoints = endpoints or resolve()
     output = DatasetWriter(check_target(input_uri, out_uri, endpoints), endpoints)
     try:
-        manifest = _prepare_into(output, input_uri, opts, endpoints, started)
+        with open_input(input_uri, endpoints) as source:
+            manifest = _prepare_into(output, source, opts, endpoints, started)
     except BaseException:
-        output.abandon()
+        kept = output.abandon()
+        if kept:
+            print(
+                f"{kept} finished shard(s) stay staged in {output.staging}; the same command "
+                "continues from them",
+                file=sys.stderr,
+            )
         raise
     return manifest
 
 
 def _prepare_into(
     output: DatasetWriter,
-    input_uri: str,
+    source: InputFolder,
     opts: PrepareOptions,
     endpoints: Endpoints,
     started: float,
 ) -> dict:
-    table = read_source(opts, _local_input(input_uri, endpoints))
+    table = read_source(opts, source.root)
     images = table.images.copy().sort_values("image_id", kind="stable").reset_index(drop=True)
     images["split"] = assign_splits(images, opts)
-
-    workers = opts.workers or os.cpu_count() or 1
-    pixels: dict[str, bytes] = {}
-    placements: dict[str, tuple[float, float, float]] = {}
-    bad: list[tuple[str, str, str]] = []
-    for image_id, payload, placement, problem in decode_all(
-        images, opts.image_size, workers, opts.progress
-    ):
-        if problem:
-            bad.append(
-                (image_id, images.loc[images["image_id"] == image_id, "path"].iloc[0], problem)
-            )
-            continue
-        pixels[image_id] = payload
-        placements[image_id] = placement
+    output.stage(_staging_key(images, table, opts, source))
+    staged = _stage_shards(output, images, table, opts, source, endpoints)
+    bad = staged.bad
     if bad and opts.on_bad_image == "fail":
         listing = "\n".join(f"  {path}: {problem}" for _, path, problem in bad[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -388,34 +685,34 @@ def _prepare_into(
             "fix or remove them, or pass --on-bad-image skip to leave them out (they are then "
             f"listed in the dataset's {BAD_IMAGES_REPORT}, which the manifest names)"
         )
-    images = images[images["image_id"].isin(pixels.keys())].reset_index(drop=True)
+    images = images.iloc[staged.used_rows].reset_index(drop=True)
     if images.empty:
         raise DatasetError("no image could be read; nothing to prepare")
-    images["image"] = images["image_id"].map(pixels)
-    boxes = _boxes_by_image(table, placements)
-    images["boxes"] = images["image_id"].map(lambda i: boxes.get(i, []))
 
-    digest = _content_digest(images, table.labels, opts, table.synthetic)
+    digest = staged.digest
     generation = digest[:GENERATION_CHARS]
     existing = output.current_manifest()
     if existing is not None:
         if existing.get("digest") == digest:
             print(f"{output.uri} already holds this dataset (digest {digest[:12]}); nothing to do")
+            output.drop_staging()
             return existing
         if not opts.force:
             raise DatasetError(
                 f"{output.uri} already holds a different dataset "
                 f"(digest {existing.get('digest', '?')[:12]}, "
                 f"this one {digest[:12]}); pass --force to replace it (readers of the old one "
-                "keep it until `chestxpert data gc`) or choose another --out"
+                "keep it until `chestxpert data gc`; the new shards stay staged, so the rerun "
+                "does not decode again) or choose another --out"
             )
     stored = output.stored_manifest(generation)
     if stored is not None and stored.get("digest") == digest:
         output.make_current(stored)
+        output.drop_staging()
         print(f"{output.uri}: generation {generation} was still stored; it is current again")
         return stored
-    prefix = output.begin(generation)
 
+    prefix = f"{GENERATIONS}/{generation}"
     labels = table.labels
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -444,20 +741,15 @@ def _prepare_into(
         part = images[images["split"] == split]
         label_matrix = part[list(labels)].to_numpy(dtype=np.float64)
         pos_w, neg_w, positives, negatives = loss_weights(label_matrix)
-        shards = []
-        for index, start in enumerate(range(0, len(part), opts.shard_rows)):
-            relative = f"{split}/part-{index:05d}.parquet"
-            output.write_table(
-                relative,
-                _shard_table(part.iloc[start : start + opts.shard_rows], labels, opts.image_size),
-            )
-            shards.append(f"{prefix}/{relative}")
         manifest["splits"][split] = {
             "images": len(part),
             "patients": int(part["patient_id"].nunique()),
             "positives": dict(zip(labels, positives, strict=True)),
             "negatives": dict(zip(labels, negatives, strict=True)),
-            "shards": shards,
+            "shards": [
+                f"{prefix}/{split}/part-{index:05d}.parquet"
+                for index in range(staged.shard_counts[split])
+            ],
         }
         if split == "train":
             manifest["pos_weight"] = pos_w
@@ -467,22 +759,38 @@ def _prepare_into(
         writer = csv.writer(buffer)
         writer.writerow(["image_id", "path", "problem"])
         writer.writerows(bad)
-        output.write_bytes(BAD_IMAGES_REPORT, buffer.getvalue().encode())
+        output.stage_bytes(BAD_IMAGES_REPORT, buffer.getvalue().encode())
     manifest["prepare_seconds"] = round(time.monotonic() - started, 2)
-    output.publish(manifest)
+    output.publish(generation, manifest)
     return manifest
 
 
-def _content_digest(
-    images: pd.DataFrame, labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool
+def _staging_key(
+    images: pd.DataFrame, table: SourceTable, opts: PrepareOptions, source: InputFolder
 ) -> str:
-    """SHA-256 over the parameters and, per image in order, its id, split, labels and pixels.
-
-    Synthetic phantoms digest differently from the same files without their marker, so a
-    dataset prepared before the mark existed is replaced (with --force), not reused unmarked.
-    """
-    digest = hashlib.sha256()
+    """Name the staging area after everything the shards' bytes depend on: the options, the
+    source table (every row and box), and each image file's size and modification time, so a
+    rerun with the same arguments on unchanged input finds the shards, and nothing else does."""
+    key = hashlib.sha256()
     params = {
+        **_digest_params(table.labels, opts, table.synthetic),
+        "source": table.source,
+        "provenance": table.provenance,
+        "shard_rows": opts.shard_rows,
+        "row_group_rows": ROW_GROUP_ROWS,
+    }
+    key.update(json.dumps(params, sort_keys=True).encode())
+    rows = images.drop(columns=["path"]).assign(
+        location=[source.locate(path) for path in images["path"]],
+        identity=[source.identity(path) for path in images["path"]],
+    )
+    key.update(rows.to_csv(index=False).encode())
+    key.update(table.boxes.to_csv(index=False).encode())
+    return key.hexdigest()[:GENERATION_CHARS]
+
+
+def _digest_params(labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool) -> dict:
+    params: dict[str, Any] = {
         "size": opts.image_size,
         "split": opts.split,
         "seed": opts.seed,
@@ -494,10 +802,26 @@ def _content_digest(
     }
     if synthetic:
         params["synthetic"] = True
-    digest.update(json.dumps(params, sort_keys=True).encode())
-    label_matrix = images[list(labels)].to_numpy(dtype=np.float32)
-    for row, image_id in enumerate(images["image_id"]):
-        digest.update(f"{image_id}\0{images['split'].iat[row]}\0".encode())
-        digest.update(label_matrix[row].tobytes())
-        digest.update(hashlib.sha256(images["image"].iat[row]).digest())
-    return digest.hexdigest()
+    return params
+
+
+def _digest_start(labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool) -> Any:
+    """Begin the content digest: SHA-256 over the parameters and then, per image used in image
+    order, its id, split, labels and pixels (`_digest_image`).
+
+    Synthetic phantoms digest differently from the same files without their marker, so a
+    dataset prepared before the mark existed is replaced (with --force), not reused unmarked.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_digest_params(labels, opts, synthetic), sort_keys=True).encode())
+    return digest
+
+
+def _digest_image(
+    digest: Any, image_id: str, split: str, labels: np.ndarray, pixel_hash: bytes
+) -> None:
+    """Add one image to the content digest: `labels` as float32, `pixel_hash` the SHA-256 of its
+    raw pixels."""
+    digest.update(f"{image_id}\0{split}\0".encode())
+    digest.update(labels.tobytes())
+    digest.update(pixel_hash)

@@ -450,3 +450,22 @@ def finished_sweep(synthetic_dataset: SyntheticDataset, mlflow_server, tmp_path_
         "sweep_stdout": run.stdout,
         "mlflow": mlflow_server.url,
     }
+
+
+@pytest.fixture
+def interrupt_on_second_shard(monkeypatch) -> dict:
+    """Make `prepare` die (as on Ctrl-C) while writing its second shard; count the shard writes."""
+    from chestxpert.datasets import prepare as prepare_module
+
+    calls = {"n": 0}
+    real = prepare_module._shard_table
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_shard_table", interrupt)
+    calls.update(real=real, interrupt=interrupt)  # to switch it off and on within one test
+    return calls

@@ -26,21 +26,29 @@ def nih_copy(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def interrupt_on_second_shard(monkeypatch) -> dict:
-    """Make `prepare` die (as on Ctrl-C) while writing its second shard; count the shard writes."""
+def count_shard_writes(monkeypatch, real) -> dict:
+    """From now on, count the Parquet tables `prepare` builds (one per shard for small splits)."""
     calls = {"n": 0}
-    real = prepare_module._shard_table
 
-    def interrupt(*args, **kwargs):
+    def count(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "_shard_table", interrupt)
-    calls.update(real=real, interrupt=interrupt)  # to switch it off and on within one test
+    monkeypatch.setattr(prepare_module, "_shard_table", count)
     return calls
+
+
+def upload_folder(s3_client, bucket: str, folder: Path, prefix: str) -> None:
+    """Copy every file below `folder` to the same relative key below `prefix`."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            s3_client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+
+
+def bucket_keys(s3_client, bucket: str, prefix: str) -> list[str]:
+    """The object keys under `prefix`."""
+    listing = s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
 
 
 def local(tmp_path: Path):
@@ -157,11 +165,15 @@ def test_rerun_gives_the_same_digest_and_a_different_dataset_needs_force(
     second = prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
     assert second["digest"] == first["digest"]
     assert "nothing to do" in capsys.readouterr().out
+    assert [p.name for p in (out / "generations").iterdir()] == [first["generation"]]
     with pytest.raises(DatasetError, match="--force"):
         prepare(str(nih_copy), str(out), nih_opts(image_size=32), local(tmp_path))
+    capsys.readouterr()
     replaced = prepare(
         str(nih_copy), str(out), nih_opts(image_size=32, force=True), local(tmp_path)
     )
+    # the refused run's shards were staged: --force publishes them without decoding again
+    assert "resuming: 5 images are in shards a stopped run staged" in capsys.readouterr().out
     assert (
         replaced["digest"] != first["digest"]
         and open_dataset(str(out), local(tmp_path)).image_size == 32
@@ -171,17 +183,31 @@ def test_rerun_gives_the_same_digest_and_a_different_dataset_needs_force(
     )
 
 
-def test_interrupted_prepare_leaves_nothing_visible(
-    nih_copy: Path, tmp_path: Path, interrupt_on_second_shard
+def test_interrupted_prepare_shows_nothing_and_the_rerun_keeps_its_finished_shard(
+    nih_copy: Path, tmp_path: Path, interrupt_on_second_shard, monkeypatch
 ) -> None:
     out = tmp_path / "prepared"
     with pytest.raises(KeyboardInterrupt):
         prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
     assert interrupt_on_second_shard["n"] == 2
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nih"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nih", "prepared"]
+    (staging,) = (out / "generations").iterdir()  # hidden: no manifest names it
+    assert staging.name.startswith(".partial-stage-") and not (out / "manifest.json").exists()
+    (staged,) = (staging / "shards").glob("*/*.parquet")  # the train shard, finished first
+    before = staged.stat()
     with pytest.raises(DatasetError, match="no manifest.json"):
         open_dataset(str(out), local(tmp_path))
+
+    calls = count_shard_writes(monkeypatch, interrupt_on_second_shard["real"])
+    manifest = prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
+    assert calls["n"] == 2, "only the val and test shards are written again"
+    kept = out / manifest["splits"]["train"]["shards"][0]
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in (out / "generations").iterdir()) == [manifest["generation"]]
+    assert (
+        manifest["digest"]
+        == prepare(str(nih_copy), str(tmp_path / "whole"), nih_opts(), local(tmp_path))["digest"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -231,6 +257,7 @@ def test_missing_image_file_fails_or_is_counted_when_skipping(
         ({"split": "random"}, "--split"),
         ({"val_fraction": 0.5, "test_fraction": 0.45}, "under 10% of patients"),
         ({"on_bad_image": "ignore"}, "--on-bad-image"),
+        ({"shard_rows": 0}, "--shard-rows 0 must be 1 or more"),
     ],
 )
 def test_impossible_options_fail_before_reading(
@@ -297,20 +324,18 @@ def test_tf_dataset_order_is_deterministic_without_shuffle(nih_copy: Path, tmp_p
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("workers", [1, 2])
 def test_prepare_to_and_from_the_s3_endpoint(
-    nih_copy: Path, tmp_path: Path, s3_endpoint, s3_client, monkeypatch
+    nih_copy: Path, tmp_path: Path, s3_endpoint, s3_client, monkeypatch, workers: int
 ) -> None:
     for key, value in s3_endpoint.env().items():
         monkeypatch.setenv(key, value)
     endpoints = resolve(workspace=tmp_path / "ws")
-    # input from the bucket too
-    for path in nih_copy.rglob("*"):
-        if path.is_file():
-            s3_client.upload_file(
-                str(path), s3_endpoint.bucket, f"raw/nih/{path.relative_to(nih_copy)}"
-            )
-    out = f"s3://{s3_endpoint.bucket}/prepared/nih64"
-    manifest = prepare(f"s3://{s3_endpoint.bucket}/raw/nih", out, nih_opts(), endpoints)
+    upload_folder(s3_client, s3_endpoint.bucket, nih_copy, "raw/nih")  # input from the bucket too
+    out = f"s3://{s3_endpoint.bucket}/prepared/nih64-{workers}"
+    # with 2 workers, the decode processes read the images from the bucket themselves
+    opts = nih_opts(workers=workers)
+    manifest = prepare(f"s3://{s3_endpoint.bucket}/raw/nih", out, opts, endpoints)
     dataset = open_dataset(out, endpoints)
     assert dataset.manifest["digest"] == manifest["digest"]
     assert read_split(dataset, "test")["image"].shape == (2, 64, 64, 1)
@@ -318,6 +343,8 @@ def test_prepare_to_and_from_the_s3_endpoint(
     assert local_manifest["digest"] == manifest["digest"], (
         "S3 and local input must give the same dataset"
     )
+    # the images were read object by object: no copy of the input was kept anywhere
+    assert not (tmp_path / "ws").exists()
 
 
 @pytest.mark.services
@@ -330,19 +357,27 @@ def test_s3_missing_bucket_and_interrupted_s3_prepare(
     with pytest.raises(DatasetError, match="bucket 'no-such-bucket' does not exist"):
         prepare(str(nih_copy), "s3://no-such-bucket/x", nih_opts(), endpoints)
 
+    # from an S3 input to an S3 output: the rerun must find the staged shard in both cases
+    upload_folder(s3_client, s3_endpoint.bucket, nih_copy, "raw/interrupted")
+    source = f"s3://{s3_endpoint.bucket}/raw/interrupted"
     out = f"s3://{s3_endpoint.bucket}/prepared/interrupted"
     with pytest.raises(KeyboardInterrupt):
-        prepare(str(nih_copy), out, nih_opts(), endpoints)
+        prepare(source, out, nih_opts(), endpoints)
     assert interrupt_on_second_shard["n"] == 2
-    keys = [
-        o["Key"]
-        for o in s3_client.list_objects_v2(
-            Bucket=s3_endpoint.bucket, Prefix="prepared/interrupted"
-        ).get("Contents", [])
-    ]
+    keys = bucket_keys(s3_client, s3_endpoint.bucket, "prepared/interrupted")
     assert not any(k.endswith("manifest.json") for k in keys)
     with pytest.raises(DatasetError, match="did not\\s+finish"):
         open_dataset(out, endpoints)
+    staged = [k for k in keys if "/generations/.partial-stage-" in k and k.endswith(".parquet")]
+    assert len(staged) == 1, keys
+
+    calls = count_shard_writes(monkeypatch, interrupt_on_second_shard["real"])
+    manifest = prepare(source, out, nih_opts(), endpoints)
+    assert calls["n"] == 2, "the shard staged before the interruption is not written again"
+    keys = bucket_keys(s3_client, s3_endpoint.bucket, "prepared/interrupted")
+    assert not any(".partial-" in k for k in keys), "the staged objects are removed once copied"
+    whole = prepare(str(nih_copy), str(tmp_path / "whole"), nih_opts(), endpoints)
+    assert open_dataset(out, endpoints).digest == manifest["digest"] == whole["digest"]
 
 
 @pytest.mark.services
