@@ -306,6 +306,19 @@ class SweepRuns:
             return 0
         raise ValueError(f"unknown journal event kind {kind!r}")
 
+    def apply_metrics(self, events: list[dict[str, Any]], live: bool = False) -> int:
+        """Send journal `metrics` events in one `log_batch` per trial (`apply` sends one);
+        returns the metric values added. Sending one again changes nothing."""
+        rows: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
+        configs: dict[str, dict[str, Any]] = {}
+        for event in events:
+            rows.setdefault(event["trial_id"], []).append(event_row(event))
+            configs[event["trial_id"]] = event.get("config", {})
+        return sum(
+            self.log_metrics(trial_id, configs[trial_id], trial_rows, reopen=live)
+            for trial_id, trial_rows in rows.items()
+        )
+
     def end_parent(self, status: str, summary: dict[str, Any] | None = None) -> bool:
         """Record the sweep's summary (best metric, trial, checkpoint, config) on the parent run
         and give it `status`; True if anything changed. Needs the parent id known."""

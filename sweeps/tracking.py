@@ -23,7 +23,6 @@ from chestxpert.sweeps.replay import INTERRUPTED
 from chestxpert.sweeps.sweep_runs import (
     SweepRuns,
     ended_reason,
-    event_row,
     is_metric,
     terminal_status,
 )
@@ -167,16 +166,6 @@ class NestedMlflowCallback(Callback):
                 events.append(event)
         return events
 
-    def _send_metrics(self, events: list[dict[str, Any]]) -> None:
-        """Metric events, one `log_batch` per trial; sending one again changes nothing."""
-        rows: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
-        configs: dict[str, dict[str, Any]] = {}
-        for event in events:
-            rows.setdefault(event["trial_id"], []).append(event_row(event))
-            configs[event["trial_id"]] = event.get("config", {})
-        for trial_id, trial_rows in rows.items():
-            self.runs.log_metrics(trial_id, configs[trial_id], trial_rows, reopen=True)
-
     def _send(self, event: dict[str, Any]) -> None:
         if event["kind"] == "catch-up":
             assert self._catch_up is not None
@@ -199,7 +188,7 @@ class NestedMlflowCallback(Callback):
                 if len(events) == 1:
                     self._send(events[0])
                 else:
-                    self._send_metrics(events)
+                    self.runs.apply_metrics(events, live=True)
             except Exception as err:
                 if not self.warned:
                     warning = outage_warning(self.tracking_uri, self.where, self.sweep, err)
