@@ -4,6 +4,8 @@ stopped mid-run exits after Tune saved its state, and `sweep resume` finishes th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -45,6 +47,40 @@ def one_trial_sweep(
         )
 
     return make
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_a_stop_reaches_tune_once_no_checkpoint_is_being_recorded(second_signal: bool) -> None:
+    """Tune records an epoch's checkpoint a step after writing its result: a stop passed on in
+    between saves results one epoch ahead of the checkpoint, and the resume trains it twice.
+    (The trials here stand in for Tune's: only their `is_saving` is read.)"""
+    from types import SimpleNamespace
+
+    from chestxpert.sweeps.graceful import GracefulStop
+
+    passed_on: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: passed_on.append(signum))
+    term_before = signal.getsignal(signal.SIGTERM)
+    saving, idle = SimpleNamespace(is_saving=True), SimpleNamespace(is_saving=False)
+    try:
+        stop = GracefulStop("waits")
+        stop.setup()
+        os.kill(os.getpid(), signal.SIGTERM)
+        stop.on_step_end(1, [idle, saving])
+        assert stop.requested and passed_on == []
+        if second_signal:  # the user insists: no more waiting
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            stop.on_step_end(2, [idle, saving])
+            assert passed_on == []
+            stop.on_step_end(3, [idle, idle])
+        assert passed_on == [signal.SIGINT]
+        stop.on_step_end(4, [idle])
+        assert passed_on == [signal.SIGINT], "passed on once"
+        assert signal.getsignal(signal.SIGTERM) is term_before
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGTERM, term_before)
 
 
 def test_stop_a_running_driver_follow_its_log_and_resume_to_the_end(
