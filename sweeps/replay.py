@@ -14,10 +14,14 @@ from typing import Any
 
 from chestxpert.sweeps.journal import read_segments, record_acked
 from chestxpert.sweeps.layout import SUMMARY_FILE, SweepLocation
-from chestxpert.sweeps.status import read_trials
+from chestxpert.sweeps.status import read_trials, tune_trial_states
 from chestxpert.sweeps.sweep_runs import SweepRuns, metric_rows, terminal_status
 
 INTERRUPTED = "interrupted: the driver stopped; `chestxpert sweep resume` continues it"
+ABANDONED = (
+    "abandoned: started by a driver that died before Tune recorded it; the resume ran that "
+    "slot again as a new trial"
+)
 _ENDED_STATES = ("TERMINATED", "ERROR")
 
 
@@ -82,16 +86,22 @@ def sync_sweep(
         counts.values += runs.log_metrics(trial.trial_id, trial.config, metric_rows(trial.results))
         if trial.state in _ENDED_STATES or trial.ended == "completed":  # all epochs reported
             reason = trial.ended
-        elif interrupted or trial.state == "ABANDONED":
+        elif trial.state == "ABANDONED":
+            reason = ABANDONED
+        elif interrupted:
             reason = INTERRUPTED
         else:
             continue  # running now, under this driver
-        status = "KILLED" if reason == INTERRUPTED else terminal_status(reason)
+        status = "KILLED" if reason in (INTERRUPTED, ABANDONED) else terminal_status(reason)
         counts.ended += runs.end_trial(trial.trial_id, trial.config, reason, status)
-    if interrupted:
-        # A trial the killed driver journalled whose results never reached storage (Tune syncs
-        # them every few seconds): its run would stay RUNNING forever otherwise.
-        for trial_id, config in _journal_only_trials(segments, seen).items():
+    # A trial a killed driver journalled whose results never reached storage (Tune syncs them
+    # every few seconds), or that it started after Tune's last snapshot: its run would stay
+    # RUNNING forever otherwise. One Tune's state knows is continued by a resume.
+    known, _ = tune_trial_states(location)
+    for trial_id, config in _journal_only_trials(segments, seen).items():
+        if trial_id not in known:
+            counts.ended += runs.end_trial(trial_id, config, ABANDONED, "KILLED")
+        elif interrupted:
             counts.ended += runs.end_trial(trial_id, config, INTERRUPTED, "KILLED")
     summary = location.read_json(SUMMARY_FILE)
     if summary is not None:

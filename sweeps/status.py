@@ -35,7 +35,7 @@ def _read_text(fs, path: str) -> str | None:
         return stream.read().decode()
 
 
-def _trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]], Any]:
+def tune_trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]], Any]:
     """Tune's own record of each trial (status, folder), from the newest experiment_state file,
     and when that file was written (None without one)."""
     selector = pafs.FileSelector(location.path, recursive=False)
@@ -61,7 +61,7 @@ def _trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]], A
 def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int) -> list[TrialRow]:
     """Every trial folder of the sweep with its results, state and how it ended."""
     fs = location.fs
-    states, recorded_at = _trial_states(location)
+    states, recorded_at = tune_trial_states(location)
     rows = []
     selector = pafs.FileSelector(location.path, recursive=False)
     for info in fs.get_file_info(selector):

@@ -231,3 +231,38 @@ def test_replay_sends_each_journalled_value_once(mlflow_server, tmp_path: Path) 
     for trial_id, epochs in (("t1", [1, 2, 3]), ("t2", [1, 2])):
         for key in ("val_auc_macro", "val_loss"):
             assert _history(client, trials[trial_id].info.run_id, key) == epochs
+
+
+def test_a_resume_ends_the_run_of_a_trial_tune_never_recorded(mlflow_server, tmp_path) -> None:
+    """A driver killed between starting a trial and Tune's next snapshot: the resume runs that
+    slot as a new trial, so the old one's run is ended KILLED (abandoned) rather than left
+    RUNNING; a trial Tune's snapshot has, with no results yet, is the resume's to continue."""
+    import mlflow
+
+    from chestxpert.sweeps.replay import ABANDONED
+
+    sweep = f"abandoned-{uuid.uuid4().hex[:8]}"
+    location = local_location(tmp_path, sweep)
+    journal = Journal(location, "dead", tmp_path)
+    journal.append("parent", config={"trial.epochs": 3}, tags={})
+    for trial_id in ("kept", "lost"):
+        journal.append("start", trial_id=trial_id, config={"learning_rate": 0.001})
+    journal.close()
+    # Tune's snapshot, in its own format: one entry per trial it will restore
+    kept = [json.dumps({"trial_id": "kept", "status": "RUNNING"}), "{}"]
+    state = Path(location.path) / "experiment_state-2026-12-03_10-00-00.json"
+    state.write_text(json.dumps({"trial_data": [kept]}))
+
+    runs = SweepRuns(mlflow_server.url, sweep, sweep, location.uri)
+    counts = sync_sweep(runs, location, "val_auc_macro", "max", 3, {"trial.epochs": 3})
+    assert counts.ended == 1
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    found = client.search_runs([client.get_experiment_by_name(sweep).experiment_id])
+    trials = {
+        r.data.tags["chestxpert.trial_id"]: r
+        for r in found
+        if r.data.tags["chestxpert.role"] == "trial"
+    }
+    assert trials["lost"].info.status == "KILLED"
+    assert trials["lost"].data.tags["chestxpert.ended"] == ABANDONED
+    assert trials["kept"].info.status == "RUNNING"
