@@ -65,17 +65,25 @@ def sync_sweep(
     for segment in segments:
         counts.torn += segment.torn
         last = 0
+        metrics: list[dict[str, Any]] = []  # consecutive metric events, sent together
         for event in segment.unsent(runs.tracking_uri):
-            if event.get("kind") == "end":
+            kind = event.get("kind")
+            if kind != "metrics":
+                counts.values += runs.apply_metrics(metrics)
+                metrics = []
+            if kind == "metrics":
+                metrics.append(event)
+            elif kind == "end":
                 counts.ended += runs.end_trial(
                     event["trial_id"], event.get("config", {}), event["reason"], event["status"]
                 )
-            elif event.get("kind") != "parent":  # the parent is the one ensured above
+            elif kind != "parent":  # the parent is the one ensured above
                 counts.values += runs.apply(event)
             elif event.get("dataset"):  # a resume that moved to a new dataset version
                 runs.ensure_parent(params, {}, runs.parent_run_id, dataset=event["dataset"])
             counts.events += 1
             last = event["seq"]
+        counts.values += runs.apply_metrics(metrics)
         if last:
             record_acked(location, segment.session, runs.tracking_uri, last)
     seen = set()  # trials storage shows with results (or an error)

@@ -187,12 +187,20 @@ def test_replay_sends_each_journalled_value_once(mlflow_server, tmp_path: Path) 
     )
     journal.close()
 
+    batches: list[str] = []  # runs given metrics, one entry per call
+
     def sync():
         runs = SweepRuns(mlflow_server.url, sweep, sweep, location.uri)
+        send = runs.client.log_batch  # counted, and still sent to the server
+        runs.client.log_batch = lambda run_id, **kw: (
+            batches.extend([run_id] if kw.get("metrics") else []),
+            send(run_id, **kw),
+        )
         return sync_sweep(runs, location, "val_auc_macro", "max", 3, {"trial.epochs": 3})
 
     first = sync()
     assert (first.values, first.events) == (10, 9)
+    assert len(batches) == 2, "the 5 consecutive metric events go in one call per trial"
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name(sweep).experiment_id])
     (parent,) = [r for r in runs if r.data.tags["chestxpert.role"] == "sweep"]
