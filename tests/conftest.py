@@ -137,6 +137,14 @@ def stop_cluster(records: list[dict] | tuple[dict, ...]) -> None:
         stop_group(record["pid"], record["start_time"])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache_folder(tmp_path_factory) -> Path:
+    """Where trials the tests start (and the Ray nodes, which inherit it) cache S3 shards:
+    a session folder, not the user's ~/.cache, unless CHESTXPERT_SHARD_CACHE is set already."""
+    os.environ.setdefault("CHESTXPERT_SHARD_CACHE", str(tmp_path_factory.mktemp("shard-cache")))
+    return Path(os.environ["CHESTXPERT_SHARD_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint) -> Iterator[RayCluster]:
     """The shared three-node cluster.

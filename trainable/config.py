@@ -61,6 +61,8 @@ class TrialConfig:
     cpu_devices: int = 1  # > 1 without GPUs: that many logical CPUs, trained as several GPUs are
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)
+    shard_cache: str = ""  # per-node s3:// shard cache: folder | off; "" = $CHESTXPERT_SHARD_CACHE
+    shard_cache_gb: float = 0.0  # its cap (LRU eviction); 0 = $CHESTXPERT_SHARD_CACHE_GB, else 20
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "trial config") -> TrialConfig:
@@ -120,6 +122,7 @@ class TrialConfig:
             "contrast",
             "image_size",
             "cpus",
+            "shard_cache_gb",
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
