@@ -32,18 +32,18 @@ class Size:
 
 
 FULL = Size(images=3000, image_size=64, trials=4, epochs=3)
-SMOKE = Size(images=60, image_size=32, trials=2, epochs=1)
+SMOKE = Size(images=60, image_size=32, trials=1, epochs=1)
 TARGET = 1.1
 
 
 class CountingRelay:
     """A TCP relay on loopback in front of `target_url` that counts the bytes coming back."""
 
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, port: int) -> None:
         target = urlparse(target_url)
         self.target = (target.hostname, target.port)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.url = f"http://127.0.0.1:{port}"
         self.received = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -101,9 +101,10 @@ def sweep_spec(name: str, dataset: str, size: Size, shard_cache: str | None) -> 
     }
 
 
-def run_one_sweep(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child (a Ray client with the cluster's token): one sweep with `run_sweep`; its errors and
-    the Ray nodes its trials' epochs ran on."""
+def run_sweeps(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child (a Ray client with the cluster's token): the relay in front of S3 on the port the
+    nodes were given, then each sweep with `run_sweep`, one after the other; per sweep the
+    bytes S3 sent, its errors, its epochs and the Ray nodes its trials ran on."""
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.sweeps.layout import locate
     from chestxpert.sweeps.run import run_sweep
@@ -111,20 +112,30 @@ def run_one_sweep(spec: dict[str, Any]) -> dict[str, Any]:
     from chestxpert.sweeps.status import read_trials
 
     work = Path(spec["work"])
-    endpoints = resolve(
-        workspace=work / "ws",
-        storage=str(work / "storage"),
-        mlflow_tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
-    )
-    sweep = spec_from_dict(spec["sweep"], source=spec["sweep"]["name"])
-    summary = run_sweep(sweep, endpoints)
-    rows = read_trials(locate(endpoints, sweep.name), "val_auc_macro", "max", sweep.epochs())
-    return {
-        "errors": summary["errors"],
-        "trials": len(rows),
-        "epochs": sum(row.epochs for row in rows),
-        "nodes": sorted({result["node_id"] for row in rows for result in row.results}),
-    }
+    relay = CountingRelay(spec["s3_url"], spec["relay_port"])
+    out = {}
+    try:
+        for label, data in spec["sweeps"].items():
+            endpoints = resolve(
+                workspace=work / "ws",
+                storage=str(work / "storage"),
+                mlflow_tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+            )
+            sweep = spec_from_dict(data, source=data["name"])
+            before = relay.received
+            summary = run_sweep(sweep, endpoints)
+            rows = read_trials(
+                locate(endpoints, sweep.name), "val_auc_macro", "max", sweep.epochs()
+            )
+            out[label] = {
+                "fetched": relay.received - before,
+                "errors": summary["errors"],
+                "epochs": sum(row.epochs for row in rows),
+                "nodes": sorted({result["node_id"] for row in rows for result in row.results}),
+            }
+    finally:
+        relay.close()
+    return out
 
 
 def run(smoke: bool = False) -> None:
@@ -159,50 +170,48 @@ def run(smoke: bool = False) -> None:
                 key = f"datasets/bench/{path.relative_to(work / 'prepared')}"
                 client.upload_file(str(path), LOCAL_BUCKET, key)
         dataset = f"s3://{LOCAL_BUCKET}/datasets/bench"
-        relay = CountingRelay(s3["url"])
+        relay_port = free_port()  # the relay itself runs in the child, beside the driver
         s3_env = {
             **keys,
-            "AWS_ENDPOINT_URL_S3": relay.url,
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{relay_port}",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         caches = [work / f"cache-node{index}" for index in range(3)]
         cluster, nodes = start_cluster(
             s3_env, [{"CHESTXPERT_SHARD_CACHE": str(folder)} for folder in caches]
         )
+        read = manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]
+        read_bytes = sum(manifest["shard_checks"][shard]["bytes"] for shard in read)
+        print(
+            f"  {size.images} images at {size.image_size} px, {len(read)} train+val shards "
+            f"of {read_bytes / 1e6:.2f} MB (what trials read); {size.trials} convnet_small "
+            f"trials x {size.epochs} epochs, 1 CPU each, on 3 Ray nodes",
+            flush=True,
+        )
         try:
-            read = manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]
-            read_bytes = sum(manifest["shard_checks"][shard]["bytes"] for shard in read)
-            print(
-                f"  {size.images} images at {size.image_size} px, {len(read)} train+val shards "
-                f"of {read_bytes / 1e6:.2f} MB (what trials read); {size.trials} convnet_small "
-                f"trials x {size.epochs} epochs, 1 CPU each, on 3 Ray nodes",
-                flush=True,
+            sweeps = {
+                label: sweep_spec(f"bench-{label}", dataset, size, setting)
+                for label, setting in (("streamed", "off"), ("cached", None))
+            }
+            spec = {"work": str(work), "s3_url": s3["url"], "relay_port": relay_port}
+            result = run_child(
+                run_sweeps,
+                {**spec, "sweeps": sweeps},
+                env={**cluster.client_env(), **s3_env},
+                timeout=3600,
             )
-            fetched, nodes_used = {}, {}
-            for label, setting in (("streamed", "off"), ("cached", None)):
-                before = relay.received
-                result = run_child(
-                    run_one_sweep,
-                    {
-                        "work": str(work / label),
-                        "sweep": sweep_spec(f"bench-{label}", dataset, size, setting),
-                    },
-                    env={**cluster.client_env(), **s3_env},
-                    timeout=3600,
-                )
-                if result["errors"] or result["epochs"] != size.trials * size.epochs:
-                    raise RuntimeError(f"the {label} sweep did not run every epoch: {result}")
-                fetched[label] = relay.received - before
-                nodes_used[label] = len(result["nodes"])
-                print(
-                    f"  {label}: {fetched[label] / 1e6:.2f} MB from S3 "
-                    f"({fetched[label] / read_bytes:.2f} x the shards trials read), trials "
-                    f"on {nodes_used[label]} node(s)",
-                    flush=True,
-                )
         finally:
             stop_cluster(nodes)
-            relay.close()
+        for label, side in result.items():
+            if side["errors"] or side["epochs"] != size.trials * size.epochs:
+                raise RuntimeError(f"the {label} sweep did not run every epoch: {side}")
+            print(
+                f"  {label}: {side['fetched'] / 1e6:.2f} MB from S3 "
+                f"({side['fetched'] / read_bytes:.2f} x the shards trials read), trials "
+                f"on {len(side['nodes'])} node(s)"
+            )
+        fetched = {label: side["fetched"] for label, side in result.items()}
+        nodes_used = {label: len(side["nodes"]) for label, side in result.items()}
         cached_folders = sum(1 for folder in caches if any(folder.glob("*.parquet")))
         target = TARGET * read_bytes * nodes_used["cached"]
         print(

@@ -17,12 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING, Any
 
 from chestxpert.datasets.schema import DatasetError
+
+# pyarrow only where shards are read: the trial config imports this module for OFF_WORDS, and
+# every CLI command imports the trial config.
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
 
 # Where the cache lives: the trial setting `shard_cache`, else this variable, else the user's
 # cache folder; one of OFF_WORDS turns it off. Its cap, in GB: `shard_cache_gb`, else CAP_ENV.
@@ -167,6 +170,8 @@ class ShardCache:
             # a file changed in place is hashed again.
             with suppress(PermissionError):  # a cache another user filled: no LRU for us
                 os.utime(locked, ns=(time.time_ns(), stat.st_mtime_ns))
+            import pyarrow as pa
+
             return locked, pa.OSFile(str(entry), "r")
         except BaseException:
             with suppress(OSError):
