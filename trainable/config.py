@@ -64,7 +64,7 @@ class TrialConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)
     shard_cache: str = ""  # per-node s3:// shard cache: folder | off; "" = $CHESTXPERT_SHARD_CACHE
-    shard_cache_gb: float = 0.0  # its cap (LRU eviction); 0 = $CHESTXPERT_SHARD_CACHE_GB, else 20
+    shard_cache_gb: float = 0.0  # shard cache cap, LRU; 0 = $CHESTXPERT_SHARD_CACHE_GB, else 20 GB
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "trial config") -> TrialConfig:
