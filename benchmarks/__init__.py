@@ -20,6 +20,7 @@ from benchmarks import (
     parquet_vs_png,
     prepare_memory,
     s3_startup,
+    shard_cache,
     startup_per_backbone,
     tune_trial,
 )
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         asha,
         driver,
         journal,
+        shard_cache,
         demo_report,
         demo_stages,
     )

@@ -199,6 +199,9 @@ class DatasetWriter:
         self._scratch: Path | None = None  # local folder for shards being written
         self._lock: Any = None  # the open lock file of a local staging area
         self._created: list[Path] = []  # local folders this writer made, deepest last
+        # Size and SHA-256 of each staged shard, by its path in the generation, for the manifest
+        # (readers check cached copies against them).
+        self.shard_checks: dict[str, dict[str, Any]] = {}
 
     def current_manifest(self) -> dict[str, Any] | None:
         """The manifest readers see now, or None when there is no dataset yet."""
@@ -261,6 +264,7 @@ class DatasetWriter:
             entry = read_json(self.fs, f"{self.staging}/{STAGED_JOURNAL}/{relative}.json")
             if not isinstance(entry, dict) or not self._holds(entry):
                 return kept
+            self._record(entry)
             kept.append(entry)
 
     def _holds(self, entry: dict[str, Any]) -> bool:
@@ -292,6 +296,10 @@ class DatasetWriter:
             scratch.unlink()
         journal = f"{self.staging}/{STAGED_JOURNAL}/{entry['journal']}.json"
         self._replace(journal[len(self.root) + 1 :], _json_bytes(entry))  # whole, or absent
+        self._record(entry)
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.shard_checks[entry["shard"]] = {"bytes": entry["bytes"], "sha256": entry["sha256"]}
 
     def stage_bytes(self, relative: str, payload: bytes) -> None:
         """Write one small file (the bad-image list) among the staged shards."""

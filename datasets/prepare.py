@@ -375,6 +375,11 @@ def _placed_boxes(boxes: list[tuple], placement: tuple[float, float, float]) -> 
     ]
 
 
+def _shard_name(split: str, index: int) -> str:
+    """A shard's path within its generation."""
+    return f"{split}/part-{index:05d}.parquet"
+
+
 class _SplitShards:
     """One split's shards as its images arrive in order: rows go to the open shard a row group
     at a time, and a shard that reaches `shard_rows` is staged with its journal entry at once.
@@ -443,7 +448,7 @@ class _SplitShards:
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
 
     def _relative(self) -> str:
-        return f"{self.split}/part-{self.count:05d}.parquet"
+        return _shard_name(self.split, self.count)
 
     def _stage(self) -> None:
         if self._pending:
@@ -736,21 +741,24 @@ def _prepare_into(
         "notes": table.notes,
         "digest": digest,
         "generation": generation,
+        # Size and SHA-256 of each shard, by its path in "shards": what a node's shard cache
+        # checks its copies against. Not part of the digest, which is the images' alone.
+        "shard_checks": {},
     }
     for split in SPLITS:
         part = images[images["split"] == split]
         label_matrix = part[list(labels)].to_numpy(dtype=np.float64)
         pos_w, neg_w, positives, negatives = loss_weights(label_matrix)
+        shards = [_shard_name(split, index) for index in range(staged.shard_counts[split])]
         manifest["splits"][split] = {
             "images": len(part),
             "patients": int(part["patient_id"].nunique()),
             "positives": dict(zip(labels, positives, strict=True)),
             "negatives": dict(zip(labels, negatives, strict=True)),
-            "shards": [
-                f"{prefix}/{split}/part-{index:05d}.parquet"
-                for index in range(staged.shard_counts[split])
-            ],
+            "shards": [f"{prefix}/{shard}" for shard in shards],
         }
+        for shard in shards:
+            manifest["shard_checks"][f"{prefix}/{shard}"] = output.shard_checks[shard]
         if split == "train":
             manifest["pos_weight"] = pos_w
             manifest["neg_weight"] = neg_w

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -24,6 +26,7 @@ from chestxpert.datasets.schema import (
     DatasetError,
     generation_of,
 )
+from chestxpert.datasets.shard_cache import ShardCache, ShardCheck, shard_cache_for, warn_once
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class PreparedDataset:
     manifest: dict[str, Any]
     fs: pafs.FileSystem
     root: str
+    cache: ShardCache | None = None  # None: shards are read where they are
 
     @property
     def labels(self) -> list[str]:
@@ -69,18 +73,46 @@ class PreparedDataset:
             ]
         return paths
 
+    def open_shard(self, path: str) -> AbstractContextManager[pa.NativeFile]:
+        """An open file of shard `path` (one of `shard_paths`): its copy in the node's shard
+        cache when the dataset is in object storage, else the file or object itself.
+
+        Shards the manifest records no size and SHA-256 for (datasets prepared before it did)
+        cannot be checked, so they are streamed, with one note per process.
+        """
+        if self.cache is None:
+            return self.fs.open_input_file(path)
+        recorded = self.manifest.get("shard_checks", {}).get(path[len(self.root) + 1 :])
+        if recorded is None:
+            warn_once(
+                f"unchecked {self.uri}",
+                f"{self.uri} was prepared before manifests recorded each shard's size and "
+                "SHA-256, so its shards cannot be cached and are read from storage every "
+                "epoch; `chestxpert data prepare` into a new --out records them",
+            )
+            return self.fs.open_input_file(path)
+        return self.cache.open_shard(
+            self.fs, path, ShardCheck(int(recorded["bytes"]), str(recorded["sha256"]))
+        )
+
     def count(self, split: str) -> int:
         return sum(int(self.manifest["splits"][part]["images"]) for part in split.split("+"))
 
 
 def open_dataset(
-    uri: str, endpoints: Endpoints | None = None, generation: str = ""
+    uri: str,
+    endpoints: Endpoints | None = None,
+    generation: str = "",
+    shard_cache: str = "",
+    shard_cache_gb: float = 0.0,
 ) -> PreparedDataset:
     """Open a prepared dataset by URI (folder or `s3://` prefix); fails clearly if incomplete.
 
     `generation` "" opens the current dataset; a generation name opens that version, as long
     as `chestxpert data gc` has not removed it, so a sweep reads the version it started with
-    while `data prepare --force` publishes another.
+    while `data prepare --force` publishes another. The shards of a dataset in object storage
+    are read through the node's shard cache, placed and capped by `shard_cache` and
+    `shard_cache_gb` (see `shard_cache.shard_cache_for`); a local folder is read in place.
     """
     endpoints = endpoints or resolve()
     fs, root = storage_filesystem(endpoints, uri)
@@ -107,7 +139,9 @@ def open_dataset(
             f"{manifest.get('schema_version')}, this ChestXpert "
             f"reads version {SCHEMA_VERSION}; prepare the dataset again"
         )
-    return PreparedDataset(uri=uri, manifest=manifest, fs=fs, root=root)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    cache = None if local else shard_cache_for(shard_cache, shard_cache_gb)
+    return PreparedDataset(uri=uri, manifest=manifest, fs=fs, root=root, cache=cache)
 
 
 def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -137,7 +171,7 @@ def iter_batches(
         np.random.default_rng(shuffle_seed).shuffle(paths)
     size = dataset.image_size
     for path in paths:
-        with dataset.fs.open_input_file(path) as handle:
+        with dataset.open_shard(path) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(
                 batch_size=batch_rows, columns=list(columns)
             ):

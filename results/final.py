@@ -350,7 +350,13 @@ def evaluate_model(
     elif weights_digest(model) != state["weights_sha256"]:
         raise FinalError(f"the model in memory is not the checkpoint in {model_dir}")
     labels = state["labels"]
-    dataset = open_dataset(config["dataset"], endpoints, config.get("dataset_generation", ""))
+    dataset = open_dataset(
+        config["dataset"],
+        endpoints,
+        config.get("dataset_generation", ""),
+        config.get("shard_cache") or "",
+        config.get("shard_cache_gb") or 0.0,
+    )
     columns = ("image", "labels", "patient_id", "image_id", "boxes")
     val = read_split(dataset, "val", columns)
     test = read_split(dataset, "test", (*columns, "sex", "view", "age_years"))

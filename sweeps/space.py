@@ -29,6 +29,10 @@ NOT_SEARCHABLE = {
     "when the sweep starts",
     "epochs": "epochs is every trial's training budget (ASHA's max_t), not a search dimension; "
     "set trial.epochs and let the scheduler stop weak trials early",
+    "shard_cache": "shard_cache is where each node keeps the dataset's shards, not a search "
+    "dimension; set trial.shard_cache",
+    "shard_cache_gb": "shard_cache_gb caps each node's shard cache, not a search dimension; "
+    "set trial.shard_cache_gb",
 }
 
 Scalar = str | bool | int | float | None

@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,8 +95,12 @@ class RayCluster:
         }
 
 
-def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
-    """Head (1 CPU, no GPU) plus two workers (1 CPU, 1 logical GPU each), nodes with `node_env`."""
+def start_cluster(
+    node_env: dict[str, str], per_node: Sequence[dict[str, str]] = ({}, {}, {})
+) -> tuple[RayCluster, list[dict]]:
+    """Head (1 CPU, no GPU) plus two workers (1 CPU, 1 logical GPU each), nodes with `node_env`
+    and then each its own of `per_node` (head first), as each machine of a cluster has its own
+    settings (a local cache folder, say)."""
     ws = short_tmpdir("cxr")
     opts = StackOptions(
         workspace=ws,
@@ -106,7 +110,7 @@ def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
         num_gpus=0,
         object_store_memory=200 * 1024**2,
     )
-    head = start_ray_head(opts, extra_env=node_env)
+    head = start_ray_head(opts, extra_env={**node_env, **per_node[0]})
     records = [head]
     try:
         token = ensure_ray_token(ws)
@@ -121,7 +125,7 @@ def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
                     num_cpus=1,
                     num_gpus=1,
                     object_store_memory=200 * 1024**2,
-                    extra_env=node_env,
+                    extra_env={**node_env, **per_node[index + 1]},
                 )
             )
         cluster = RayCluster(head["address"], head["dashboard_url"], token, ws, tuple(records))
@@ -135,6 +139,14 @@ def start_cluster(node_env: dict[str, str]) -> tuple[RayCluster, list[dict]]:
 def stop_cluster(records: list[dict] | tuple[dict, ...]) -> None:
     for record in reversed(records):
         stop_group(record["pid"], record["start_time"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache_folder(tmp_path_factory) -> Path:
+    """Where trials the tests start (and the Ray nodes, which inherit it) cache S3 shards:
+    a session folder, not the user's ~/.cache, unless CHESTXPERT_SHARD_CACHE is set already."""
+    os.environ.setdefault("CHESTXPERT_SHARD_CACHE", str(tmp_path_factory.mktemp("shard-cache")))
+    return Path(os.environ["CHESTXPERT_SHARD_CACHE"])
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,20 @@ RESULT_LINES = {
     "asha": "ratio asha/full: trial-epochs",
     "driver": "with callback over 1 rounds: trials/min",
     "journal": "the journal adds",
+    "shard_cache": "ratio cached/streamed:",
     "demo_report": "pointing game above the centre baseline for 1 of 1 findings",
     # a whole demo is too long for a smoke run; tests/test_demo.py checks its stage line
     "demo_stages": "smoke mode runs no demo",
 }
 # Those that start Ray, MLflow or S3 processes.
-STARTS_SERVICES = {"mlflow_job_runner", "s3_startup", "tune_trial", "asha", "driver"}
+STARTS_SERVICES = {
+    "mlflow_job_runner",
+    "s3_startup",
+    "tune_trial",
+    "asha",
+    "driver",
+    "shard_cache",
+}
 TIMEOUT_S = 900
 
 

@@ -120,6 +120,12 @@ def test_a_misspelt_required_key_gets_both_the_suggestion_and_the_missing_key() 
             "scheduler: asha",
             "sweep.yaml line 3: scheduler must be a mapping of key: value, got 'asha'",
         ),
+        (
+            "trial: {shard_cache: cache}",
+            "sweep.yaml line 3: trial.shard_cache: shard_cache 'cache' must be an absolute "
+            "folder (or ~/...), or off: trials run in other working directories, on other "
+            "machines",
+        ),
     ],
     ids=[
         "metric-typo",
@@ -130,6 +136,7 @@ def test_a_misspelt_required_key_gets_both_the_suggestion_and_the_missing_key() 
         "cpus",
         "algorithm",
         "section-not-mapping",
+        "relative-shard-cache",
     ],
 )
 def test_other_top_level_mistakes(line: str, expected: str) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from chestxpert.cluster.errors import UserError
+from chestxpert.datasets.shard_cache import OFF_WORDS
 
 # Text settings whose values include "on" and "off": YAML 1.1 reads a bare on/off as a
 # boolean, which these take back as the word.
@@ -61,6 +63,8 @@ class TrialConfig:
     cpu_devices: int = 1  # > 1 without GPUs: that many logical CPUs, trained as several GPUs are
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)
+    shard_cache: str = ""  # per-node s3:// shard cache: folder | off; "" = $CHESTXPERT_SHARD_CACHE
+    shard_cache_gb: float = 0.0  # shard cache cap, LRU; 0 = $CHESTXPERT_SHARD_CACHE_GB, else 20 GB
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "trial config") -> TrialConfig:
@@ -106,6 +110,13 @@ class TrialConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be > 0, got {getattr(self, key)}")
+        cache = self.shard_cache.strip()
+        relative = not os.path.isabs(os.path.expanduser(cache))
+        if cache and cache.lower() not in OFF_WORDS and relative:
+            raise ConfigError(
+                f"{where}: shard_cache {cache!r} must be an absolute folder (or ~/...), or off: "
+                "trials run in other working directories, on other machines"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
         for key in (
@@ -120,6 +131,7 @@ class TrialConfig:
             "contrast",
             "image_size",
             "cpus",
+            "shard_cache_gb",
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")

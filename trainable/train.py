@@ -134,7 +134,13 @@ class _Data:
     def __init__(self, config: TrialConfig, endpoints: Endpoints) -> None:
         from chestxpert.datasets.reader import make_tf_dataset, open_dataset, read_split
 
-        self.dataset = open_dataset(config.dataset, endpoints, config.dataset_generation)
+        self.dataset = open_dataset(
+            config.dataset,
+            endpoints,
+            config.dataset_generation,
+            config.shard_cache,
+            config.shard_cache_gb,
+        )
         self.labels = self.dataset.labels
         self.manifest = self.dataset.manifest
         self.image_size = config.image_size or self.dataset.image_size
