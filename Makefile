@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), each taking whole files: 0 runs the suite in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo bench lint clean clean-workspace
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $@
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/chestxpert demo
