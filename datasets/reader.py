@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,6 +254,11 @@ def make_tf_dataset(
     window_rows = max(1, min(shuffle_buffer, SHUFFLE_BYTES // (size * size)))
     per_window = max(1, window_rows // largest) if shuffle else 1
     windows = math.ceil(len(groups.items) / per_window)
+    reads = max(1, parallel_reads)
+    # A window's row groups are read side by side (pyarrow lets go of the GIL while it reads and
+    # decompresses), and enough windows at once that `reads` row groups are always being read.
+    readers = ThreadPoolExecutor(min(reads, per_window), thread_name_prefix="row-groups")
+    windows_at_once = math.ceil(reads / per_window)
     epoch = {"next": start_epoch}
 
     def plan() -> Iterator[tuple[int, int]]:
@@ -268,7 +274,7 @@ def make_tf_dataset(
         if shuffle:
             order = np.random.default_rng([seed, int(current)]).permutation(order)
         chosen = order[int(window) * per_window : (int(window) + 1) * per_window]
-        parts = [_read_row_group(dataset, groups, int(item)) for item in chosen]
+        parts = list(readers.map(lambda item: _read_row_group(dataset, groups, int(item)), chosen))
         if shuffle:
             # One copy from the row groups straight to their shuffled places.
             rows = sum(len(part["labels"]) for part in parts)
@@ -297,12 +303,11 @@ def make_tf_dataset(
             tf.ensure_shape(mask, (None, num_labels)),
         )
 
-    reads = max(1, parallel_reads)
     windows_of_a_pass = tf.data.Dataset.from_generator(
         plan, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
     )
     data = (
-        windows_of_a_pass.map(read, num_parallel_calls=reads, deterministic=True)
+        windows_of_a_pass.map(read, num_parallel_calls=windows_at_once, deterministic=True)
         .rebatch(batch_size)
         .apply(tf.data.experimental.assert_cardinality(math.ceil(sum(groups.rows) / batch_size)))
         .prefetch(tf.data.AUTOTUNE)
