@@ -138,3 +138,19 @@ def test_a_damaged_shard_is_named(dataset: PreparedDataset, tmp_path: Path) -> N
     Path(shard).write_bytes(Path(shard).read_bytes()[:100])
     with pytest.raises(DatasetError, match=rf"shard {shard} cannot be read as Parquet"):
         make_tf_dataset(damaged, "train", BATCH)
+
+
+def test_a_trials_pipeline_runs_on_the_trials_cpus_and_resizes(
+    dataset: PreparedDataset, tmp_path: Path
+) -> None:
+    from chestxpert.trainable.config import TrialConfig
+    from chestxpert.trainable.train import _Data
+
+    config = TrialConfig.from_dict({"dataset": dataset.uri, "batch_size": 16, "image_size": 16})
+    data = _Data(config, resolve(workspace=tmp_path / "ws", environ={}))
+    pipeline = data.train_pipeline(start_epoch=0, cpus=2)
+    assert pipeline.options().threading.private_threadpool_size == 2
+    assert int(pipeline.cardinality()) == data.steps_per_epoch
+    images, targets = next(iter(pipeline))
+    assert tuple(images.shape) == (16, 16, 16, 1) and images.dtype.name == "uint8"
+    assert tuple(targets.shape) == (16, 2 * len(dataset.labels))  # labels, then their mask
