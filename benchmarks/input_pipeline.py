@@ -14,6 +14,7 @@ enough that a slow input would show).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -208,8 +209,10 @@ def run(smoke: bool = False) -> None:
         generate(work / "raw", size.images, size.original, seed=0, workers=workers, progress=False)
         common = {"workspace": str(work / "ws"), "passes": size.passes}
         dataset = _prepare(work, size.input_side, workers)
+        manifest = json.loads((Path(dataset) / "manifest.json").read_text())
         print(
-            f"  training input at {size.input_side} px, batch {BATCH}, {size.passes} epochs each:"
+            f"  training input: {manifest['splits']['train']['images']} images at "
+            f"{size.input_side} px, batch {BATCH}, {size.passes} epochs each:"
         )
         for cpus in size.cpu_counts:
             if cpus > len(os.sched_getaffinity(0)):
