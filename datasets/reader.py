@@ -184,8 +184,8 @@ def read_split(
 
 
 # Rows the example shuffle mixes at once, at most: also bounded by SHUFFLE_BYTES of images,
-# since each of a trial's parallel reads holds one such window in memory (64 MiB is about
-# 1,300 images at 224 px, 256 at 512 px).
+# since a trial holds such windows in memory, one being batched and as many being read as its
+# CPUs need (64 MiB is about 1,300 images at 224 px, 256 at 512 px).
 SHUFFLE_ROWS = 2048
 SHUFFLE_BYTES = 64 << 20
 
@@ -257,7 +257,7 @@ def make_tf_dataset(
     reads = max(1, parallel_reads)
     # A window's row groups are read side by side (pyarrow lets go of the GIL while it reads and
     # decompresses), and enough windows at once that `reads` row groups are always being read.
-    readers = ThreadPoolExecutor(min(reads, per_window), thread_name_prefix="row-groups")
+    readers = ThreadPoolExecutor(reads, thread_name_prefix="row-groups")
     windows_at_once = math.ceil(reads / per_window)
     epoch = {"next": start_epoch}
 
@@ -326,6 +326,7 @@ def _read_row_group(
     path_index, row_group = groups.items[item]
     path = groups.paths[path_index]
     with open_shard(dataset, path) as handle:
+        # The footer read when the pipeline was built; the row group's columns in one request.
         table = pq.ParquetFile(
             handle, metadata=groups.footers[path_index], pre_buffer=True
         ).read_row_group(row_group, columns=["image", "labels"], use_threads=False)
