@@ -15,6 +15,7 @@ from benchmarks import (
     demo_report,
     demo_stages,
     driver,
+    input_pipeline,
     journal,
     mlflow_job_runner,
     parquet_vs_png,
@@ -30,6 +31,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     module.__name__.rsplit(".", 1)[1]: module
     for module in (
         parquet_vs_png,
+        input_pipeline,
         prepare_memory,
         mlflow_job_runner,
         s3_startup,

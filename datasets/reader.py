@@ -7,7 +7,9 @@ endpoint comes from the `cluster` resolver). Augmentation belongs to `trainable`
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +154,28 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
         return None
 
 
+def _columns_as_numpy(
+    batch: pa.RecordBatch | pa.Table, columns: tuple[str, ...], size: int
+) -> dict[str, np.ndarray]:
+    """Shard columns as numpy: image N×S×S×1 uint8 (no copy where the column is one chunk),
+    labels N×L float32 (NaN where unknown), other columns as object arrays."""
+    out: dict[str, np.ndarray] = {}
+    for name in columns:
+        column = batch.column(name)
+        if isinstance(column, pa.ChunkedArray):  # one chunk per row group: no copy
+            column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+        if name == "image":
+            data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+            start = column.offset * size * size
+            out[name] = data[start : start + len(column) * size * size].reshape(-1, size, size, 1)
+        elif name == "labels":
+            values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            out[name] = values.reshape(len(column), -1)
+        else:
+            out[name] = np.asarray(column.to_pylist(), dtype=object)
+    return out
+
+
 def iter_batches(
     dataset: PreparedDataset,
     split: str,
@@ -164,32 +188,17 @@ def iter_batches(
     """Yield column batches of a split as numpy arrays (image: N×S×S×1 uint8, labels: N×L float32).
 
     Files are dealt round-robin to `num_shards` workers; `shuffle_seed` shuffles
-    the file order (row order within a file is kept; the tf.data buffer mixes further).
+    the file order (row order within a file is kept).
     """
     paths = dataset.shard_paths(split)[shard_index::num_shards]
     if shuffle_seed is not None:
         np.random.default_rng(shuffle_seed).shuffle(paths)
-    size = dataset.image_size
     for path in paths:
         with dataset.open_shard(path) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(
                 batch_size=batch_rows, columns=list(columns)
             ):
-                out: dict[str, np.ndarray] = {}
-                for name in columns:
-                    column = batch.column(name)
-                    if name == "image":
-                        data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
-                        start = column.offset * size * size
-                        out[name] = data[start : start + len(column) * size * size].reshape(
-                            -1, size, size, 1
-                        )
-                    elif name == "labels":
-                        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-                        out[name] = values.reshape(len(column), -1)
-                    else:
-                        out[name] = np.asarray(column.to_pylist(), dtype=object)
-                yield out
+                yield _columns_as_numpy(batch, columns, dataset.image_size)
 
 
 def read_split(
@@ -202,6 +211,44 @@ def read_split(
     return {name: np.concatenate([part[name] for part in parts]) for name in columns}
 
 
+# Rows the example shuffle mixes at once, at most: also bounded by SHUFFLE_BYTES of images,
+# since a trial holds such windows in memory, one being batched and as many being read as its
+# CPUs need (64 MiB is about 1,300 images at 224 px, 256 at 512 px).
+SHUFFLE_ROWS = 2048
+SHUFFLE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _RowGroups:
+    """The (shard, row group) pairs of a split that one reader reads, from the shards' footers."""
+
+    paths: list[str]
+    footers: list[pq.FileMetaData]
+    items: list[tuple[int, int]]  # (index into paths, row group)
+    rows: list[int]  # rows of each item
+
+    @classmethod
+    def of(
+        cls, dataset: PreparedDataset, split: str, shard_index: int, num_shards: int
+    ) -> _RowGroups:
+        paths = dataset.shard_paths(split)
+        footers = []
+        for path in paths:
+            try:
+                with dataset.open_shard(path) as handle:
+                    footers.append(pq.ParquetFile(handle).metadata)
+            except (OSError, pa.ArrowInvalid) as err:
+                raise DatasetError(
+                    f"{dataset.uri}: shard {path} cannot be read as Parquet ({err}); the "
+                    "dataset is damaged, prepare it again"
+                ) from None
+        every = [(p, g) for p, footer in enumerate(footers) for g in range(footer.num_row_groups)]
+        # Row groups, not files, are dealt to readers: a split of one shard still spreads.
+        items = every[shard_index::num_shards]
+        rows = [footers[p].row_group(g).num_rows for p, g in items]
+        return cls(paths, footers, items, rows)
+
+
 def make_tf_dataset(
     dataset: PreparedDataset,
     split: str,
@@ -210,43 +257,105 @@ def make_tf_dataset(
     seed: int = 0,
     shard_index: int = 0,
     num_shards: int = 1,
-    shuffle_buffer: int = 2048,
-    cache: bool = False,
+    shuffle_buffer: int = SHUFFLE_ROWS,
     start_epoch: int = 0,
+    parallel_reads: int = 1,
 ):
     """A `tf.data.Dataset` of `(image uint8 [S,S,1], labels float32 [L], mask float32 [L])` batches.
 
-    `mask` is 0 where a label is unknown (NaN in the shard, e.g. CheXpert's
-    ignored uncertain labels) and such labels are set to 0. Without `shuffle`
-    the order is the manifest's, every time. With `shuffle` each pass draws a
-    new file order and buffer order from `seed` and the epoch number, counted
-    from `start_epoch` (so a resumed trial does not replay epoch 0's order).
-    `cache` keeps decoded batches in memory after the first pass (small datasets only).
+    `mask` is 0 where a label is unknown (NaN in the shard, e.g. CheXpert's ignored uncertain
+    labels) and such labels are set to 0. The split's row groups (from the shard footers, read
+    once here) are read `parallel_reads` at a time, which should be the CPUs the caller was
+    given, not the machine's. Without `shuffle` the order is the manifest's, every time. With
+    `shuffle` each pass is one epoch, counted from `start_epoch`: its row-group order and its
+    example order (mixed within windows of `shuffle_buffer` rows, at most SHUFFLE_BYTES of
+    images) depend only on `seed` and the epoch number, so a trial resumed at epoch k reads
+    exactly what an uninterrupted one read in epoch k. `shard_index`/`num_shards` deal the row
+    groups round-robin to readers. The dataset knows its length in batches.
     """
     import tensorflow as tf
 
     size = dataset.image_size
     num_labels = len(dataset.labels)
-    epoch = {"n": start_epoch}
+    groups = _RowGroups.of(dataset, split, shard_index, num_shards)
+    largest = max(groups.rows, default=1)
+    window_rows = max(1, min(shuffle_buffer, SHUFFLE_BYTES // (size * size)))
+    per_window = max(1, window_rows // largest) if shuffle else 1
+    windows = math.ceil(len(groups.items) / per_window)
+    reads = max(1, parallel_reads)
+    # A window's row groups are read side by side (pyarrow lets go of the GIL while it reads and
+    # decompresses), and enough windows at once that `reads` row groups are always being read.
+    readers = ThreadPoolExecutor(reads, thread_name_prefix="row-groups")
+    windows_at_once = math.ceil(reads / per_window)
+    epoch = {"next": start_epoch}
 
-    def generate():
-        file_seed = seed + epoch["n"] if shuffle else None
-        epoch["n"] += 1
-        for batch in iter_batches(
-            dataset, split, shard_index=shard_index, num_shards=num_shards, shuffle_seed=file_seed
-        ):
-            labels = batch["labels"]
-            mask = (~np.isnan(labels)).astype(np.float32)
-            yield batch["image"], np.nan_to_num(labels, nan=0.0), mask
+    def plan() -> Iterator[tuple[int, int]]:
+        """(epoch, window) for each window of one pass, in order."""
+        current = epoch["next"]
+        if shuffle:
+            epoch["next"] += 1
+        for window in range(windows):
+            yield current, window
 
-    signature = (
-        tf.TensorSpec((None, size, size, 1), tf.uint8),
-        tf.TensorSpec((None, num_labels), tf.float32),
-        tf.TensorSpec((None, num_labels), tf.float32),
+    def read_window(current: np.int64, window: np.int64):
+        order = np.arange(len(groups.items))
+        if shuffle:
+            order = np.random.default_rng([seed, int(current)]).permutation(order)
+        chosen = order[int(window) * per_window : (int(window) + 1) * per_window]
+        parts = list(readers.map(lambda item: _read_row_group(dataset, groups, int(item)), chosen))
+        if shuffle:
+            # One copy from the row groups straight to their shuffled places.
+            rows = sum(len(part["labels"]) for part in parts)
+            places = np.random.default_rng([seed, int(current), int(window)]).permutation(rows)
+            images = np.empty((rows, size, size, 1), np.uint8)
+            labels = np.empty((rows, num_labels), np.float32)
+            start = 0
+            for part in parts:
+                end = start + len(part["labels"])
+                images[places[start:end]] = part["image"]
+                labels[places[start:end]] = part["labels"]
+                start = end
+        else:
+            (part,) = parts
+            images, labels = part["image"], part["labels"]
+        mask = (~np.isnan(labels)).astype(np.float32)
+        return images, np.nan_to_num(labels, nan=0.0), mask
+
+    def read(current, window):
+        images, labels, mask = tf.numpy_function(
+            read_window, [current, window], (tf.uint8, tf.float32, tf.float32), stateful=False
+        )
+        return (
+            tf.ensure_shape(images, (None, size, size, 1)),
+            tf.ensure_shape(labels, (None, num_labels)),
+            tf.ensure_shape(mask, (None, num_labels)),
+        )
+
+    windows_of_a_pass = tf.data.Dataset.from_generator(
+        plan, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
     )
-    data = tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
-    if cache:
-        data = data.cache()
-    if shuffle:
-        data = data.shuffle(shuffle_buffer, seed=seed + start_epoch, reshuffle_each_iteration=True)
-    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    data = (
+        windows_of_a_pass.map(read, num_parallel_calls=windows_at_once, deterministic=True)
+        .rebatch(batch_size)
+        .apply(tf.data.experimental.assert_cardinality(math.ceil(sum(groups.rows) / batch_size)))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    options = tf.data.Options()
+    # tf.data otherwise sizes its thread pool and autotuning budget by the machine's cores.
+    options.threading.private_threadpool_size = reads
+    options.autotune.cpu_budget = reads
+    options.deterministic = True
+    return data.with_options(options)
+
+
+def _read_row_group(
+    dataset: PreparedDataset, groups: _RowGroups, item: int
+) -> dict[str, np.ndarray]:
+    path_index, row_group = groups.items[item]
+    path = groups.paths[path_index]
+    with dataset.open_shard(path) as handle:
+        # The footer read when the pipeline was built; the row group's columns in one request.
+        table = pq.ParquetFile(
+            handle, metadata=groups.footers[path_index], pre_buffer=True
+        ).read_row_group(row_group, columns=["image", "labels"], use_threads=False)
+    return _columns_as_numpy(table, ("image", "labels"), dataset.image_size)

@@ -20,6 +20,7 @@ from tests.conftest import REPO
 # A line each benchmark prints once it has measured both sides; a new benchmark needs a row.
 RESULT_LINES = {
     "parquet_vs_png": "ratio parquet/png:",
+    "input_pipeline": "ratio fit pipeline/in-memory:",
     "prepare_memory": "ratio peak RSS",
     "mlflow_job_runner": "ratio default/ours:",
     "s3_startup": "ratio mlflow/s3",

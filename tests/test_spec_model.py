@@ -62,7 +62,8 @@ def test_the_gpu_examples_are_real_gpu_sweeps() -> None:
         spec = load_spec(EXAMPLES[0].parent / name)
         assert spec.trial["backbone"] == "densenet121" and spec.trial["image_size"] == 224
         assert spec.trial["weights"] == ""  # from scratch
-        assert (spec.resources.gpus, spec.resources.cpus) == (1, 8)
+        # 2 CPUs: what `python -m benchmarks input_pipeline` works out for one GPU's input
+        assert (spec.resources.gpus, spec.resources.cpus) == (1, 2)
         assert spec.dataset.startswith("s3://") and spec.storage.startswith("s3://")
         assert {"learning_rate", "weight_decay", "dropout", "batch_size", "lr_schedule"} <= set(
             spec.space

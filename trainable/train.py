@@ -157,7 +157,9 @@ class _Data:
         self._make = make_tf_dataset
         self.config = config
 
-    def train_pipeline(self, start_epoch: int):
+    def train_pipeline(self, start_epoch: int, cpus: int):
+        """The shuffled training batches from `start_epoch` on, read and resized with `cpus`
+        threads (the trial's CPUs, not the machine's), as (images, labels and mask packed)."""
         import tensorflow as tf
 
         size = self.image_size
@@ -175,11 +177,9 @@ class _Data:
             shuffle=True,
             seed=self.config.seed,
             start_epoch=start_epoch,
+            parallel_reads=cpus,
         )
-        # The reader streams from a generator; telling Keras the epoch length
-        # keeps it from guessing (and warning) at every epoch end.
-        steps = tf.data.experimental.assert_cardinality(self.steps_per_epoch)
-        return pipeline.map(pack, num_parallel_calls=tf.data.AUTOTUNE).apply(steps)
+        return pipeline.map(pack, num_parallel_calls=cpus, deterministic=True)
 
 
 def _build_or_restore(config: TrialConfig, data: _Data, restore: Path | None):
@@ -356,7 +356,7 @@ def run_trial(
     if start_epoch >= config.epochs:
         return dict(state.get("metrics", {})) if state else {}
     model.fit(
-        data.train_pipeline(start_epoch),
+        data.train_pipeline(start_epoch, runtime["cpus"]),
         epochs=config.epochs,
         initial_epoch=start_epoch,
         callbacks=[EpochReport()],
