@@ -59,7 +59,7 @@ class TrialConfig:
     seed: int = 0  # initial weights, shuffling and augmentation
     mixed_precision: str = "auto"  # auto (on with a GPU) | on (= mixed_float16) | off | bfloat16
     xla: bool = False  # compile the training step with XLA
-    cpus: int = 0  # TF threads; 0 = the Ray trial's or task's CPU allocation, else all cores
+    cpus: int = 0  # TF threads, row-group reads; 0 = the Ray trial's/task's CPUs, else all cores
     cpu_devices: int = 1  # > 1 without GPUs: that many logical CPUs, trained as several GPUs are
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always)
     train_splits: str = "train"  # train | train+val (the final retrain may add validation)

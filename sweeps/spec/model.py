@@ -74,8 +74,9 @@ class Resources(_Section):
     """What one trial reserves on the cluster: CPUs (> 0, fractions allowed) and GPUs (>= 0)."""
 
     cpus: float = Field(1.0, gt=0)
-    """CPUs Ray reserves for each trial (fractions allowed); TensorFlow runs as many threads
-    unless `trial.cpus` says otherwise."""
+    """CPUs Ray reserves for each trial (fractions allowed); TensorFlow runs as many threads,
+    and the input pipeline reads as many row groups at once, unless `trial.cpus` says
+    otherwise."""
     gpus: float = Field(0.0, ge=0)
     """GPUs Ray reserves for each trial: a fraction up to 1 shares one GPU (`0.5`: two trials
     on each), more than 1 is a whole number; a trial with several trains on all of them
