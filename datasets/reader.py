@@ -180,17 +180,15 @@ def iter_batches(
     dataset: PreparedDataset,
     split: str,
     batch_rows: int = 256,
-    shard_index: int = 0,
-    num_shards: int = 1,
     shuffle_seed: int | None = None,
     columns: tuple[str, ...] = ("image", "labels"),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield column batches of a split as numpy arrays (image: N×S×S×1 uint8, labels: N×L float32).
 
-    Files are dealt round-robin to `num_shards` workers; `shuffle_seed` shuffles
-    the file order (row order within a file is kept).
+    `shuffle_seed` shuffles the file order (row order within a file is kept). Training reads
+    through `make_tf_dataset`, which deals row groups rather than files.
     """
-    paths = dataset.shard_paths(split)[shard_index::num_shards]
+    paths = dataset.shard_paths(split)
     if shuffle_seed is not None:
         np.random.default_rng(shuffle_seed).shuffle(paths)
     for path in paths:

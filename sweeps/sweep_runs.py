@@ -300,7 +300,7 @@ class SweepRuns:
                 self._status[run_id] = "RUNNING"
             return 0
         if kind == "metrics":
-            return self.log_metrics(trial_id, config, [event_row(event)], reopen=live)
+            return self.apply_metrics([event], live=live)
         if kind == "end":
             self.end_trial(trial_id, config, event["reason"], event["status"])
             return 0
