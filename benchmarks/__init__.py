@@ -21,6 +21,7 @@ from benchmarks import (
     parquet_vs_png,
     prepare_memory,
     s3_startup,
+    scale,
     shard_cache,
     startup_per_backbone,
     tune_trial,
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         driver,
         journal,
         shard_cache,
+        scale,
         demo_report,
         demo_stages,
     )

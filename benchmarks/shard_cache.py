@@ -138,13 +138,32 @@ def run_sweeps(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def start_cached_cluster(work: Path, keys: dict[str, str]) -> tuple[Any, list, list, dict, int]:
+    """The tests' three-node cluster, each node with a shard cache folder of its own and S3
+    reached through a relay port (the relay itself runs in the child, beside the driver):
+    (cluster, node records, cache folders, the nodes' S3 variables, the relay port)."""
+    from tests.conftest import start_cluster
+
+    relay_port = free_port()
+    s3_env = {
+        **keys,
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{relay_port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    caches = [work / f"cache-node{index}" for index in range(3)]
+    cluster, nodes = start_cluster(
+        s3_env, [{"CHESTXPERT_SHARD_CACHE": str(folder)} for folder in caches]
+    )
+    return cluster, nodes, caches, s3_env, relay_port
+
+
 def run(smoke: bool = False) -> None:
     import boto3
 
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.datasets.prepare import PrepareOptions, prepare
     from chestxpert.datasets.synth import generate
-    from tests.conftest import start_cluster, stop_cluster
+    from tests.conftest import stop_cluster
 
     size = SMOKE if smoke else FULL
     with scratch_dir() as work, services() as records:
@@ -170,16 +189,7 @@ def run(smoke: bool = False) -> None:
                 key = f"datasets/bench/{path.relative_to(work / 'prepared')}"
                 client.upload_file(str(path), LOCAL_BUCKET, key)
         dataset = f"s3://{LOCAL_BUCKET}/datasets/bench"
-        relay_port = free_port()  # the relay itself runs in the child, beside the driver
-        s3_env = {
-            **keys,
-            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{relay_port}",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        caches = [work / f"cache-node{index}" for index in range(3)]
-        cluster, nodes = start_cluster(
-            s3_env, [{"CHESTXPERT_SHARD_CACHE": str(folder)} for folder in caches]
-        )
+        cluster, nodes, caches, s3_env, relay_port = start_cached_cluster(work, keys)
         read = manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]
         read_bytes = sum(manifest["shard_checks"][shard]["bytes"] for shard in read)
         print(

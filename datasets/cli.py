@@ -60,8 +60,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         force=args.force,
         workers=args.workers,
         shard_rows=args.shard_rows,
+        on_cluster=args.on_cluster,
     )
-    endpoints = resolve(s3_endpoint_url=args.s3_endpoint, workspace=args.workspace)
+    if args.address and not args.on_cluster:
+        print(f"note: --address {args.address} is used only with --on-cluster; preparing here")
+    endpoints = resolve(
+        ray_address=args.address, s3_endpoint_url=args.s3_endpoint, workspace=args.workspace
+    )
     manifest = prepare(args.input, args.out, opts, endpoints)
     counts = {split: info["images"] for split, info in manifest["splits"].items()}
     print(
@@ -165,6 +170,17 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     )
     prep.add_argument(
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL…)"
+    )
+    prep.add_argument(
+        "--on-cluster",
+        action="store_true",
+        help="decode on a Ray cluster's CPUs, one task per shard (--input and --out must be "
+        "s3:// URIs; the digest is the same as a local prepare's)",
+    )
+    prep.add_argument(
+        "--address",
+        default=None,
+        help="with --on-cluster: the Ray address (else RAY_ADDRESS, the local stack, in-process)",
     )
     prep.set_defaults(func=cmd_prepare)
     return data_sub

@@ -195,6 +195,7 @@ class DatasetWriter:
         self.uri = normalize_storage_uri(uri)
         self.fs, self.root = storage_filesystem(endpoints, self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.staging_key = ""
         self.staging = ""
         self._scratch: Path | None = None  # local folder for shards being written
         self._lock: Any = None  # the open lock file of a local staging area
@@ -215,6 +216,7 @@ class DatasetWriter:
 
     def stage(self, key: str) -> None:
         """Open the staging area of inputs-and-options `key`, creating it or finding it again."""
+        self.staging_key = key
         self.staging = f"{self.root}/{GENERATIONS}/{STAGING_MARK}{key}"
         if not self.is_local:
             self._scratch = Path(tempfile.mkdtemp(prefix="chestxpert-shards-"))
@@ -259,13 +261,18 @@ class DatasetWriter:
         """Journal entries of the staged shards `name`-00000, -00001, … whose file still has the
         size and SHA-256 its entry gives, up to the first one missing or not matching."""
         kept = []
-        while True:
-            relative = f"{name}-{len(kept):05d}"
-            entry = read_json(self.fs, f"{self.staging}/{STAGED_JOURNAL}/{relative}.json")
-            if not isinstance(entry, dict) or not self._holds(entry):
-                return kept
-            self._record(entry)
+        while (entry := self.staged_entry(f"{name}-{len(kept):05d}")) is not None:
             kept.append(entry)
+        return kept
+
+    def staged_entry(self, journal: str) -> dict[str, Any] | None:
+        """The journal entry named `journal` if its staged shard still has the size and SHA-256
+        the entry gives (the shard is then recorded for the manifest), else None."""
+        entry = read_json(self.fs, f"{self.staging}/{STAGED_JOURNAL}/{journal}.json")
+        if not isinstance(entry, dict) or not self._holds(entry):
+            return None
+        self.record(entry)
+        return entry
 
     def _holds(self, entry: dict[str, Any]) -> bool:
         path = f"{self.staging}/{STAGED_SHARDS}/{entry.get('shard')}"
@@ -275,8 +282,9 @@ class DatasetWriter:
         with self.fs.open_input_stream(path) as stream:
             return _sha256(stream) == entry.get("sha256")
 
-    def stage_file(self, scratch: Path, entry: dict[str, Any]) -> None:
-        """Move a finished shard from `scratch_file` into staging, then record `entry` for it.
+    def stage_file(self, scratch: Path, entry: dict[str, Any]) -> dict[str, Any]:
+        """Move a finished shard from `scratch_file` into staging, then record `entry` for it;
+        return the entry as journalled.
 
         `entry["shard"]` is the shard's path in the generation and `entry["journal"]` the name
         of its entry; the size and SHA-256 are added here, from the file as written.
@@ -296,9 +304,11 @@ class DatasetWriter:
             scratch.unlink()
         journal = f"{self.staging}/{STAGED_JOURNAL}/{entry['journal']}.json"
         self._replace(journal[len(self.root) + 1 :], _json_bytes(entry))  # whole, or absent
-        self._record(entry)
+        self.record(entry)
+        return entry
 
-    def _record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: dict[str, Any]) -> None:
+        """Note a staged shard's size and SHA-256 (from its journal entry) for the manifest."""
         self.shard_checks[entry["shard"]] = {"bytes": entry["bytes"], "sha256": entry["sha256"]}
 
     def stage_bytes(self, relative: str, payload: bytes) -> None:
@@ -335,9 +345,11 @@ class DatasetWriter:
                 self._discard(Path(self.staging))
         elif self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
             self.fs.delete_dir(self.staging)
-        self._drop_scratch()
+        self.release()
 
-    def _drop_scratch(self) -> None:
+    def release(self) -> None:
+        """Let go of the staging area (its lock) and remove the local scratch files; the staged
+        shards stay."""
         if self._lock is not None:
             self._lock.close()  # releases the staging area
             self._lock = None
@@ -399,7 +411,7 @@ class DatasetWriter:
             kept = len(self.fs.get_file_info(selector))
             if not kept:
                 self.drop_staging()
-        self._drop_scratch()
+        self.release()
         if not kept and self.is_local:
             for folder in reversed(self._created):
                 try:

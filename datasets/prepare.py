@@ -72,6 +72,7 @@ class PrepareOptions:
     workers: int | None = None
     shard_rows: int = 2000
     progress: bool = True
+    on_cluster: bool = False  # one Ray task per shard (`datasets.prepare_cluster`)
 
 
 def check_options(opts: PrepareOptions) -> None:
@@ -375,12 +376,12 @@ def _placed_boxes(boxes: list[tuple], placement: tuple[float, float, float]) -> 
     ]
 
 
-def _shard_name(split: str, index: int) -> str:
+def shard_name(split: str, index: int) -> str:
     """A shard's path within its generation."""
     return f"{split}/part-{index:05d}.parquet"
 
 
-class _SplitShards:
+class SplitShards:
     """One split's shards as its images arrive in order: rows go to the open shard a row group
     at a time, and a shard that reaches `shard_rows` is staged with its journal entry at once.
 
@@ -409,6 +410,22 @@ class _SplitShards:
         self._pending: list[tuple[int, bytes, list[dict]]] = []
         self._rows: list[list[str]] = []
         self._bad: list[list[str]] = []
+        self.entries: list[dict[str, Any]] = []  # the journal entries of the shards staged here
+
+    def add_decoded(
+        self, row: int, decoded: tuple, location: str, source_boxes: list[tuple]
+    ) -> bytes | tuple[str, str, str]:
+        """Take one image as `decode_stream` gave it (row `row` of the image table, read from
+        `location`, with its boxes in source pixels): add it and return its pixel hash, or note
+        it as bad and return its (image id, location, problem) record."""
+        image_id, pixels, placement, problem = decoded
+        if problem:
+            record = (image_id, location, problem)
+            self.note_bad(record)
+            return record
+        pixel_hash = hashlib.sha256(pixels).digest()
+        self.add(row, pixels, _placed_boxes(source_boxes, placement), pixel_hash)
+        return pixel_hash
 
     def add(self, row: int, pixels: bytes, boxes: list[dict], pixel_hash: bytes) -> None:
         """Append one decoded image (row `row` of the image table) to the open shard."""
@@ -448,7 +465,7 @@ class _SplitShards:
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
 
     def _relative(self) -> str:
-        return _shard_name(self.split, self.count)
+        return shard_name(self.split, self.count)
 
     def _stage(self) -> None:
         if self._pending:
@@ -462,20 +479,20 @@ class _SplitShards:
             "rows": self._rows,
             "bad": self._bad,
         }
-        self.output.stage_file(self._scratch, entry)
+        self.entries.append(self.output.stage_file(self._scratch, entry))
         self.count += 1
         self._rows, self._bad = [], []
 
 
 @dataclass
-class _Staged:
+class Staged:
     """What streaming the images produced: the digest, the rows used, the images left out, and
-    how many shards each split has in staging."""
+    each split's staged shards (their paths in the generation, in order)."""
 
     digest: str
     used_rows: list[int]
     bad: list[tuple[str, str, str]]
-    shard_counts: dict[str, int]
+    shards: dict[str, list[str]]
 
 
 def _stage_shards(
@@ -485,9 +502,9 @@ def _stage_shards(
     opts: PrepareOptions,
     source: InputFolder,
     endpoints: Endpoints,
-) -> _Staged:
+) -> Staged:
     """Decode every image not in an already staged shard and stage shards as they fill,
-    computing the content digest on the way, in image order (`_digest_start`)."""
+    computing the content digest on the way, in image order (`digest_start`)."""
     labels = table.labels
     row_of = {image_id: row for row, image_id in enumerate(images["image_id"])}
     kept_hash: dict[str, str] = {}
@@ -501,7 +518,7 @@ def _stage_shards(
             kept_bad.update((record[0], tuple(record)) for record in entry["bad"])
         if entries:
             covered_to[split] = row_of[entries[-1]["rows"][-1][0]]
-        splits[split] = _SplitShards(split, output, images, opts, labels, staged=len(entries))
+        splits[split] = SplitShards(split, output, images, opts, labels, staged=len(entries))
     image_ids, image_splits = images["image_id"].tolist(), images["split"].tolist()
     covered = [row <= covered_to.get(split, -1) for row, split in enumerate(image_splits)]
     todo = [row for row in range(len(images)) if not covered[row]]
@@ -512,9 +529,7 @@ def _stage_shards(
         )
     paths = images["path"].tolist()
     tasks = ((image_ids[row], source.locate(paths[row]), opts.image_size) for row in todo)
-    boxes_by_image: dict[str, list[tuple]] = {}
-    for box in table.boxes.itertuples(index=False):
-        boxes_by_image.setdefault(box.image_id, []).append((box.label, box.x, box.y, box.w, box.h))
+    boxes_by_image = source_boxes(table)
     from tqdm import tqdm
 
     bar = tqdm(
@@ -525,7 +540,7 @@ def _stage_shards(
         mininterval=1.0,
     )
     results = decode_stream(tasks, opts.workers or os.cpu_count() or 1, endpoints, source.uri)
-    digest = _digest_start(labels, opts, table.synthetic)
+    digest = digest_start(labels, opts, table.synthetic)
     label_matrix = images[list(labels)].to_numpy(dtype=np.float32)
     used_rows, bad = [], []
     try:
@@ -539,18 +554,17 @@ def _stage_shards(
                     raise AssertionError(f"staged shards skip {image_id}: the staging key is wrong")
                 pixel_hash = bytes.fromhex(kept_hash[image_id])
             else:
-                decoded_id, pixels, placement, problem = next(results)
+                decoded = next(results)
                 bar.update()
-                assert decoded_id == image_id, (decoded_id, image_id)
-                if problem:
-                    record = (image_id, source.locate(paths[row]), problem)
-                    bad.append(record)
-                    splits[split].note_bad(record)
+                assert decoded[0] == image_id, (decoded[0], image_id)
+                taken = splits[split].add_decoded(
+                    row, decoded, source.locate(paths[row]), boxes_by_image.get(image_id, [])
+                )
+                if isinstance(taken, tuple):
+                    bad.append(taken)
                     continue
-                pixel_hash = hashlib.sha256(pixels).digest()
-                boxes = _placed_boxes(boxes_by_image.get(image_id, []), placement)
-                splits[split].add(row, pixels, boxes, pixel_hash)
-            _digest_image(digest, image_id, split, label_matrix[row], pixel_hash)
+                pixel_hash = taken
+            digest_image(digest, image_id, split, label_matrix[row], pixel_hash)
             used_rows.append(row)
         for shards in splits.values():
             shards.finish()
@@ -559,7 +573,16 @@ def _stage_shards(
         bar.close()
         for shards in splits.values():
             shards.close()
-    return _Staged(digest.hexdigest(), used_rows, bad, {s: splits[s].count for s in SPLITS})
+    shards = {s: [shard_name(s, index) for index in range(splits[s].count)] for s in SPLITS}
+    return Staged(digest.hexdigest(), used_rows, bad, shards)
+
+
+def source_boxes(table: SourceTable) -> dict[str, list[tuple]]:
+    """Each image's boxes as (label, x, y, w, h) in source pixels, by image id."""
+    boxes: dict[str, list[tuple]] = {}
+    for box in table.boxes.itertuples(index=False):
+        boxes.setdefault(box.image_id, []).append((box.label, box.x, box.y, box.w, box.h))
+    return boxes
 
 
 # --- input -------------------------------------------------------------------------------------
@@ -653,6 +676,10 @@ def prepare(
     started = time.monotonic()
     check_options(opts)
     endpoints = endpoints or resolve()
+    if opts.on_cluster:
+        from chestxpert.datasets.prepare_cluster import check_cluster_locations
+
+        check_cluster_locations(input_uri, out_uri)
     output = DatasetWriter(check_target(input_uri, out_uri, endpoints), endpoints)
     try:
         with open_input(input_uri, endpoints) as source:
@@ -680,7 +707,12 @@ def _prepare_into(
     images = table.images.copy().sort_values("image_id", kind="stable").reset_index(drop=True)
     images["split"] = assign_splits(images, opts)
     output.stage(_staging_key(images, table, opts, source))
-    staged = _stage_shards(output, images, table, opts, source, endpoints)
+    if opts.on_cluster:
+        from chestxpert.datasets.prepare_cluster import stage_on_cluster
+
+        staged = stage_on_cluster(output, images, table, opts, source, endpoints)
+    else:
+        staged = _stage_shards(output, images, table, opts, source, endpoints)
     bad = staged.bad
     if bad and opts.on_bad_image == "fail":
         listing = "\n".join(f"  {path}: {problem}" for _, path, problem in bad[:10])
@@ -749,7 +781,7 @@ def _prepare_into(
         part = images[images["split"] == split]
         label_matrix = part[list(labels)].to_numpy(dtype=np.float64)
         pos_w, neg_w, positives, negatives = loss_weights(label_matrix)
-        shards = [_shard_name(split, index) for index in range(staged.shard_counts[split])]
+        shards = staged.shards[split]
         manifest["splits"][split] = {
             "images": len(part),
             "patients": int(part["patient_id"].nunique()),
@@ -787,6 +819,10 @@ def _staging_key(
         "shard_rows": opts.shard_rows,
         "row_group_rows": ROW_GROUP_ROWS,
     }
+    if opts.on_cluster:
+        # Each task fills its shard from a fixed run of images, bad ones left out, where a local
+        # run fills every shard: staged shards of one kind are never taken for the other.
+        params["shards"] = "one per task"
     key.update(json.dumps(params, sort_keys=True).encode())
     rows = images.drop(columns=["path"]).assign(
         location=[source.locate(path) for path in images["path"]],
@@ -813,9 +849,9 @@ def _digest_params(labels: tuple[str, ...], opts: PrepareOptions, synthetic: boo
     return params
 
 
-def _digest_start(labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool) -> Any:
+def digest_start(labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool) -> Any:
     """Begin the content digest: SHA-256 over the parameters and then, per image used in image
-    order, its id, split, labels and pixels (`_digest_image`).
+    order, its id, split, labels and pixels (`digest_image`).
 
     Synthetic phantoms digest differently from the same files without their marker, so a
     dataset prepared before the mark existed is replaced (with --force), not reused unmarked.
@@ -825,7 +861,7 @@ def _digest_start(labels: tuple[str, ...], opts: PrepareOptions, synthetic: bool
     return digest
 
 
-def _digest_image(
+def digest_image(
     digest: Any, image_id: str, split: str, labels: np.ndarray, pixel_hash: bytes
 ) -> None:
     """Add one image to the content digest: `labels` as float32, `pixel_hash` the SHA-256 of its

@@ -66,6 +66,7 @@ SLOWEST_FILES = (
     "test_readme.py",
     "test_sweep_operate.py",
     "test_stack_crashes.py",
+    "test_prepare_cluster.py",
     "test_shard_cache.py",
 )
 
@@ -236,6 +237,19 @@ class S3Endpoint:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    def client(self):
+        """A boto3 client for this endpoint."""
+        import boto3
+
+        env = self.env()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[S3Endpoint]:
@@ -251,16 +265,7 @@ def s3_endpoint() -> Iterator[S3Endpoint]:
 @pytest.fixture
 def s3_client(s3_endpoint: S3Endpoint):
     """A boto3 client for the test endpoint."""
-    import boto3
-
-    env = s3_endpoint.env()
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint.url,
-        region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    return s3_endpoint.client()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ RESULT_LINES = {
     "driver": "with callback over 1 rounds: trials/min",
     "journal": "the journal adds",
     "shard_cache": "ratio cached/streamed:",
+    "scale": "peak RSS 120 / 30 images:",
     "demo_report": "pointing game above the centre baseline for 1 of 1 findings",
     # a whole demo is too long for a smoke run; tests/test_demo.py checks its stage line
     "demo_stages": "smoke mode runs no demo",
@@ -42,6 +43,7 @@ STARTS_SERVICES = {
     "asha",
     "driver",
     "shard_cache",
+    "scale",
 }
 TIMEOUT_S = 900
 
