@@ -672,6 +672,9 @@ def prepare(
     command run again keeps them and continues. Re-running on the same input gives the same
     digest and leaves an identical dataset untouched; replacing a different one needs `force`,
     and adds a new generation beside the old one, which stays readable until `chestxpert data gc`.
+    With `opts.on_cluster` the decoding runs as one Ray task per shard on the cluster `endpoints`
+    names (`datasets.prepare_cluster`; input and output must then be `s3://`), with the same
+    digest.
     """
     started = time.monotonic()
     check_options(opts)
