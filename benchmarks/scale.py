@@ -276,8 +276,9 @@ def run(smoke: bool = False) -> None:
                 finally:
                     stop_cluster(nodes)
                 report_prepare(f"prepare {images} (--on-cluster, 3 nodes)", on_cluster)
-                same = on_cluster["digest"] == results[images]["digest"]
-                print(f"  cluster digest = local digest: {'yes' if same else 'NO'}", flush=True)
+                if on_cluster["digest"] != results[images]["digest"]:
+                    raise RuntimeError("the cluster prepare's digest differs from the local one")
+                print("  cluster digest = local digest: yes", flush=True)
             delete_prefix(client, source.removeprefix(f"s3://{LOCAL_BUCKET}/"))
         small, large = (results[images] for images in size.images)
         worst = max(small["tree_rss_mb"], large["tree_rss_mb"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ TARGET = 1.1
 
 
 class CountingRelay:
-    """A TCP relay on loopback in front of `target_url` that counts the bytes coming back."""
+    """A TCP relay on loopback in front of `target_url` that counts the bytes coming back, each
+    piece of them (up to 64 KiB) held `delay_s` first: a slow network, where a test needs one."""
 
-    def __init__(self, target_url: str, port: int) -> None:
+    def __init__(self, target_url: str, port: int, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
         target = urlparse(target_url)
         self.target = (target.hostname, target.port)
         self.server = socket.create_server(("127.0.0.1", port))
@@ -61,6 +64,8 @@ class CountingRelay:
     def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         try:
             while data := source.recv(1 << 16):
+                if counted and self.delay_s:
+                    time.sleep(self.delay_s)
                 sink.sendall(data)
                 if counted:
                     with self._lock:

@@ -274,6 +274,12 @@ class DatasetWriter:
         self.record(entry)
         return entry
 
+    def holds_size(self, entry: dict[str, Any]) -> bool:
+        """Whether the staged shard of `entry` has the size the entry gives (one HEAD request;
+        `staged_entry` checks the SHA-256 too)."""
+        info = self.fs.get_file_info(f"{self.staging}/{STAGED_SHARDS}/{entry.get('shard')}")
+        return info.type == pafs.FileType.File and info.size == entry.get("bytes")
+
     def _holds(self, entry: dict[str, Any]) -> bool:
         path = f"{self.staging}/{STAGED_SHARDS}/{entry.get('shard')}"
         info = self.fs.get_file_info(path)

@@ -222,6 +222,9 @@ def loss_weights(labels: np.ndarray) -> tuple[list[float], list[float], list[int
 DECODE_CHUNK = 16
 TASKS_AHEAD_PER_WORKER = 4
 
+# The problem recorded for an image object that listed but could not be fetched.
+UNREADABLE_OBJECT = "cannot be read from S3"
+
 # The input store of the decode workers, when images are read object by object from S3.
 _input_fs: pafs.FileSystem | None = None
 
@@ -276,7 +279,7 @@ def _decode_object(task: tuple[str, str, int]) -> tuple:
             with _input_fs.open_input_stream(uri.removeprefix("s3://")) as stream:
                 shutil.copyfileobj(stream, local, 1 << 20)
         except OSError as err:
-            return image_id, None, (0.0, 0.0, 0.0), f"cannot be read from S3 ({err})"
+            return image_id, None, (0.0, 0.0, 0.0), f"{UNREADABLE_OBJECT} ({err})"
         local.flush()
         return _decode_one((image_id, local.name, size))
 

@@ -27,6 +27,7 @@ import pandas as pd
 from chestxpert.cluster.endpoints import Endpoints, worker_endpoints
 from chestxpert.datasets.output import DatasetWriter
 from chestxpert.datasets.prepare import (
+    UNREADABLE_OBJECT,
     InputFolder,
     PrepareOptions,
     SplitShards,
@@ -38,8 +39,8 @@ from chestxpert.datasets.prepare import (
 )
 from chestxpert.datasets.schema import SPLITS, DatasetError, SourceTable
 
-# Attempts Ray makes again at a task whose worker or node died (a task that raised is not
-# retried: the error is the user's to see).
+# Attempts Ray makes again at a task whose worker or node died, or that could not read an
+# image object or write its shard (OSError); a task that raised anything else is not retried.
 TASK_RETRIES = 3
 
 
@@ -80,16 +81,20 @@ def prepare_shard(job: ShardJob) -> dict[str, Any]:
     output = DatasetWriter(job.out_uri, endpoints)
     output.stage(job.staging_key)
     try:
+        ids = job.images["image_id"].tolist()
         entry = output.staged_entry(f"{job.split}-{job.index:05d}")
-        if entry is not None:
+        if entry is not None and _covers(entry, ids):
             return {"entry": entry, "bad": entry["bad"], "kept": True}
         shards = SplitShards(job.split, output, job.images, job.opts, job.labels, job.index)
         size = job.opts.image_size
-        ids = job.images["image_id"].tolist()
         tasks = ((image_id, job.locations[row], size) for row, image_id in enumerate(ids))
         bad = []
         try:
             for row, decoded in enumerate(decode_stream(tasks, 1, endpoints, job.input_uri)):
+                if decoded[3] and decoded[3].startswith(UNREADABLE_OBJECT):
+                    # Listed a moment ago, so a network or credential failure, not a bad image:
+                    # the task fails and Ray runs it again (retry_exceptions).
+                    raise OSError(f"{job.locations[row]} {decoded[3]}")
                 taken = shards.add_decoded(
                     row, decoded, job.locations[row], job.boxes.get(ids[row], [])
                 )
@@ -101,6 +106,15 @@ def prepare_shard(job: ShardJob) -> dict[str, Any]:
         return {"entry": shards.entries[0] if shards.entries else None, "bad": bad, "kept": False}
     finally:
         output.release()
+
+
+def _covers(entry: dict[str, Any], ids: list[str]) -> bool:
+    """Whether a staged entry holds exactly the task's images (used or bad), in order."""
+    used = iter(row[0] for row in entry.get("rows", []))
+    bad = {record[0] for record in entry.get("bad", [])}
+    return all(image_id in bad or next(used, None) == image_id for image_id in ids) and (
+        next(used, None) is None
+    )
 
 
 def plan_jobs(
@@ -152,18 +166,8 @@ def stage_on_cluster(
     from chestxpert.cluster.ray_driver import connect
 
     jobs = plan_jobs(output, images, table, opts, source)
-    found = connect(endpoints)
-    cpus = json.loads(found["resources"]).get("CPU", 0)
-    print(
-        f"preparing on the Ray cluster at {endpoints.ray_address or '(in-process)'}: "
-        f"{len(jobs)} shard tasks over {cpus:g} CPUs",
-        flush=True,
-    )
-    task = ray.remote(prepare_shard).options(
-        name="prepare_shard", num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False
-    )
-    pending = {task.remote(job): job for job in jobs}
     results: dict[tuple[str, int], dict[str, Any]] = {}
+    pending: dict[Any, ShardJob] = {}
     bar = tqdm(
         total=len(images),
         desc="decode+resize (cluster)",
@@ -172,13 +176,27 @@ def stage_on_cluster(
         mininterval=1.0,
     )
     try:
+        found = connect(endpoints)
+        cpus = json.loads(found["resources"]).get("CPU", 0)
+        print(
+            f"preparing on the Ray cluster at {endpoints.ray_address or '(in-process)'}: "
+            f"{len(jobs)} shard tasks over {cpus:g} CPUs",
+            flush=True,
+        )
+        task = ray.remote(prepare_shard).options(
+            name="prepare_shard",
+            num_cpus=1,
+            max_retries=TASK_RETRIES,
+            retry_exceptions=[OSError],
+        )
+        pending = {task.remote(job): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])
             try:
                 results[job.split, job.index] = ray.get(done[0])
             except ray.exceptions.RayTaskError as err:
-                raise err.cause from None  # the task's own error (a DatasetError, an OSError)
+                raise err.cause from err  # the task's own error (a DatasetError, an OSError)
             bar.update(len(job.images))
     finally:
         bar.close()
@@ -207,6 +225,14 @@ def _gather(
         result = results[job.split, job.index]
         bad_by_id.update((record[0], tuple(record)) for record in result["bad"])
         if result["entry"] is not None:
+            if not output.holds_size(result["entry"]):
+                # Two attempts of one task (a retry and a node thought lost) write the same
+                # bytes; a staged shard that differs from what its task reported does not.
+                raise DatasetError(
+                    f"staged shard {result['entry']['shard']} changed after its task reported "
+                    "it (another attempt still writing?); run the same command again: it "
+                    "keeps the shards that verify and redoes the rest"
+                )
             output.record(result["entry"])
             pixel_hashes.update(result["entry"]["rows"])
             shards[job.split].append(result["entry"]["shard"])

@@ -6,12 +6,14 @@ SIGKILLed while it decodes a shard costs a retried task, never a duplicated or d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,7 +128,8 @@ def test_a_shard_task_keeps_a_shard_an_earlier_run_staged(
     phantoms_in_s3: dict, s3_endpoint
 ) -> None:
     """The task itself (no Ray: called as the worker calls it), against S3: the first call stages
-    its shard, the second finds it staged, verifies it and keeps it."""
+    its shard, the second finds it staged, verifies it and keeps it; an unreadable object fails
+    the task; a staged shard of other images is written again."""
     from chestxpert.datasets.prepare import open_input, read_source
 
     opts = options(on_cluster=True)
@@ -136,14 +139,28 @@ def test_a_shard_task_keeps_a_shard_an_earlier_run_staged(
         table = read_source(opts, source.root)
         images = table.images.sort_values("image_id").reset_index(drop=True)
         images["split"] = "train"
-        output.stage("0123456789abcdef")
+        output.stage(uuid.uuid4().hex[:16])  # a staging area of this test run's own
         jobs = plan_jobs(output, images, table, opts, source)
+        output.release()
     job = next(j for j in jobs if BROKEN not in j.images["image_id"].tolist())
     first = prepare_shard(job)
     assert first["kept"] is False and first["bad"] == []
     assert len(first["entry"]["rows"]) == SHARD_ROWS
     second = prepare_shard(job)
     assert second == {**first, "kept": True}
+    # An object that cannot be fetched fails the task (Ray runs it again) instead of being
+    # recorded as a bad image, which would change the digest.
+    gone = dataclasses.replace(
+        job, index=job.index + 1000, locations=[f"{uri}.gone" for uri in job.locations]
+    )
+    with pytest.raises(OSError, match="cannot be read from S3"):
+        prepare_shard(gone)
+    # A staged shard of other images under the same name (another plan) is not kept.
+    shifted = dataclasses.replace(
+        job, images=job.images.iloc[1:].reset_index(drop=True), locations=job.locations[1:]
+    )
+    redone = prepare_shard(shifted)
+    assert redone["kept"] is False and len(redone["entry"]["rows"]) == SHARD_ROWS - 1
 
 
 def test_a_killed_worker_node_costs_a_retry_not_a_shard(
@@ -151,8 +168,15 @@ def test_a_killed_worker_node_costs_a_retry_not_a_shard(
 ) -> None:
     """A cluster of a head without CPUs and one worker node: the worker node is SIGKILLed while
     it runs a shard task, after it has staged others; a second worker node joins. The prepare
-    finishes with the local digest, every image in one shard, and Ray records a retried task."""
+    finishes with the local digest, every image in one shard, and Ray records a retried task.
+
+    S3 is reached through a relay that holds each reply 50 ms (the driver's runtime env gives
+    every task its endpoint) until the kill, so a task takes most of a second and the kill lands
+    inside one: a fast task could finish between the look and the kill."""
+    from benchmarks.shard_cache import CountingRelay
+
     env = phantoms_in_s3["env"]
+    slow = CountingRelay(s3_endpoint.url, free_port(), delay_s=0.05)
     ws = short_tmpdir("cxpc")
     head_opts = StackOptions(
         workspace=ws,
@@ -166,7 +190,7 @@ def test_a_killed_worker_node_costs_a_retry_not_a_shard(
     try:
         token = ensure_ray_token(ws)
 
-        def worker(name: str) -> dict:
+        def worker(name: str, node_env: dict[str, str]) -> dict:
             record = start_ray_node(
                 log_path=ws / "logs" / f"ray-{name}.log",
                 token_path=token,
@@ -174,12 +198,12 @@ def test_a_killed_worker_node_costs_a_retry_not_a_shard(
                 join_address=records[0]["address"],
                 num_cpus=1,
                 object_store_memory=200 * 1024**2,
-                extra_env=env,
+                extra_env=node_env,
             )
             records.append(record)
             return record
 
-        victim = worker("victim")
+        victim = worker("victim", env)
         cluster = RayCluster(
             records[0]["address"], records[0]["dashboard_url"], token, ws, tuple(records)
         )
@@ -187,18 +211,23 @@ def test_a_killed_worker_node_costs_a_retry_not_a_shard(
         command = prepare_command(phantoms_in_s3["input"], out, cluster.address, tmp_path / "w")
         with (tmp_path / "prepare.log").open("w") as log:
             driver = subprocess.Popen(
-                command, env={**cluster.client_env(), **env}, stdout=log, stderr=subprocess.STDOUT
+                command,
+                env={**cluster.client_env(), **env, "AWS_ENDPOINT_URL_S3": slow.url},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         staged_before = _kill_mid_shard(victim, s3_endpoint, driver)
-        worker("survivor")
+        slow.delay_s = 0.0  # the rest at full speed
+        worker("survivor", env)
         assert driver.wait(timeout=600) == 0, (tmp_path / "prepare.log").read_text()[-4000:]
         total_shards = sum(-(-n // SHARD_ROWS) for n in phantoms_in_s3["images"].values())
         assert 1 <= staged_before < total_shards, "the node must die mid-prepare"
         check_published(out, phantoms_in_s3)
         attempts = _shard_task_attempts(cluster)
-        assert max(attempts) >= 1, f"no prepare_shard task was retried: {attempts}"
+        assert attempts and max(attempts) >= 1, f"no prepare_shard task was retried: {attempts}"
     finally:
         stop_cluster(records)
+        slow.close()
 
 
 def _kill_mid_shard(node: dict, s3_endpoint, driver: subprocess.Popen) -> int:
