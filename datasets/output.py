@@ -281,10 +281,9 @@ class DatasetWriter:
         return info.type == pafs.FileType.File and info.size == entry.get("bytes")
 
     def _holds(self, entry: dict[str, Any]) -> bool:
-        path = f"{self.staging}/{STAGED_SHARDS}/{entry.get('shard')}"
-        info = self.fs.get_file_info(path)
-        if info.type != pafs.FileType.File or info.size != entry.get("bytes"):
+        if not self.holds_size(entry):
             return False
+        path = f"{self.staging}/{STAGED_SHARDS}/{entry['shard']}"
         with self.fs.open_input_stream(path) as stream:
             return _sha256(stream) == entry.get("sha256")
 
