@@ -124,7 +124,7 @@ def sweep_report_data(location: SweepLocation, spec: SweepSpec) -> dict[str, Any
     summary = location.read_json(SUMMARY_FILE)
     holder = read_holder(location)
     live = bool(holder and holder.get("live"))
-    rows = read_trials(location, metric, mode, max_t)
+    rows = read_trials(location, metric, mode, max_t, live)
     starts = {row.trial_id: _started_at(row, location.fs) for row in rows}
     rows.sort(key=lambda row: (starts[row.trial_id], row.trial_id))
 

@@ -100,7 +100,11 @@ def unfinished(spec, location) -> bool:
     from chestxpert.sweeps.status import read_trials
 
     max_epochs = spec.scheduler.max_t or spec.epochs()
-    trials = read_trials(location, spec.metric, spec.mode, max_epochs)
+    trials = [
+        trial
+        for trial in read_trials(location, spec.metric, spec.mode, max_epochs, tune_running=False)
+        if trial.state != "ABANDONED"  # Tune ran that slot again as a new trial
+    ]
     ended = [trial for trial in trials if trial.state in ("TERMINATED", "ERROR")]
     return len(ended) < len(trials) or len(trials) < spec.search.num_samples
 

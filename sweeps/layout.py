@@ -21,6 +21,9 @@ FINAL_STATE = "final/model/state.json"  # the final model's state: config, datas
 # copies the folder's top-level *.json and *.pkl files to the driver and uploads them back at
 # every snapshot, which would roll a lease back to the heartbeat it had at restore.
 LEASE_FILE = "chestxpert.lease"
+# Trials a resume found started by a dead driver after Tune's last snapshot (its ids, JSON);
+# not `*.json` for the same reason.
+ABANDONED_FILE = "chestxpert.abandoned"
 TRACKING_DIR = "tracking"  # one journal segment per driver session, and what MLflow has of it
 # `chestxpert sweep report`: the sweep in one self-contained page, and the numbers behind it
 SWEEP_REPORT_DIR = "report"

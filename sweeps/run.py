@@ -184,6 +184,7 @@ def _run_holding_lease(
     from chestxpert.cluster.mlflow_runs import safe_uri
     from chestxpert.datasets.reader import open_dataset
     from chestxpert.sweeps.graceful import GracefulStop, end_stopped, unfinished
+    from chestxpert.sweeps.status import record_abandoned
     from chestxpert.sweeps.study import plan_study
     from chestxpert.sweeps.sweep_runs import dataset_input
     from chestxpert.trainable.system_metrics import SystemMetricsTarget
@@ -235,6 +236,8 @@ def _run_holding_lease(
         tags["chestxpert.dataset_digest"] = version[DATASET_DIGEST]
         print(f"dataset: {spec.dataset} generation {version[DATASET_GENERATION]}", flush=True)
         inputs = dataset_input(spec.dataset, current.manifest)
+        if resume:  # before Tune restores: what a dead driver started after its last snapshot
+            record_abandoned(location, spec)
         callback = _tracking(
             spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version, inputs
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from chestxpert.sweeps.layout import SPEC_FILE, SUMMARY_FILE, SweepLocation
+from chestxpert.sweeps.layout import ABANDONED_FILE, SPEC_FILE, SUMMARY_FILE, SweepLocation
 from chestxpert.sweeps.lease import read_holder
 from chestxpert.sweeps.spec import spec_from_dict
 from chestxpert.sweeps.sweep_runs import ended_reason
@@ -58,10 +58,26 @@ def tune_trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]
     return out, states[-1].mtime
 
 
-def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int) -> list[TrialRow]:
-    """Every trial folder of the sweep with its results, state and how it ended."""
+def read_trials(
+    location: SweepLocation,
+    metric: str,
+    mode: str,
+    max_epochs: int,
+    tune_running: bool | None = None,
+) -> list[TrialRow]:
+    """Every trial folder of the sweep with its results, state and how it ended.
+
+    A folder Tune's newest state lacks was started by a driver killed before its next snapshot,
+    and the resume ran that slot again as a new trial: ABANDONED. While a driver may be running
+    Tune (`tune_running`; None asks the sweep's lease), a folder it lacks may also be a trial
+    started since, so only those a resume recorded (`record_abandoned`) count.
+    """
     fs = location.fs
     states, recorded_at = tune_trial_states(location)
+    if tune_running is None:
+        holder = read_holder(location)
+        tune_running = bool(holder and holder["live"])
+    recorded = set((location.read_json(ABANDONED_FILE) or {}).get("trial_ids", []))
     rows = []
     selector = pafs.FileSelector(location.path, recursive=False)
     for info in fs.get_file_info(selector):
@@ -74,11 +90,10 @@ def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int
         results = [json.loads(line) for line in results_text.splitlines() if line.strip()]
         trial_id = results[-1]["trial_id"] if results else info.base_name.split("_", 1)[1]
         state = states.get(trial_id, {}).get("status", "UNKNOWN")
+        # Not by file times: a resumed driver reuses the dead one's staging folder and uploads
+        # the abandoned folder again at every snapshot.
         if state == "UNKNOWN" and recorded_at is not None:
-            started = fs.get_file_info(f"{info.path}/params.json").mtime
-            # A driver killed between starting a trial and its next snapshot leaves a folder
-            # Tune never recorded; the resumed driver ran that slot again as a new trial.
-            if started is not None and started < recorded_at:
+            if trial_id in recorded or not tune_running:
                 state = "ABANDONED"
         errored = (
             state == "ERROR"
@@ -104,6 +119,17 @@ def read_trials(location: SweepLocation, metric: str, mode: str, max_epochs: int
     return sorted(rows, key=lambda row: row.trial_id)
 
 
+def record_abandoned(location: SweepLocation, spec) -> None:
+    """At a resume, before Tune restores (no Tune runs the sweep): record the trials the dead
+    driver abandoned, so they stay ABANDONED while the resumed driver runs."""
+    max_epochs = spec.scheduler.max_t or spec.epochs()
+    rows = read_trials(location, spec.metric, spec.mode, max_epochs, tune_running=False)
+    ids = {row.trial_id for row in rows if row.state == "ABANDONED"}
+    known = set((location.read_json(ABANDONED_FILE) or {}).get("trial_ids", []))
+    if not ids <= known:
+        location.write_json(ABANDONED_FILE, {"trial_ids": sorted(ids | known)})
+
+
 def sweep_status(location: SweepLocation) -> dict[str, Any]:
     """The sweep's spec, summary (if finished) and trials: plain values for printing or `--json`."""
     recorded = location.read_json(SPEC_FILE)
@@ -112,7 +138,8 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
     spec = spec_from_dict(recorded["raw"], source=f"{location.uri}/{SPEC_FILE}")
     metric, mode = spec.metric, spec.mode
     max_epochs = spec.scheduler.max_t or spec.epochs()
-    rows = read_trials(location, metric, mode, max_epochs)
+    holder = read_holder(location)
+    rows = read_trials(location, metric, mode, max_epochs, bool(holder and holder["live"]))
     trials = [t for t in rows if t.state != "ABANDONED"]
     scored = [t for t in trials if t.best is not None]
     best = (max if mode == "max" else min)(scored, key=lambda t: t.best) if scored else None
@@ -123,7 +150,7 @@ def sweep_status(location: SweepLocation) -> dict[str, Any]:
         "mode": mode,
         "num_samples": spec.search.num_samples,
         "summary": location.read_json(SUMMARY_FILE),
-        "writer": read_holder(location),
+        "writer": holder,
         "best_so_far": {"trial_id": best.trial_id, "value": best.best, "config": best.config}
         if best
         else None,

@@ -1,5 +1,7 @@
 """`sweep status` reads a sweep from its storage alone: which trials Tune knows, and which a
-killed driver started but Tune never recorded (run again by the resume under a new id)."""
+killed driver started but Tune never recorded (run again by the resume under a new id).
+
+Not by file times: a resumed driver uploads the dead one's trial folders again."""
 
 from __future__ import annotations
 
@@ -7,11 +9,11 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
-from chestxpert.sweeps.layout import SPEC_FILE, SweepLocation
+from chestxpert.cluster.endpoints import Endpoints, resolve
+from chestxpert.sweeps import lease
+from chestxpert.sweeps.layout import SPEC_FILE, SweepLocation, locate
 from chestxpert.sweeps.spec import SweepSpec
-from chestxpert.sweeps.status import sweep_status
+from chestxpert.sweeps.status import record_abandoned, sweep_status
 
 
 def _trial(folder: Path, trial_id: str, values: list[float], started: float) -> None:
@@ -25,9 +27,13 @@ def _trial(folder: Path, trial_id: str, values: list[float], started: float) -> 
     os.utime(folder / "params.json", (started, started))
 
 
-def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_snapshot(
-    tmp_path: Path,
-) -> None:
+def _endpoints(tmp_path: Path) -> Endpoints:
+    return resolve(storage=str(tmp_path), workspace=str(tmp_path / "ws"))
+
+
+def _killed_then_resumed(tmp_path: Path) -> SweepLocation:
+    """A sweep whose first driver was killed after it started dead0002 and before its next
+    snapshot; trial bbbb0003 is newer than the snapshot on storage."""
     sweep = tmp_path / "resumed"
     sweep.mkdir()
     spec = SweepSpec.model_validate(
@@ -36,10 +42,9 @@ def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_sn
     (sweep / SPEC_FILE).write_text(json.dumps({"raw": spec.model_dump(mode="json")}))
     snapshot = 1_800_000_000.0
     _trial(sweep / "train_aaaa0001", "aaaa0001", [0.6, 0.7], snapshot - 300)
-    # started by the killed driver after its last snapshot; the resume never knew it
-    _trial(sweep / "train_dead0002", "dead0002", [], snapshot - 100)
-    # started by the live driver after the snapshot it has written so far
-    _trial(sweep / "train_bbbb0003", "bbbb0003", [0.65], snapshot + 50)
+    # started by the killed driver after its last snapshot; the resumed driver, which reuses
+    # the dead one's staging folder, uploaded it again after the newest snapshot
+    _trial(sweep / "train_dead0002", "dead0002", [0.4], snapshot + 20)
     # reported its last epoch; killed before Tune's next snapshot said it had ended
     _trial(sweep / "train_cccc0004", "cccc0004", [0.5, 0.55], snapshot - 200)
     # still in its first epoch when the snapshot was written
@@ -52,18 +57,40 @@ def test_a_trial_tune_never_recorded_is_set_aside_unless_it_started_after_the_sn
     ]
     state.write_text(json.dumps({"trial_data": [[json.dumps(t), "{}"] for t in recorded]}))
     os.utime(state, (snapshot, snapshot))
+    location = locate(_endpoints(tmp_path), "resumed")
+    record_abandoned(location, spec)  # what the resume does before Tune restores
+    # started by the resumed driver after the snapshot it has written so far
+    _trial(sweep / "train_bbbb0003", "bbbb0003", [0.65], snapshot + 50)
+    return location
 
-    location = SweepLocation(pafs.LocalFileSystem(), str(tmp_path), "resumed", sweep.as_uri())
-    status = sweep_status(location)
 
-    assert status["abandoned"] == ["dead0002"]
-    rows = {row["trial_id"]: row for row in status["trials"]}
+def test_a_trial_tune_never_recorded_is_abandoned_unless_a_running_driver_started_it(
+    tmp_path: Path,
+) -> None:
+    location = _killed_then_resumed(tmp_path)
+    held = lease.acquire(location, _endpoints(tmp_path), "sweep resume resumed", "resumed-session")
+    try:
+        running = sweep_status(location)
+    finally:
+        held.release()
+    stopped = sweep_status(location)
+
+    # Whatever the file times say: the resume recorded dead0002 before Tune restored
+    assert running["abandoned"] == ["dead0002"]
+    rows = {row["trial_id"]: row for row in running["trials"]}
     assert sorted(rows) == ["aaaa0001", "bbbb0003", "cccc0004", "dddd0005"]
     assert rows["aaaa0001"]["state"] == "TERMINATED" and rows["aaaa0001"]["ended"] == "completed"
     assert rows["cccc0004"]["state"] == "RUNNING" and rows["cccc0004"]["ended"] == "completed"
     assert rows["dddd0005"]["ended"] == "running"
     assert rows["bbbb0003"]["state"] == "UNKNOWN" and rows["bbbb0003"]["epochs"] == 1
-    assert status["best_so_far"]["trial_id"] == "aaaa0001"
+    assert running["best_so_far"]["trial_id"] == "aaaa0001"
+    # With no driver running, nothing can start a trial the newest snapshot lacks
+    assert stopped["abandoned"] == ["bbbb0003", "dead0002"]
+    assert sorted(row["trial_id"] for row in stopped["trials"]) == [
+        "aaaa0001",
+        "cccc0004",
+        "dddd0005",
+    ]
 
 
 def test_sweep_status_and_list_json_keys(tmp_path: Path, cli_env, capsys) -> None:
