@@ -60,6 +60,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         force=args.force,
         workers=args.workers,
         shard_rows=args.shard_rows,
+        compression=args.compression,
         on_cluster=args.on_cluster,
     )
     if args.address and not args.on_cluster:
@@ -167,6 +168,13 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         type=int,
         default=2000,
         help="images per Parquet shard (default 2000); a killed run keeps its finished shards",
+    )
+    prep.add_argument(
+        "--compression",
+        default="lz4",
+        choices=["lz4", "zstd"],
+        help="Parquet codec of the shards (default lz4): lz4 costs a trial's input far less CPU "
+        "per image, zstd stores real films 2-10%% smaller",
     )
     prep.add_argument(
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL…)"

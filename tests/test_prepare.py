@@ -97,6 +97,29 @@ def test_nih_fixture_prepares_into_manifest_and_shards(nih_copy: Path, tmp_path:
     assert "00001369_000.png" in all_ids and len(all_ids) == 5
 
 
+def test_shards_are_lz4_unless_asked_and_the_codec_does_not_change_the_images(
+    nih_copy: Path, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    codecs, read = {}, {}
+    for codec in ("lz4", "zstd"):
+        opts = nih_opts() if codec == "lz4" else nih_opts(compression="zstd")
+        out = tmp_path / codec
+        manifest = prepare(str(nih_copy), str(out), opts, local(tmp_path))
+        assert manifest["shard_compression"] == codec
+        shards = [out / shard for split in manifest["splits"].values() for shard in split["shards"]]
+        codecs[codec] = {
+            pq.ParquetFile(shard).metadata.row_group(0).column(0).compression for shard in shards
+        }
+        read[codec] = read_split(open_dataset(str(out), local(tmp_path)), "train")
+        read[codec]["digest"] = manifest["digest"]
+    assert codecs == {"lz4": {"LZ4"}, "zstd": {"ZSTD"}}
+    assert read["lz4"]["digest"] == read["zstd"]["digest"]
+    assert np.array_equal(read["lz4"]["image"], read["zstd"]["image"])
+    assert np.array_equal(read["lz4"]["labels"], read["zstd"]["labels"], equal_nan=True)
+
+
 def test_loss_weights_come_from_the_training_split_only(nih_copy: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     manifest = prepare(str(nih_copy), str(out), nih_opts(), local(tmp_path))
@@ -258,6 +281,7 @@ def test_missing_image_file_fails_or_is_counted_when_skipping(
         ({"val_fraction": 0.5, "test_fraction": 0.45}, "under 10% of patients"),
         ({"on_bad_image": "ignore"}, "--on-bad-image"),
         ({"shard_rows": 0}, "--shard-rows 0 must be 1 or more"),
+        ({"compression": "gzip"}, "--compression 'gzip' is not known; expected one of lz4, zstd"),
     ],
 )
 def test_impossible_options_fail_before_reading(
