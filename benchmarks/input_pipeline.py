@@ -1,5 +1,7 @@
-"""Training input: today's pipeline (one Python generator, per-example unbatch and shuffle) against
-the row-group pipeline of `make_tf_dataset`, in img/s at 224 px on 1 and on 2 pinned CPUs;
+"""Training input: today's pipeline (one Python generator, per-example unbatch and shuffle) on
+today's zstd shards against the row-group pipeline of `make_tf_dataset` on the lz4 shards `data
+prepare` now writes (and, to tell the two changes apart, on zstd shards), in img/s at 224 px on 1
+and on 2 pinned CPUs;
 `model.fit` img/s fed by the pipeline against the same model fed from memory; and how many CPUs
 a GPU trial needs to be fed.
 
@@ -54,7 +56,7 @@ class Size:
     passes: int  # epochs timed per pipeline per process, alternating with the other side
 
 
-FULL = Size(2000, 256, 224, 64, "densenet_tiny", (1, 2), passes=7)
+FULL = Size(8000, 256, 224, 64, "densenet_tiny", (1, 2), passes=7)
 SMOKE = Size(80, 64, 32, 32, "convnet_small", (1,), passes=1)
 BATCH = 32
 
@@ -115,10 +117,15 @@ def input_rates(spec: dict[str, Any]) -> dict[str, Any]:
     cpus = spec["cpus"]
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, cpus))
-    dataset = open_dataset(spec["dataset"], resolve(workspace=Path(spec["workspace"]), environ={}))
+    endpoints = resolve(workspace=Path(spec["workspace"]), environ={})
+    zstd = open_dataset(spec["zstd_dataset"], endpoints)
+    lz4 = open_dataset(spec["dataset"], endpoints)
     pipelines = {
-        "today": todays_make_tf_dataset(dataset, "train", BATCH, shuffle=True, seed=0),
-        "new": make_tf_dataset(dataset, "train", BATCH, shuffle=True, seed=0, parallel_reads=cpus),
+        "today": todays_make_tf_dataset(zstd, "train", BATCH, shuffle=True, seed=0),
+        "new": make_tf_dataset(lz4, "train", BATCH, shuffle=True, seed=0, parallel_reads=cpus),
+        "new on zstd": make_tf_dataset(
+            zstd, "train", BATCH, shuffle=True, seed=0, parallel_reads=cpus
+        ),
     }
 
     def one_pass(pipeline) -> int:
@@ -175,15 +182,20 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):7.0f} (min {min(values):.0f}, max {max(values):.0f})"
 
 
-def _prepare(work: Path, side: int, workers: int | None) -> str:
+def _prepare(work: Path, side: int, workers: int | None, compression: str = "lz4") -> str:
     from chestxpert.cluster.endpoints import resolve
     from chestxpert.datasets.prepare import PrepareOptions, prepare
 
     endpoints = resolve(workspace=work / "ws", environ={})
     opts = PrepareOptions(
-        source="nih", image_size=side, split="patient", workers=workers, progress=False
+        source="nih",
+        image_size=side,
+        split="patient",
+        workers=workers,
+        progress=False,
+        compression=compression,
     )
-    out = work / f"prepared-{side}"
+    out = work / f"prepared-{side}-{compression}"
     if not out.exists():
         prepare(str(work / "raw"), str(out), opts, endpoints)
     return str(out)
@@ -209,6 +221,7 @@ def run(smoke: bool = False) -> None:
         generate(work / "raw", size.images, size.original, seed=0, workers=workers, progress=False)
         common = {"workspace": str(work / "ws"), "passes": size.passes}
         dataset = _prepare(work, size.input_side, workers)
+        zstd_dataset = _prepare(work, size.input_side, workers, "zstd")
         manifest = json.loads((Path(dataset) / "manifest.json").read_text())
         print(
             f"  training input: {manifest['splits']['train']['images']} images at "
@@ -218,21 +231,26 @@ def run(smoke: bool = False) -> None:
             if cpus > len(os.sched_getaffinity(0)):
                 print(f"  {cpus} CPUs: this machine lets us use fewer; not measured")
                 continue
-            result = run_child(input_rates, {**common, "dataset": dataset, "cpus": cpus})
+            result = run_child(
+                input_rates,
+                {**common, "dataset": dataset, "zstd_dataset": zstd_dataset, "cpus": cpus},
+            )
             medians = {}
             for name, pairs in result["rates"].items():
                 wall, cpu = [w for w, _ in pairs], [c for _, c in pairs]
                 medians[name] = (statistics.median(wall), statistics.median(cpu))
                 print(
-                    f"  {cpus} CPU {name:5s}: img/s {_spread(wall)}; img per CPU-second "
+                    f"  {cpus} CPU {name:11s}: img/s {_spread(wall)}; img per CPU-second "
                     f"{_spread(cpu)}; each: {', '.join(f'{w:.0f}' for w in wall)}"
                 )
             per_cpu_new.append(medians["new"][1])
             (new_wall, new_cpu), (today_wall, today_cpu) = medians["new"], medians["today"]
+            zstd_wall, zstd_cpu = medians["new on zstd"]
             print(
                 f"  {cpus} CPU ratio new/today: img/s {new_wall / today_wall:.2f}x, img per "
                 f"CPU-second {new_cpu / today_cpu:.2f}x (target >= 2x per CPU); new per CPU: "
-                f"{new_wall / cpus:.0f} img/s"
+                f"{new_wall / cpus:.0f} img/s; the pipeline alone (new on zstd/today): img/s "
+                f"{zstd_wall / today_wall:.2f}x, img per CPU-second {zstd_cpu / today_cpu:.2f}x"
             )
         fit_dataset = _prepare(work, size.fit_side, workers)
         cpus = min(2, len(os.sched_getaffinity(0)))
