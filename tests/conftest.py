@@ -53,22 +53,46 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # --no-loadscope-reorder); starting these first keeps one process from running a long file
 # alone at the end while the other idles. The rest keep pytest's order.
 SLOWEST_FILES = (
-    "test_benchmarks.py",
     "test_final_versions.py",
-    "test_sweeps.py",
-    "test_sweep_drills.py",
     "test_final.py",
-    "test_demo.py",
-    "test_trial.py",
-    "test_workflow.py",
     "test_compare.py",
-    "test_dataset_generations.py",
-    "test_readme.py",
-    "test_sweep_operate.py",
-    "test_stack_crashes.py",
+    "test_sweeps.py",
+    "test_demo.py",
+    "test_sweep_drills.py",
+    "test_benchmarks.py",
+    "test_workflow.py",
+    "test_trial.py",
     "test_prepare_cluster.py",
+    "test_dataset_generations.py",
+    "test_sweep_operate.py",
+    "test_learnable.py",
+    "test_cluster.py",
+    "test_readme.py",
+    "test_stack_crashes.py",
     "test_shard_cache.py",
 )
+# Files whose tests share a costly session fixture run in the same process, as one unit, so
+# it is built once (`finished_sweep`: a sweep and a final, about 90 s).
+SHARED_UNITS = {
+    "test_final_versions.py": "finished_sweep",
+    "test_final.py": "finished_sweep",
+    "test_compare.py": "finished_sweep",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, with SHARED_UNITS' files handed out together."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_UNITS.get(Path(path).name, path)
+
+    return Scheduler(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
