@@ -39,6 +39,9 @@ LOCAL_BUCKET = "chestxpert"
 # bytes; Ray adds about 65 characters (session_<timestamp>_<pid>/sockets/...).
 RAY_TEMP_DIR_MAX = 40
 SERVICE_ORDER = ("ray", "mlflow", "s3")
+# The ports Ray hands its workers (`ray start --min/--max-worker-port`); FREE_PORTS in
+# cluster.processes stays below them.
+RAY_WORKER_PORTS = range(20000, 30000)
 OnSpawn = Callable[[dict[str, Any]], None]  # called with a service's record once it exists
 
 
@@ -150,8 +153,8 @@ def start_ray_node(
         f"--num-gpus={num_gpus}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
-        f"--min-worker-port={20000}",
-        f"--max-worker-port={29999}",
+        f"--min-worker-port={RAY_WORKER_PORTS.start}",
+        f"--max-worker-port={RAY_WORKER_PORTS.stop - 1}",
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -218,6 +221,12 @@ def _check_ports(opts: StackOptions, wanted: list[str]) -> None:
     }
     for service in wanted:
         for port, what, flag in flags[service]:
+            if port in RAY_WORKER_PORTS:
+                raise ServiceError(
+                    f"port {port} ({what}) is in the range Ray gives its workers "
+                    f"({RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}); choose one outside "
+                    f"it with `chestxpert up {flag} PORT`"
+                )
             if port_in_use(port, opts.host):
                 raise ServiceError(
                     f"port {port} ({what}) is already in use on {opts.host}; "
@@ -263,7 +272,7 @@ def start_ray_head(
     )
     record.update(urls)
     wait_until(
-        "Ray dashboard",
+        "Ray head",
         lambda: _http_ok(f"{dashboard}/api/gcs_healthz", "success"),
         record["pid"],
         log_path,

@@ -165,6 +165,20 @@ def test_up_port_conflict_names_port_and_flag(flag: str) -> None:
     assert not (ws / "services.json").exists(), "a refused `up` must start nothing"
 
 
+def test_up_refuses_a_port_in_ray_s_worker_range() -> None:
+    """Ray would give the port to a worker too; its own start-up error blamed the dashboard."""
+    ws = short_tmpdir("cxp")
+    result = run_cli(
+        "up", "--ray-port", "27001", "--mlflow-port", str(free_port()), workspace=ws, timeout=60
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert (
+        "port 27001 (Ray GCS) is in the range Ray gives its workers (20000-29999); choose one "
+        "outside it with `chestxpert up --ray-port PORT`"
+    ) in result.stderr
+    assert not (ws / "services.json").exists(), "a refused `up` must start nothing"
+
+
 def test_service_dying_during_startup_reports_log_tail(tmp_path: Path) -> None:
     log = tmp_path / "svc.log"
     proc = spawn(
