@@ -87,7 +87,8 @@ def sync_sweep(
         if last:
             record_acked(location, segment.session, runs.tracking_uri, last)
     seen = set()  # trials storage shows with results (or an error)
-    for trial in read_trials(location, metric, mode, max_epochs):
+    # Not the lease: a driver catching up runs Tune itself, whatever its heartbeat says.
+    for trial in read_trials(location, metric, mode, max_epochs, tune_running=not interrupted):
         if not trial.results and trial.state != "ERROR":
             continue  # no results in storage yet: the journal may have some (below)
         seen.add(trial.trial_id)
