@@ -7,11 +7,11 @@ a GPU trial needs to be fed.
 
 Each side runs in a fresh process pinned to its CPUs (`os.sched_setaffinity` before TensorFlow
 starts, TF's thread pools and the pipeline's reads set to the same count), on phantoms made by
-`data synth` and `data prepare`. The two pipelines alternate epoch by epoch in one process, so a
-neighbour's load falls on both. Each rate is printed as wall-clock img/s and as img per CPU-second
-of this process (steadier on a shared machine). Targets: the new pipeline >= 2x today's per CPU
-at 224 px, and fit with it >= 0.95 of fit fed from memory (densenet_tiny at 64 px, a model fast
-enough that a slow input would show).
+`data synth` and `data prepare`. The pipelines alternate epoch by epoch in one process, so a
+neighbour's load falls on all of them. Each rate is printed as wall-clock img/s and as img per
+CPU-second of this process (steadier on a shared machine). Targets: the new pipeline >= 2x
+today's per CPU at 224 px, and fit with it >= 0.95 of fit fed from memory (densenet_tiny at 64
+px, a model fast enough that a slow input would show).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _timed(run) -> tuple[float, float]:
 
 
 def input_rates(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child: both pipelines' training-input rates on `spec["cpus"]` pinned CPUs, alternating."""
+    """Child: the three sides' training-input rates on `spec["cpus"]` pinned CPUs, alternating."""
     _pin(spec["cpus"])
     import tensorflow as tf
 

@@ -53,9 +53,9 @@ from chestxpert.datasets.validate import check_image
 
 BAD_IMAGES_REPORT = "bad_images.csv"
 SOURCES = ("nih", "chexpert")
-# Parquet codecs for the shards. lz4 is the default: decompressing the image column is most of
-# the CPU a trial's input spends per image (about 40 of 55 µs with zstd at 224 px, 2 µs with
-# lz4), and zstd saves only 2-10% of the bytes of real films (README, benchmarks).
+# Parquet codecs for the shards. lz4 is the default: reading a 224-px row group costs about
+# 55 µs of CPU per image with zstd, 40 of them decompressing the image column (lz4: about 2),
+# and zstd saves only 2-10% of the bytes of real films (README, benchmarks).
 COMPRESSIONS = ("lz4", "zstd")
 
 
@@ -748,7 +748,16 @@ def _prepare_into(
     existing = output.current_manifest()
     if existing is not None:
         if existing.get("digest") == digest:
-            print(f"{output.uri} already holds this dataset (digest {digest[:12]}); nothing to do")
+            stored_codec = existing.get("shard_compression", "zstd")  # zstd before the option
+            codec = (
+                f"; its shards stay {stored_codec} (prepare into a new --out to change that)"
+                if stored_codec != opts.compression
+                else ""
+            )
+            print(
+                f"{output.uri} already holds this dataset (digest {digest[:12]}); nothing to "
+                f"do{codec}"
+            )
             output.drop_staging()
             return existing
         if not opts.force:

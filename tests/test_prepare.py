@@ -98,7 +98,7 @@ def test_nih_fixture_prepares_into_manifest_and_shards(nih_copy: Path, tmp_path:
 
 
 def test_shards_are_lz4_unless_asked_and_the_codec_does_not_change_the_images(
-    nih_copy: Path, tmp_path: Path
+    nih_copy: Path, tmp_path: Path, capsys
 ) -> None:
     import pyarrow.parquet as pq
 
@@ -118,6 +118,13 @@ def test_shards_are_lz4_unless_asked_and_the_codec_does_not_change_the_images(
     assert read["lz4"]["digest"] == read["zstd"]["digest"]
     assert np.array_equal(read["lz4"]["image"], read["zstd"]["image"])
     assert np.array_equal(read["lz4"]["labels"], read["zstd"]["labels"], equal_nan=True)
+    # the same images with the other codec: the stored generation stays, and the output says so
+    capsys.readouterr()
+    again = prepare(
+        str(nih_copy), str(tmp_path / "lz4"), nih_opts(compression="zstd"), local(tmp_path)
+    )
+    assert again["shard_compression"] == "lz4"
+    assert "nothing to do; its shards stay lz4 (prepare into a new --out" in capsys.readouterr().out
 
 
 def test_loss_weights_come_from_the_training_split_only(nih_copy: Path, tmp_path: Path) -> None:
