@@ -275,7 +275,12 @@ def _run_holding_lease(
             # Tune brings back the callbacks pickled when the sweep started (the MLflow
             # server and parent run of then); this driver's callback replaces them. Ray 2.60
             # keeps the restored run config on the tuner's local TunerInternal.
-            tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
+            from chestxpert.sweeps.abandoned import RecordAbandoned
+
+            tuner._local_tuner.get_run_config().callbacks = [
+                *run_config.callbacks,
+                RecordAbandoned(location),
+            ]
         else:
             tuner = tune.Tuner(
                 trainable,

@@ -124,10 +124,27 @@ def record_abandoned(location: SweepLocation, spec) -> None:
     driver abandoned, so they stay ABANDONED while the resumed driver runs."""
     max_epochs = spec.scheduler.max_t or spec.epochs()
     rows = read_trials(location, spec.metric, spec.mode, max_epochs, tune_running=False)
-    ids = {row.trial_id for row in rows if row.state == "ABANDONED"}
+    add_abandoned(location, {row.trial_id for row in rows if row.state == "ABANDONED"})
+
+
+def add_abandoned(location: SweepLocation, ids: set[str]) -> None:
+    """Add `ids` to the sweep's record of abandoned trials (written only when it grows)."""
     known = set((location.read_json(ABANDONED_FILE) or {}).get("trial_ids", []))
     if not ids <= known:
         location.write_json(ABANDONED_FILE, {"trial_ids": sorted(ids | known)})
+
+
+def trial_folder_ids(location: SweepLocation) -> set[str]:
+    """The trial ids of the sweep's trial folders (`train_<id>` holding a params.json)."""
+    fs = location.fs
+    selector = pafs.FileSelector(location.path, recursive=False)
+    return {
+        info.base_name.split("_", 1)[1]
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.Directory
+        and "_" in info.base_name
+        and fs.get_file_info(f"{info.path}/params.json").type == pafs.FileType.File
+    }
 
 
 def sweep_status(location: SweepLocation) -> dict[str, Any]:

@@ -124,3 +124,27 @@ def test_sweep_status_and_list_json_keys(tmp_path: Path, cli_env, capsys) -> Non
 
     assert main(["--storage", str(tmp_path), "sweep", "list", "--json", *where[2:]]) == 0
     assert json.loads(capsys.readouterr().out) == {"storage": tmp_path.as_uri(), "sweeps": ["done"]}
+
+
+def test_a_resumed_driver_records_folders_its_tune_does_not_have(tmp_path: Path) -> None:
+    """A folder the dead driver's staging area uploads only after the resume began is
+    recorded by the resumed driver's callback, which knows every trial its Tune has."""
+    import pickle
+    from types import SimpleNamespace
+
+    from chestxpert.sweeps.abandoned import RecordAbandoned
+
+    location = _killed_then_resumed(tmp_path)
+    _trial(tmp_path / "resumed" / "train_late0006", "late0006", [0.3], 1_800_000_030.0)
+    recorder = RecordAbandoned(location)
+    tune_has = ("aaaa0001", "bbbb0003", "cccc0004", "dddd0005")
+    recorder.on_step_end(iteration=1, trials=[SimpleNamespace(trial_id=i) for i in tune_has])
+    held = lease.acquire(location, _endpoints(tmp_path), "sweep resume resumed", "resumed-session")
+    try:
+        running = sweep_status(location)
+    finally:
+        held.release()
+    assert running["abandoned"] == ["dead0002", "late0006"]
+    assert {row["trial_id"]: row["state"] for row in running["trials"]}["bbbb0003"] == "UNKNOWN"
+    # Tune pickles its callbacks into the experiment folder: nothing of the storage goes with it
+    assert pickle.loads(pickle.dumps(recorder)).location is None
