@@ -110,7 +110,8 @@ def seed_sweeps(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         summary = run_sweep(sweep, endpoints)
         wall = time.monotonic() - started
-        rows = read_trials(locate(endpoints, sweep.name), METRIC, "max", sweep.trial["epochs"])
+        location = locate(endpoints, sweep.name)
+        rows = read_trials(location, METRIC, "max", sweep.trial["epochs"], tune_running=False)
         rows.sort(key=lambda row: row.trial_id)  # Tune numbers its trials in start order
         out[label] = {
             "wall": wall,

@@ -41,7 +41,7 @@ def default_demo(spec: dict[str, Any]) -> dict[str, Any]:
             "startup_seconds": row.results[0].get("startup_seconds") if row.results else None,
             "pid": row.results[0].get("pid") if row.results else None,
         }
-        for row in read_trials(location, "val_auc_macro", "max", 3)
+        for row in read_trials(location, "val_auc_macro", "max", 3, tune_running=False)
     ]
     return {"stages": summary["stage_seconds"], "trials": trials}
 

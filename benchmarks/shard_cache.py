@@ -130,7 +130,7 @@ def run_sweeps(spec: dict[str, Any]) -> dict[str, Any]:
             before = relay.received
             summary = run_sweep(sweep, endpoints)
             rows = read_trials(
-                locate(endpoints, sweep.name), "val_auc_macro", "max", sweep.epochs()
+                locate(endpoints, sweep.name), "val_auc_macro", "max", sweep.epochs(), False
             )
             out[label] = {
                 "fetched": relay.received - before,

@@ -106,7 +106,7 @@ def sync_sweep(
     # A trial a killed driver journalled whose results never reached storage (Tune syncs them
     # every few seconds), or that it started after Tune's last snapshot: its run would stay
     # RUNNING forever otherwise. One Tune's state knows is continued by a resume.
-    known, _ = tune_trial_states(location)
+    known = tune_trial_states(location) or {}
     for trial_id, config in _journal_only_trials(segments, seen).items():
         if trial_id not in known:
             counts.ended += runs.end_trial(trial_id, config, ABANDONED, "KILLED")

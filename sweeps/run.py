@@ -237,7 +237,7 @@ def _run_holding_lease(
         print(f"dataset: {spec.dataset} generation {version[DATASET_GENERATION]}", flush=True)
         inputs = dataset_input(spec.dataset, current.manifest)
         if resume:  # before Tune restores: what a dead driver started after its last snapshot
-            record_abandoned(location, spec)
+            record_abandoned(location)
         callback = _tracking(
             spec, endpoints, location, session, resume, mlflow_uri, recorded, tags, version, inputs
         )

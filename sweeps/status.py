@@ -35,9 +35,9 @@ def _read_text(fs, path: str) -> str | None:
         return stream.read().decode()
 
 
-def tune_trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]], Any]:
-    """Tune's own record of each trial (status, folder), from the newest experiment_state file,
-    and when that file was written (None without one)."""
+def tune_trial_states(location: SweepLocation) -> dict[str, dict[str, Any]] | None:
+    """Tune's own record of each trial (status, folder), from the newest experiment_state file;
+    None when Tune has saved none yet."""
     selector = pafs.FileSelector(location.path, recursive=False)
     states = sorted(
         (
@@ -48,14 +48,14 @@ def tune_trial_states(location: SweepLocation) -> tuple[dict[str, dict[str, Any]
         key=lambda info: info.path,
     )
     if not states:
-        return {}, None
+        return None
     data = json.loads(_read_text(location.fs, states[-1].path) or "{}")
     out = {}
     for entry in data.get("trial_data", []):
         raw = entry[0] if isinstance(entry, list) else entry
         state = json.loads(raw) if isinstance(raw, str) else raw
         out[state.get("trial_id")] = state
-    return out, states[-1].mtime
+    return out
 
 
 def read_trials(
@@ -63,20 +63,18 @@ def read_trials(
     metric: str,
     mode: str,
     max_epochs: int,
-    tune_running: bool | None = None,
+    tune_running: bool,
 ) -> list[TrialRow]:
     """Every trial folder of the sweep with its results, state and how it ended.
 
     A folder Tune's newest state lacks was started by a driver killed before its next snapshot,
     and the resume ran that slot again as a new trial: ABANDONED. While a driver may be running
-    Tune (`tune_running`; None asks the sweep's lease), a folder it lacks may also be a trial
-    started since, so only those a resume recorded (`record_abandoned`) count.
+    Tune (`tune_running`: the caller's own Tune, or a live lease), a folder it lacks may also be
+    a trial started since, so only those a resume recorded (`record_abandoned`) count.
     """
     fs = location.fs
-    states, recorded_at = tune_trial_states(location)
-    if tune_running is None:
-        holder = read_holder(location)
-        tune_running = bool(holder and holder["live"])
+    saved = tune_trial_states(location)
+    states = saved or {}
     recorded = set((location.read_json(ABANDONED_FILE) or {}).get("trial_ids", []))
     rows = []
     selector = pafs.FileSelector(location.path, recursive=False)
@@ -92,7 +90,7 @@ def read_trials(
         state = states.get(trial_id, {}).get("status", "UNKNOWN")
         # Not by file times: a resumed driver reuses the dead one's staging folder and uploads
         # the abandoned folder again at every snapshot.
-        if state == "UNKNOWN" and recorded_at is not None:
+        if state == "UNKNOWN" and saved is not None:
             if trial_id in recorded or not tune_running:
                 state = "ABANDONED"
         errored = (
@@ -119,12 +117,13 @@ def read_trials(
     return sorted(rows, key=lambda row: row.trial_id)
 
 
-def record_abandoned(location: SweepLocation, spec) -> None:
-    """At a resume, before Tune restores (no Tune runs the sweep): record the trials the dead
-    driver abandoned, so they stay ABANDONED while the resumed driver runs."""
-    max_epochs = spec.scheduler.max_t or spec.epochs()
-    rows = read_trials(location, spec.metric, spec.mode, max_epochs, tune_running=False)
-    add_abandoned(location, {row.trial_id for row in rows if row.state == "ABANDONED"})
+def record_abandoned(location: SweepLocation) -> None:
+    """At a resume, before Tune restores (no Tune runs the sweep): record the trial folders
+    Tune's newest state lacks, which the dead driver abandoned, so they stay ABANDONED while the
+    resumed driver runs."""
+    saved = tune_trial_states(location)
+    if saved is not None:
+        add_abandoned(location, trial_folder_ids(location) - set(saved))
 
 
 def add_abandoned(location: SweepLocation, ids: set[str]) -> None:

@@ -58,7 +58,7 @@ def _killed_then_resumed(tmp_path: Path) -> SweepLocation:
     state.write_text(json.dumps({"trial_data": [[json.dumps(t), "{}"] for t in recorded]}))
     os.utime(state, (snapshot, snapshot))
     location = locate(_endpoints(tmp_path), "resumed")
-    record_abandoned(location, spec)  # what the resume does before Tune restores
+    record_abandoned(location)  # what the resume does before Tune restores
     # started by the resumed driver after the snapshot it has written so far
     _trial(sweep / "train_bbbb0003", "bbbb0003", [0.65], snapshot + 50)
     return location
