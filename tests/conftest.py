@@ -48,35 +48,43 @@ CHESTXPERT_CLI = str(Path(sys.executable).parent / "chestxpert")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
+# The test files that use the shared three-node cluster (`ray_cluster`). They run in one
+# process, one after the other, as one unit: one cluster is started for the suite instead of
+# one per process (about 35 s each), and it is stopped once the unit's last test is done
+# instead of idling to the session's end (an idle cluster takes about an eighth of a core).
+CLUSTER_FILES = (
+    "test_sweeps.py",
+    "test_sweep_drills.py",
+    "test_prepare_cluster.py",
+    "test_trial.py",
+    "test_dataset_generations.py",
+    "test_sweep_operate.py",
+    "test_cluster.py",
+)
 # The test files that take longest, slowest first (measured with --durations). `make test`
 # hands whole files to 2 processes in collection order (pytest-xdist: --dist loadfile
 # --no-loadscope-reorder); starting these first keeps one process from running a long file
 # alone at the end while the other idles. The rest keep pytest's order.
 SLOWEST_FILES = (
+    *CLUSTER_FILES,
     "test_final_versions.py",
     "test_final.py",
     "test_compare.py",
-    "test_sweeps.py",
     "test_demo.py",
-    "test_sweep_drills.py",
     "test_benchmarks.py",
     "test_workflow.py",
-    "test_trial.py",
-    "test_prepare_cluster.py",
-    "test_dataset_generations.py",
-    "test_sweep_operate.py",
     "test_learnable.py",
-    "test_cluster.py",
     "test_readme.py",
     "test_stack_crashes.py",
     "test_shard_cache.py",
 )
-# Files whose tests share a costly session fixture run in the same process, as one unit, so
-# it is built once (`finished_sweep`: a sweep and a final, about 90 s).
+# Files handed out together to one process, as one unit, so the costly session fixture they
+# share is built once: `finished_sweep` (a sweep and a final, about 90 s), `ray_cluster`.
 SHARED_UNITS = {
     "test_final_versions.py": "finished_sweep",
     "test_final.py": "finished_sweep",
     "test_compare.py": "finished_sweep",
+    **dict.fromkeys(CLUSTER_FILES, "ray_cluster"),
 }
 
 
@@ -98,6 +106,33 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+    strays = sorted(
+        {
+            item.path.name
+            for item in items
+            if "ray_cluster" in getattr(item, "fixturenames", ())
+            and item.path.name not in CLUSTER_FILES
+        }
+    )
+    if strays:
+        raise pytest.UsageError(
+            f"{', '.join(strays)} use ray_cluster: add them to CLUSTER_FILES in tests/conftest.py "
+            "(the cluster is stopped after the last of those files)"
+        )
+
+
+# The shared cluster's process records while it runs (see ray_cluster).
+_CLUSTER_RECORDS: list[dict] = []
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the last test of CLUSTER_FILES in this process, stop the shared cluster."""
+    if item.path.name in CLUSTER_FILES and (
+        nextitem is None or nextitem.path.name not in CLUSTER_FILES
+    ):
+        stop_cluster(_CLUSTER_RECORDS)
+        _CLUSTER_RECORDS.clear()
 
 
 def python_json(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> Any:
@@ -208,10 +243,12 @@ def ray_cluster(s3_endpoint) -> Iterator[RayCluster]:
     Its nodes carry the S3 test endpoint and keys, as a real cluster's would.
     """
     cluster, records = start_cluster(s3_endpoint.env())
+    _CLUSTER_RECORDS[:] = records  # stopped after the last test of CLUSTER_FILES
     try:
         yield cluster
     finally:
-        stop_cluster(records)
+        stop_cluster(_CLUSTER_RECORDS)
+        _CLUSTER_RECORDS.clear()
 
 
 def ray_summary(cluster: RayCluster) -> dict:
