@@ -125,14 +125,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _CLUSTER_RECORDS: list[dict] = []
 
 
+def _stop_shared_cluster() -> None:
+    """Stop the shared cluster if it runs; once stopped, stopping again does nothing."""
+    stop_cluster(_CLUSTER_RECORDS)
+    _CLUSTER_RECORDS.clear()
+
+
 @pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """After the last test of CLUSTER_FILES in this process, stop the shared cluster."""
     if item.path.name in CLUSTER_FILES and (
         nextitem is None or nextitem.path.name not in CLUSTER_FILES
     ):
-        stop_cluster(_CLUSTER_RECORDS)
-        _CLUSTER_RECORDS.clear()
+        _stop_shared_cluster()
 
 
 def python_json(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> Any:
@@ -247,8 +252,7 @@ def ray_cluster(s3_endpoint) -> Iterator[RayCluster]:
     try:
         yield cluster
     finally:
-        stop_cluster(_CLUSTER_RECORDS)
-        _CLUSTER_RECORDS.clear()
+        _stop_shared_cluster()
 
 
 def ray_summary(cluster: RayCluster) -> dict:
