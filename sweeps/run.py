@@ -67,6 +67,7 @@ def _tuner_parts(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    from chestxpert.sweeps.retention import CheckpointRetention
     from chestxpert.trainable.train import train
 
     # Bound here rather than put in param_space: a trial resumed after a dataset change the
@@ -126,12 +127,18 @@ def _tuner_parts(
         storage_path=location.root,
         storage_filesystem=location.fs,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+        # Tune keeps every checkpoint; CheckpointRetention deletes the surplus once no state a
+        # resume could restore names it (Tune's own num_to_keep can delete the one it names).
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=spec.checkpoints_to_keep,
+            num_to_keep=None,
             checkpoint_score_attribute=spec.metric,
             checkpoint_score_order=spec.mode,
         ),
-        callbacks=[callback] if stop is None else [callback, stop],
+        callbacks=[
+            callback,
+            CheckpointRetention(location, spec.checkpoints_to_keep, spec.metric, spec.mode),
+            *([] if stop is None else [stop]),
+        ],
         verbose=1,
     )
     return trainable, tune_config, run_config

@@ -35,21 +35,24 @@ def _read_text(fs, path: str) -> str | None:
         return stream.read().decode()
 
 
+def newest_experiment_state(location: SweepLocation) -> pafs.FileInfo | None:
+    """Tune's newest experiment_state file in storage (the one a resume restores), or None."""
+    selector = pafs.FileSelector(location.path, recursive=False)
+    states = [
+        info
+        for info in location.fs.get_file_info(selector)
+        if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+    ]
+    return max(states, key=lambda info: info.path, default=None)
+
+
 def tune_trial_states(location: SweepLocation) -> dict[str, dict[str, Any]] | None:
     """Tune's own record of each trial (status, folder), from the newest experiment_state file;
     None when Tune has saved none yet."""
-    selector = pafs.FileSelector(location.path, recursive=False)
-    states = sorted(
-        (
-            info
-            for info in location.fs.get_file_info(selector)
-            if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
-        ),
-        key=lambda info: info.path,
-    )
-    if not states:
+    newest = newest_experiment_state(location)
+    if newest is None:
         return None
-    data = json.loads(_read_text(location.fs, states[-1].path) or "{}")
+    data = json.loads(_read_text(location.fs, newest.path) or "{}")
     out = {}
     for entry in data.get("trial_data", []):
         raw = entry[0] if isinstance(entry, list) else entry

@@ -1,7 +1,8 @@
-"""Crash drills for tracking and for one writer per sweep, with real processes on the 3-node Ray
-cluster: MLflow down while the driver is SIGKILLed (drill 4), a second `sweep run` of a running
-sweep (drill 5), and a driver SIGKILLed after one trial finished, resumed onto the MLflow server
-it is given (the finished trial is not run again; tracking moves).
+"""Crash drills for tracking, checkpoints and one writer per sweep, with real processes on the
+3-node Ray cluster: MLflow down while the driver is SIGKILLed (drill 4), a second `sweep run` of
+a running sweep (drill 5), a driver SIGKILLed after one trial finished, resumed onto the MLflow
+server it is given (the finished trial is not run again; tracking moves), and a driver SIGKILLed
+after a checkpoint outranked the one Tune's saved state resumes from.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +21,10 @@ import pytest
 
 from chestxpert.cluster.processes import free_port, stop_group
 from chestxpert.cluster.stack import StackOptions, start_mlflow
+from chestxpert.sweeps.layout import SweepLocation
 from chestxpert.sweeps.replay import ABANDONED
 from tests.conftest import CHESTXPERT_CLI, RayCluster, SyntheticDataset, short_tmpdir
+from tests.retention_drill_driver import resume_checkpoints
 from tests.test_sweeps import (
     STUDY_STATE,
     chestxpert,
@@ -35,9 +39,10 @@ pytestmark = pytest.mark.services
 TERMINAL = ("FINISHED", "KILLED", "FAILED")
 
 
-def _start_driver(spec: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A driver in its own process group, so that a SIGKILL takes all it started."""
     return subprocess.Popen(
-        [CHESTXPERT_CLI, "sweep", "run", str(spec)],
+        command,
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -45,6 +50,10 @@ def _start_driver(spec: Path, env: dict[str, str], cwd: Path) -> subprocess.Pope
         text=True,
         start_new_session=True,
     )
+
+
+def _start_driver(spec: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return _start([CHESTXPERT_CLI, "sweep", "run", str(spec)], env, cwd)
 
 
 def _stored_epochs(folder: Path) -> dict[str, list[int]]:
@@ -320,3 +329,40 @@ def test_resume_moves_tracking_to_the_mlflow_uri_given(
         assert [p.info.status for p in parents] == ["KILLED"] and len(trials) == 2
     finally:
         stop_group(server["pid"], server["start_time"])
+
+
+def test_a_driver_killed_after_a_better_checkpoint_resumes_from_the_one_its_state_names(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Tune's own num_to_keep deletes the checkpoint its saved state names as soon as a better
+    one registers, and the resume then fails the trial (tests/retention_drill_driver.py with
+    TUNE_KEEPS=1 shows it); the sweep's retention keeps it until a newer state is saved."""
+    import pyarrow.fs as pafs
+
+    storage, marks = tmp_path / "storage", tmp_path / "marks"
+    marks.mkdir()
+    driver_py = Path(__file__).with_name("retention_drill_driver.py")
+    env = {**ray_cluster.client_env(), "TUNE_GLOBAL_CHECKPOINT_S": "10"}
+    command = [sys.executable, str(driver_py), "run", str(storage), str(marks)]
+    driver = _start(command, env, tmp_path)
+    _kill_when(driver, (marks / "third-reported").exists, "the third epoch was not reported", 180)
+
+    location = SweepLocation(pafs.LocalFileSystem(), str(storage), "retention", "")
+    (trial_folder,) = (storage / "retention").glob("train_*")
+    # The state a resume restores names the second checkpoint (score 0.1), now below the best
+    # two (0.9 and 0.5, the latest): kept, where Tune would have deleted it.
+    assert list(resume_checkpoints(location).values()) == ["checkpoint_000001"]
+    assert sorted(p.name for p in trial_folder.glob("checkpoint_*")) == [
+        "checkpoint_000000",
+        "checkpoint_000001",
+        "checkpoint_000002",
+    ]
+
+    command[2] = "resume"
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1]) == [{"epoch": 5, "error": None}]
+    assert (marks / "restored-2").exists()
+    # Once the final state is saved: the best two by score (epochs 1 and 5), the latest among them.
+    kept = [json.loads((p / "epoch.json").read_text()) for p in trial_folder.glob("checkpoint_*")]
+    assert sorted(row["epoch"] for row in kept) == [1, 5]

@@ -398,6 +398,12 @@ def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
             f"no epoch ran on the surviving node: {epochs}"
         )
         assert epochs == sorted(epochs), f"epochs went backwards beyond the checkpoint: {epochs}"
+        # checkpoints_to_keep (2): of six checkpoints, the best two by val_auc_macro and the
+        # latest are left once the sweep ends, the best among them
+        kept = sorted(files[0].parent.glob("checkpoint_*"))
+        assert 2 <= len(kept) <= 3, kept
+        best = json.loads((storage / name / "chestxpert_summary.json").read_text())
+        assert Path(best["best_checkpoint"].removeprefix("file://")) in kept, (best, kept)
     finally:
         stop_cluster(records)
 

@@ -199,7 +199,8 @@ class SweepSpec(_Section):
     max_retries: int = Field(2, ge=0)
     """Restarts of a failed trial (a lost node, out of memory), from its last checkpoint."""
     checkpoints_to_keep: int = Field(2, ge=1)
-    """Checkpoints kept per trial: the best by `metric`."""
+    """Checkpoints kept per trial: the best by `metric` (ties too), besides the latest, which
+    a resume continues from; the others are deleted once no saved sweep state names them."""
     reuse_actors: bool = True
     """A worker process that finished or stopped a trial runs the next one, its Keras state
     cleared, instead of a new process importing TensorFlow again."""
