@@ -395,6 +395,22 @@ def _tracking(
     return callback
 
 
+def _best_checkpoint(best, metric: str, mode: str):
+    """The best trial's checkpoint with the best finite `metric`, else its latest. Not Tune's
+    `get_best_checkpoint`: a NaN compares false, so it can return a diverged epoch's."""
+    from chestxpert.sweeps.retention import score
+
+    scored = [
+        (value, checkpoint)
+        for checkpoint, metrics in best.best_checkpoints
+        if (value := score(metrics, metric)) is not None
+    ]
+    if not scored:
+        return best.checkpoint
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda item: item[0])[1]
+
+
 def _summarise(spec: SweepSpec, results, location: SweepLocation, callback) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "name": spec.name,
@@ -408,7 +424,7 @@ def _summarise(spec: SweepSpec, results, location: SweepLocation, callback) -> d
     except RuntimeError:
         best = None
     if best is not None and best.metrics:
-        checkpoint = best.get_best_checkpoint(spec.metric, spec.mode) or best.checkpoint
+        checkpoint = _best_checkpoint(best, spec.metric, spec.mode)
         history = best.metrics_dataframe
         best_value = float(
             history[spec.metric].max() if spec.mode == "max" else history[spec.metric].min()

@@ -3,11 +3,12 @@ whose scores rank its second checkpoint below the best two once the third regist
 sweep's own retention (`sweeps.run` builds Tune the same way).
 
 `python retention_drill_driver.py run|resume STORAGE MARKS`: on the first run, the trial waits
-until Tune's experiment state in storage names its second checkpoint, reports its third
-(`tune.report` returns once the driver has registered it), touches MARKS/third-reported and
-sleeps, so the test can SIGKILL the driver before the next snapshot (TUNE_GLOBAL_CHECKPOINT_S
-apart). A resumed trial touches MARKS/restored-<epoch>. With TUNE_KEEPS=1 the driver uses
-Tune's own `num_to_keep` instead, to show the resume that loses the trial.
+until Tune's experiment state in storage names its second checkpoint, reports its third and
+fourth (`tune.report` returns once the driver has handled the report: the retention ran on
+the fourth with the second below the best two), touches MARKS/killable and sleeps, so
+the test can SIGKILL the driver before the next snapshot (TUNE_GLOBAL_CHECKPOINT_S apart). A
+resumed trial touches MARKS/restored-<epoch>. With TUNE_KEEPS=1 the driver uses Tune's own
+`num_to_keep` instead and stops after the third, to show the resume that loses the trial.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def train(config: dict) -> None:
         shutil.rmtree(folder)
         if checkpoint is None and epoch == 2:
             _wait_until_state_names(_location(config["storage"]), "checkpoint_000001")
-        if checkpoint is None and epoch == 3:
-            (marks / "third-reported").touch()
+        if checkpoint is None and epoch == config["kill_after"]:
+            (marks / "killable").touch()
             time.sleep(600)
 
 
@@ -104,7 +105,9 @@ def main() -> None:
     if action == "run":
         tuner = tune.Tuner(
             trainable,
-            param_space={"storage": storage, "marks": marks},
+            # Tune's own num_to_keep (2) forces a snapshot at a trial's second checkpoint since
+            # the last one, so its window closes after the third.
+            param_space={"storage": storage, "marks": marks, "kill_after": 3 if tune_keeps else 4},
             tune_config=tune.TuneConfig(metric="val_auc_macro", mode="max", num_samples=1),
             run_config=tune.RunConfig(
                 name=NAME,

@@ -5,6 +5,7 @@ loses a trial in is in tests/test_sweep_drills.py."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,8 +53,10 @@ def _surplus(scores: list[float | None], keep: int, mode: str) -> list[int]:
         ([0.9, 0.1], 2, "max", []),  # no more than `keep`: nothing to delete
         ([0.7, 0.7, 0.7, 0.2], 1, "max", []),  # all tie for the best; the last is the latest
         ([0.7, 0.7, 0.2, 0.3], 1, "max", [3]),  # a tie for the best: both stay
-        ([0.6, None, 0.2, 0.9], 1, "max", [1, 3]),  # unranked (no metric) stays
-        ([0.6, float("nan"), 0.2, 0.9], 1, "max", [1, 3]),  # nor does a NaN rank
+        ([0.6, None, 0.2, 0.9], 1, "max", [1, 2, 3]),  # no metric: below every score
+        ([0.6, float("nan"), 0.2, 0.9], 1, "max", [1, 2, 3]),  # a NaN (diverged) likewise
+        ([0.3, float("nan"), 0.1, 0.2], 1, "min", [1, 2]),  # and with lower better
+        ([None, None, None], 1, "max", [2]),  # none ranked: the latest and one more stay
     ],
 )
 def test_surplus_is_what_lies_outside_the_best_keep_and_is_not_the_latest(
@@ -90,19 +93,23 @@ def test_a_superseded_checkpoint_is_deleted_once_a_later_saved_state_is_in_stora
     )
     retention = CheckpointRetention(location, 2, "val_auc_macro", "max")
 
+    state_file = sweep / "experiment_state-2026-12-04_00-00-00.json"
+
     def saved(iteration: int) -> None:
         state = {"trial_data": [], "runner_data": {"_iteration": iteration}}
-        (sweep / "experiment_state-2026-12-04_00-00-00.json").write_text(json.dumps(state))
+        state_file.write_text(json.dumps(state))
+        os.utime(state_file, (iteration, iteration))  # as saves seconds apart (it is cached)
 
     def register(index: int, score: float, iteration: int) -> None:
         folder = sweep / "train_a" / f"checkpoint_{index:06d}"
         folder.mkdir(parents=True)
         checkpoint = tune.Checkpoint(str(folder))
-        manager.register_checkpoint(
-            _TrainingResult(checkpoint=checkpoint, metrics={"val_auc_macro": score})
-        )
+        # Tune's order: the callbacks, then the registration
         retention.on_checkpoint(
             iteration=iteration, trials=[trial], trial=trial, checkpoint=checkpoint
+        )
+        manager.register_checkpoint(
+            _TrainingResult(checkpoint=checkpoint, metrics={"val_auc_macro": score})
         )
 
     def left() -> list[str]:
@@ -120,10 +127,13 @@ def test_a_superseded_checkpoint_is_deleted_once_a_later_saved_state_is_in_stora
     saved(8)
     retention.prune()
     assert left() == ["checkpoint_000000", "checkpoint_000002"]
-    (sweep / "experiment_state-2026-12-04_00-00-00.json").write_text('{"trial_data": [')
-    register(3, 0.6, 9)  # surplus now: checkpoint_000002 (0.5); the state is unreadable
+    register(3, 0.6, 9)  # checkpoint_000002 (0.5) is surplus now, superseded in iteration 9
+    state_file.write_text('{"trial_data": [')
+    retention.prune()  # a state mid-upload cannot be read: nothing goes
     assert left() == ["checkpoint_000000", "checkpoint_000002", "checkpoint_000003"]
+    assert len(manager.best_checkpoint_results) == 3  # Tune's list: what exists
     trial.status = "TERMINATED"
     saved(10)
     retention.on_experiment_end(trials=[trial])
     assert left() == ["checkpoint_000000", "checkpoint_000003"]
+    assert [r.checkpoint.path[-6:] for r in manager.best_checkpoint_results] == ["000003", "000000"]
