@@ -37,7 +37,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     from chestxpert.trainable.backbones import build_model
     from chestxpert.trainable.config import TrialConfig
     from chestxpert.trainable.losses import make_loss
-    from chestxpert.trainable.train import configure_runtime
+    from chestxpert.trainable.train import build_optimizer, configure_runtime
 
     config = TrialConfig(backbone=spec["backbone"])
     configure_runtime(config, os.cpu_count() or 1)
@@ -50,6 +50,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     targets = np.concatenate([labels, np.ones_like(labels)], axis=1)
     loss = make_loss("weighted_bce", LABELS, [2.0] * LABELS, [0.5] * LABELS)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=False)
+    build_optimizer(model)  # as the trial does, before its first step
     model.train_on_batch(images, targets)
     first = time.monotonic()
     model.train_on_batch(images, targets)

@@ -49,7 +49,7 @@ def bare_fit(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from chestxpert.trainable.config import TrialConfig
-    from chestxpert.trainable.train import _process_age_seconds, configure_runtime
+    from chestxpert.trainable.train import _process_age_seconds, build_optimizer, configure_runtime
 
     config = TrialConfig.from_dict(spec["config"])
     runtime = configure_runtime(config, spec["cpus"])  # the trial's threads, precision and seeds
@@ -80,6 +80,7 @@ def bare_fit(spec: dict[str, Any]) -> dict[str, Any]:
         gamma=config.focal_gamma,
     )
     model.compile(optimizer=make_optimizer(config, steps), loss=loss, jit_compile=config.xla)
+    build_optimizer(model)  # as the trial does
 
     def pack(images, labels, mask):
         return images, tf.concat([labels, mask], axis=-1)
