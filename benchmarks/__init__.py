@@ -24,6 +24,7 @@ from benchmarks import (
     scale,
     shard_cache,
     startup_per_backbone,
+    step_after_pipeline,
     tune_trial,
 )
 
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     for module in (
         parquet_vs_png,
         input_pipeline,
+        step_after_pipeline,
         prepare_memory,
         mlflow_job_runner,
         s3_startup,

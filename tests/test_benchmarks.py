@@ -21,6 +21,7 @@ from tests.conftest import REPO
 RESULT_LINES = {
     "parquet_vs_png": "ratio parquet/png:",
     "input_pipeline": "ratio fit pipeline/in-memory:",
+    "step_after_pipeline": "ratio step after make_tf_dataset/none:",
     "prepare_memory": "ratio peak RSS",
     "mlflow_job_runner": "ratio default/ours:",
     "s3_startup": "ratio mlflow/s3",
