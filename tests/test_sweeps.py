@@ -359,9 +359,12 @@ def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
             synthetic_dataset.prepared,
             resources={"cpus": 1, "gpus": 1},
             search__num_samples=1,
-            trial__epochs=6,
+            trial__epochs=8,
             scheduler={"type": "none"},
         )
+        # Mapped before the trial starts: asking Ray takes seconds, in which a trial whose
+        # epochs take 2 s had finished before its node was killed.
+        temp_dirs = _node_of_temp_dir(cluster)
         env = sweep_env(cluster, s3_endpoint.env(), mlflow_server.url, str(storage))
         driver = subprocess.Popen(
             [CHESTXPERT_CLI, "sweep", "run", str(spec)],
@@ -380,7 +383,7 @@ def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
             time.sleep(0.5)
         assert len(rows) >= 2, "the trial did not reach epoch 2"
         doomed_node = rows[-1]["node_id"]
-        temp_dir = _node_of_temp_dir(cluster)[doomed_node]
+        temp_dir = temp_dirs[doomed_node]
         victim = next(r for r in records[1:] if f"/w{records.index(r) - 1}/" in temp_dir)
         stop_group(
             victim["pid"], victim["start_time"], timeout_s=0.1
@@ -390,7 +393,7 @@ def test_worker_node_killed_mid_trial_is_retried_from_its_checkpoint(
         assert driver.returncode == 0, output[-4000:]
         rows = [json.loads(line) for line in files[0].read_text().splitlines()]
         epochs = [int(r["epoch"]) for r in rows]
-        assert epochs[-1] == 6 and epochs.count(1) == 1, (
+        assert epochs[-1] == 8 and epochs.count(1) == 1, (
             f"the trial restarted from scratch: {epochs}"
         )
         moved = [r for r in rows if r["node_id"] != doomed_node]
