@@ -7,8 +7,11 @@ a GPU trial needs to be fed.
 
 Each side runs in a fresh process pinned to its CPUs (`os.sched_setaffinity` before TensorFlow
 starts, TF's thread pools and the pipeline's reads set to the same count), on phantoms made by
-`data synth` and `data prepare`. The pipelines alternate epoch by epoch in one process, so a
-neighbour's load falls on all of them. Each rate is printed as wall-clock img/s and as img per
+`data synth` and `data prepare`. Each input pipeline gets processes of its own: a pass of
+today's `from_generator` slows every later TensorFlow op in its process (step_after_pipeline),
+which in a shared process counted against the new pipeline too. Their processes alternate over
+rounds, and fit's two sides alternate epoch by epoch in one process, so a neighbour's load
+falls on all of them. Each rate is printed as wall-clock img/s and as img per
 CPU-second of this process (steadier on a shared machine). Targets: the new pipeline >= 2x
 today's per CPU at 224 px, and fit with it >= 0.95 of fit fed from memory (densenet_tiny at 64
 px, a model fast enough that a slow input would show).
@@ -53,11 +56,13 @@ class Size:
     fit_side: int  # side of the shards fit reads
     fit_backbone: str
     cpu_counts: tuple[int, ...]
-    passes: int  # epochs timed per pipeline per process, alternating with the other side
+    passes: int  # epochs timed per process (after one untimed)
+    rounds: int  # processes per input pipeline, alternating with the others'
 
 
-FULL = Size(8000, 256, 224, 64, "densenet_tiny", (1, 2), passes=7)
-SMOKE = Size(80, 64, 32, 32, "convnet_small", (1,), passes=1)
+FULL = Size(8000, 256, 224, 64, "densenet_tiny", (1, 2), passes=3, rounds=3)
+SMOKE = Size(80, 64, 32, 32, "convnet_small", (1,), passes=1, rounds=1)
+INPUTS = ("today", "new", "new on zstd")
 BATCH = 32
 
 
@@ -107,7 +112,8 @@ def _timed(run) -> tuple[float, float]:
 
 
 def input_rates(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child: the three sides' training-input rates on `spec["cpus"]` pinned CPUs, alternating."""
+    """Child: one pipeline's (`spec["side"]`, of INPUTS) training-input rates on `spec["cpus"]`
+    pinned CPUs, one untimed pass, then `spec["passes"]` timed."""
     _pin(spec["cpus"])
     import tensorflow as tf
 
@@ -118,25 +124,25 @@ def input_rates(spec: dict[str, Any]) -> dict[str, Any]:
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, cpus))
     endpoints = resolve(workspace=Path(spec["workspace"]), environ={})
-    zstd = open_dataset(spec["zstd_dataset"], endpoints)
-    lz4 = open_dataset(spec["dataset"], endpoints)
-    pipelines = {
-        "today": todays_make_tf_dataset(zstd, "train", BATCH, shuffle=True, seed=0),
-        "new": make_tf_dataset(lz4, "train", BATCH, shuffle=True, seed=0, parallel_reads=cpus),
-        "new on zstd": make_tf_dataset(
-            zstd, "train", BATCH, shuffle=True, seed=0, parallel_reads=cpus
-        ),
-    }
+    if spec["side"] == "today":
+        zstd = open_dataset(spec["zstd_dataset"], endpoints)
+        pipeline = todays_make_tf_dataset(zstd, "train", BATCH, shuffle=True, seed=0)
+    else:
+        source = spec["dataset"] if spec["side"] == "new" else spec["zstd_dataset"]
+        pipeline = make_tf_dataset(
+            open_dataset(source, endpoints),
+            "train",
+            BATCH,
+            shuffle=True,
+            seed=0,
+            parallel_reads=cpus,
+        )
 
-    def one_pass(pipeline) -> int:
+    def one_pass() -> int:
         return sum(int(images.shape[0]) for images, _, _ in pipeline)
 
-    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
-    for pipeline in pipelines.values():
-        one_pass(pipeline)  # warm-up: tracing, file cache
-    for _ in range(spec["passes"]):
-        for name, pipeline in pipelines.items():
-            rates[name].append(_timed(lambda p=pipeline: one_pass(p)))
+    one_pass()  # warm-up: tracing, file cache
+    rates = [_timed(one_pass) for _ in range(spec["passes"])]
     return {"cpus": len(os.sched_getaffinity(0)), "rates": rates}
 
 
@@ -225,18 +231,20 @@ def run(smoke: bool = False) -> None:
         manifest = json.loads((Path(dataset) / "manifest.json").read_text())
         print(
             f"  training input: {manifest['splits']['train']['images']} images at "
-            f"{size.input_side} px, batch {BATCH}, {size.passes} epochs each:"
+            f"{size.input_side} px, batch {BATCH}, {size.passes} timed epochs in each of "
+            f"{size.rounds} processes per pipeline:"
         )
         for cpus in size.cpu_counts:
             if cpus > len(os.sched_getaffinity(0)):
                 print(f"  {cpus} CPUs: this machine lets us use fewer; not measured")
                 continue
-            result = run_child(
-                input_rates,
-                {**common, "dataset": dataset, "zstd_dataset": zstd_dataset, "cpus": cpus},
-            )
+            spec = {**common, "dataset": dataset, "zstd_dataset": zstd_dataset, "cpus": cpus}
+            rates: dict[str, list[list[float]]] = {name: [] for name in INPUTS}
+            for _ in range(size.rounds):
+                for name in INPUTS:
+                    rates[name] += run_child(input_rates, {**spec, "side": name})["rates"]
             medians = {}
-            for name, pairs in result["rates"].items():
+            for name, pairs in rates.items():
                 wall, cpu = [w for w, _ in pairs], [c for _, c in pairs]
                 medians[name] = (statistics.median(wall), statistics.median(cpu))
                 print(
@@ -256,7 +264,13 @@ def run(smoke: bool = False) -> None:
         cpus = min(2, len(os.sched_getaffinity(0)))
         result = run_child(
             fit_rates,
-            {**common, "dataset": fit_dataset, "cpus": cpus, "backbone": size.fit_backbone},
+            {
+                **common,
+                "passes": size.passes * size.rounds,  # as many epochs as the inputs timed
+                "dataset": fit_dataset,
+                "cpus": cpus,
+                "backbone": size.fit_backbone,
+            },
         )
     where = f"{size.fit_backbone} at {size.fit_side} px on {cpus} CPUs"
     medians = {}
