@@ -271,6 +271,8 @@ def run(smoke: bool = False) -> None:
                 "cpus": cpus,
                 "backbone": size.fit_backbone,
             },
+            # 20 epochs of about 5,500 images, 15-30 s each here: past run_child's 600 s
+            timeout=1800,
         )
     where = f"{size.fit_backbone} at {size.fit_side} px on {cpus} CPUs"
     medians = {}
