@@ -135,6 +135,8 @@ def test_final_run_is_nested_and_the_model_registered_as_champion(finished_sweep
     assert loaded.metadata.get_input_schema() is not None, (
         "the model is logged with its input signature"
     )
+    (output,) = loaded.metadata.get_output_schema().inputs  # a Schema's specs, in or out
+    assert (output.type, output.shape) == (np.dtype("float32"), (-1, 14))
     probabilities = loaded.predict(np.zeros((2, 64, 64, 1), dtype=np.uint8))
     assert np.asarray(probabilities).shape == (2, 14)
 
