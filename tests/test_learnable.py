@@ -26,7 +26,7 @@ def test_small_cnn_learns_synthetic_phantoms_to_macro_auc_075(tmp_path: Path) ->
         {
             "dataset": str(tmp_path / "prepared"),
             "backbone": "densenet_tiny",
-            "epochs": 6,
+            "epochs": 5,
             "batch_size": 32,
             "learning_rate": 0.001,
             "seed": 0,
