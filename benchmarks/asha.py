@@ -191,7 +191,7 @@ def report_seed(seed: int, result: dict[str, Any], size: Size) -> None:
         )
     same = result["asha"]["configs"] == result["full"]["configs"]
     print(f"  seed {seed}: asha and full ran the same configurations: {'yes' if same else 'NO'}")
-    for label in ("tpe", "asha") if "tpe" in size.sides else ("asha",):
+    for label in [side for side in ("tpe", "asha") if side in size.sides]:
         reached = [len(curve) for curve in result[label]["curves"]]
         top = [index for index, count in enumerate(reached) if count >= size.epochs]
         print(
