@@ -198,3 +198,62 @@ def test_queued_reports_go_in_one_call_per_trial_and_a_resumed_driver_adds_no_ru
     assert resumed.flush()
     again = trial_run_ids(mlflow, experiment_id(mlflow, "coalesce"), "sweep-c")
     assert again["t1"] == runs["t1"] and sorted(again) == ["t1", "t2", "t3"]
+
+
+class _SearchLog:
+    """A meta path finder that records each module the import system searches for."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.searched.append(name)
+        return None  # the real finders after it decide
+
+
+@pytest.mark.services
+def test_mlflow_requests_do_not_search_for_databricks_packages_this_machine_lacks(
+    mlflow_server, monkeypatch
+) -> None:
+    """MLflow's client imports Databricks' packages on every request to ask whether it runs
+    there. `client()` marks the absent ones, so no request searches sys.path for them again."""
+    import importlib
+    import sys
+
+    from chestxpert.cluster.mlflow_runs import DATABRICKS_PROBES, client, experiment_id
+
+    mlflow = client(mlflow_server.url)
+    run_id = mlflow.create_run(experiment_id(mlflow, "probes")).info.run_id
+    log = _SearchLog()
+    monkeypatch.setattr(sys, "meta_path", [log, *sys.meta_path])
+    with pytest.raises(ImportError):
+        importlib.import_module("chestxpert_no_such_package")  # the log sees searches
+    for _ in range(3):
+        mlflow.set_tag(run_id, "probe", "x")
+    probes = {name for names in DATABRICKS_PROBES.values() for name in names}
+    assert "chestxpert_no_such_package" in log.searched
+    assert not probes & set(log.searched), log.searched
+    assert mlflow.get_run(run_id).data.tags["probe"] == "x"
+
+
+def test_only_packages_this_interpreter_lacks_are_marked_absent(monkeypatch) -> None:
+    import importlib
+    import sys
+
+    from chestxpert.cluster import mlflow_runs
+
+    monkeypatch.setattr(
+        mlflow_runs,
+        "DATABRICKS_PROBES",
+        {"colorsys": ("colorsys",), "cx_absent": ("cx_absent", "cx_absent.sub")},
+    )
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    for name in ("cx_absent", "cx_absent.sub"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name))  # restored afterwards
+        del sys.modules[name]
+    mlflow_runs.record_absent_probes()
+    assert sys.modules["cx_absent"] is None and sys.modules["cx_absent.sub"] is None
+    with pytest.raises(ModuleNotFoundError, match="halted"):
+        importlib.import_module("cx_absent.sub")
+    assert "colorsys" not in sys.modules  # installed: left to import as usual
+    assert importlib.import_module("colorsys").rgb_to_hsv(1, 0, 0)[0] == 0
