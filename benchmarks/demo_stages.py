@@ -8,6 +8,7 @@ tests/test_demo.py runs a small demo and checks the stage line it prints.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,15 @@ def default_demo(spec: dict[str, Any]) -> dict[str, Any]:
             "epochs": row.epochs,
             "startup_seconds": row.results[0].get("startup_seconds") if row.results else None,
             "pid": row.results[0].get("pid") if row.results else None,
+            # Tune's clock: the first report's time less the trial's time until then.
+            "started": row.results[0]["timestamp"] - row.results[0]["time_total_s"]
+            if row.results
+            else None,
         }
         for row in read_trials(location, "val_auc_macro", "max", 3, tune_running=False)
     ]
+    # In start order, so that a worker counts as reused only after the trial that had it first.
+    trials.sort(key=lambda trial: math.inf if trial["started"] is None else trial["started"])
     return {"stages": summary["stage_seconds"], "trials": trials}
 
 
