@@ -1,7 +1,7 @@
 """`chestxpert demo`: the whole path on this machine — stack, synthetic data, prepare, a DenseNet121
 sweep, then the final retrain and its clinical report, and the sweep report.
 
-Sized for 2 CPU cores (about 21 minutes with the defaults); it prints where to
+Sized for 2 CPU cores (about 22 minutes with the defaults); it prints where to
 look afterwards and leaves the services up for looking, unless `--stop`.
 """
 
