@@ -215,12 +215,13 @@ class _SearchLog:
 def test_mlflow_requests_do_not_search_for_databricks_packages_this_machine_lacks(
     mlflow_server, monkeypatch
 ) -> None:
-    """MLflow's client imports Databricks' packages on every request to ask whether it runs
-    there. `client()` marks the absent ones, so no request searches sys.path for them again."""
+    """MLflow's Databricks request-header provider imports Databricks' packages on every request
+    to ask whether it runs there; `client()` drops it where none is installed, so no request
+    searches sys.path for them, and nothing marks them absent in sys.modules."""
     import importlib
     import sys
 
-    from chestxpert.cluster.mlflow_runs import DATABRICKS_PROBES, client, experiment_id
+    from chestxpert.cluster.mlflow_runs import client, experiment_id
 
     mlflow = client(mlflow_server.url)
     run_id = mlflow.create_run(experiment_id(mlflow, "probes")).info.run_id
@@ -230,30 +231,25 @@ def test_mlflow_requests_do_not_search_for_databricks_packages_this_machine_lack
         importlib.import_module("chestxpert_no_such_package")  # the log sees searches
     for _ in range(3):
         mlflow.set_tag(run_id, "probe", "x")
-    probes = {name for names in DATABRICKS_PROBES.values() for name in names}
+    probes = {"dbruntime", "dbruntime.databricks_repl_context", "pyspark", "pyspark.sql", "IPython"}
     assert "chestxpert_no_such_package" in log.searched
     assert not probes & set(log.searched), log.searched
     assert mlflow.get_run(run_id).data.tags["probe"] == "x"
+    # libraries read `"IPython" in sys.modules` as "imported": nothing may stand in for it
+    assert not probes & set(sys.modules)
 
 
-def test_only_packages_this_interpreter_lacks_are_marked_absent(monkeypatch) -> None:
-    import importlib
-    import sys
-
-    from chestxpert.cluster import mlflow_runs
-
-    monkeypatch.setattr(
-        mlflow_runs,
-        "DATABRICKS_PROBES",
-        {"colorsys": ("colorsys",), "cx_absent": ("cx_absent", "cx_absent.sub")},
+def test_the_databricks_headers_stay_where_databricks_may_run() -> None:
+    from mlflow.tracking.request_header.databricks_request_header_provider import (
+        DatabricksRequestHeaderProvider,
     )
-    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
-    for name in ("cx_absent", "cx_absent.sub"):
-        monkeypatch.setitem(sys.modules, name, sys.modules.get(name))  # restored afterwards
-        del sys.modules[name]
-    mlflow_runs.record_absent_probes()
-    assert sys.modules["cx_absent"] is None and sys.modules["cx_absent.sub"] is None
-    with pytest.raises(ModuleNotFoundError, match="halted"):
-        importlib.import_module("cx_absent.sub")
-    assert "colorsys" not in sys.modules  # installed: left to import as usual
-    assert importlib.import_module("colorsys").rgb_to_hsv(1, 0, 0)[0] == 0
+    from mlflow.tracking.request_header.registry import _request_header_provider_registry
+
+    before = list(_request_header_provider_registry)
+    from chestxpert.cluster.mlflow_runs import skip_databricks_headers
+
+    assert not skip_databricks_headers({"DATABRICKS_RUNTIME_VERSION": "15.4"})
+    assert list(_request_header_provider_registry) == before
+    assert skip_databricks_headers({})  # here: no dbruntime, no pyspark
+    kept = list(_request_header_provider_registry)
+    assert kept and not any(isinstance(p, DatabricksRequestHeaderProvider) for p in kept)
