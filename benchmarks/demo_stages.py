@@ -35,19 +35,19 @@ def default_demo(spec: dict[str, Any]) -> dict[str, Any]:
     )
     summary = run_demo(opts, DEMO_IMAGES, 4, 3, stop=True, image_size=DEMO_IMAGE_SIZE)
     location = locate(resolve(workspace=ws, environ={}), summary["name"])
-    trials = [
-        {
-            "trial_id": row.trial_id,
-            "epochs": row.epochs,
-            "startup_seconds": row.results[0].get("startup_seconds") if row.results else None,
-            "pid": row.results[0].get("pid") if row.results else None,
-            # Tune's clock: the first report's time less the trial's time until then.
-            "started": row.results[0]["timestamp"] - row.results[0]["time_total_s"]
-            if row.results
-            else None,
-        }
-        for row in read_trials(location, "val_auc_macro", "max", 3, tune_running=False)
-    ]
+    trials = []
+    for row in read_trials(location, "val_auc_macro", "max", 3, tune_running=False):
+        first = row.results[0] if row.results else None  # the trial's first epoch, if any
+        trials.append(
+            {
+                "trial_id": row.trial_id,
+                "epochs": row.epochs,
+                "startup_seconds": first.get("startup_seconds") if first else None,
+                "pid": first.get("pid") if first else None,
+                # Tune's clock: the first report's time less the trial's time until then.
+                "started": first["timestamp"] - first["time_total_s"] if first else None,
+            }
+        )
     # In start order, so that a worker counts as reused only after the trial that had it first.
     trials.sort(key=lambda trial: math.inf if trial["started"] is None else trial["started"])
     return {"stages": summary["stage_seconds"], "trials": trials}
