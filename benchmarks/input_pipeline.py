@@ -164,7 +164,13 @@ def fit_rates(spec: dict[str, Any]) -> dict[str, Any]:
     model, _ = _build_or_restore(config, data, None)
     pipeline = data.train_pipeline(0, runtime["cpus"])
     images, targets = next(iter(pipeline))
-    in_memory = tf.data.Dataset.from_tensors((images, targets)).repeat(data.steps_per_epoch)
+    # The same tf.data options as the pipeline (its threads; the autotuner off, whose model
+    # thread held up freeing each epoch's iterator), so the sides differ only in their input.
+    in_memory = (
+        tf.data.Dataset.from_tensors((images, targets))
+        .repeat(data.steps_per_epoch)
+        .with_options(pipeline.options())
+    )
     sides = {
         "in_memory": (in_memory, data.steps_per_epoch * BATCH),
         "pipeline": (pipeline, data.train_count),

@@ -238,12 +238,13 @@ def open_test_split(uri: str | None, generation: str, endpoints: Endpoints, defa
 def _predict(model: ComparedModel, images: np.ndarray, dataset_size: int) -> np.ndarray:
     from chestxpert.datasets.images import resize_uint8
     from chestxpert.trainable.checkpoint import load_model
+    from chestxpert.trainable.train import predict
 
     size = int((model.state.get("preprocessing") or {}).get("image_size") or dataset_size)
     if size != dataset_size:
         images = resize_uint8(images, size).numpy()
     keras_model = load_model(model.folder, compile=False)
-    probabilities = keras_model.predict(images, batch_size=64, verbose=0)
+    probabilities = predict(keras_model, images, 64)
     return np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
 
 

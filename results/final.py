@@ -340,7 +340,7 @@ def evaluate_model(
     from chestxpert.trainable.backbones import get_backbone
     from chestxpert.trainable.checkpoint import load_model, read_state
     from chestxpert.trainable.metrics import auc_metrics
-    from chestxpert.trainable.train import weights_digest
+    from chestxpert.trainable.train import predict, weights_digest
 
     stages = stages or Stages("final")
     out.mkdir(parents=True, exist_ok=True)
@@ -367,8 +367,8 @@ def evaluate_model(
         val["image"] = resize_uint8(val["image"], size).numpy()
         test["image"] = resize_uint8(test["image"], size).numpy()
     stages.start("prediction", f"{len(val['image'])} validation, {len(test['image'])} test images")
-    val_prob = model.predict(val["image"], batch_size=64, verbose=0)
-    test_prob = model.predict(test["image"], batch_size=64, verbose=0)
+    val_prob = predict(model, val["image"], 64)
+    test_prob = predict(model, test["image"], 64)
     choice = choose_thresholds(
         val["labels"],
         val_prob,

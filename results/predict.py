@@ -92,8 +92,10 @@ def predict(
     sources = [read_source(path) for path in images]
     squares = [square_resize(gray, size) for gray in sources]
     pixels = np.stack([square for square, _ in squares])[..., np.newaxis]
+    from chestxpert.trainable.train import predict as predict_batches
+
     model = _load_model(model_dir, size, len(labels))
-    probabilities = np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0))
+    probabilities = predict_batches(model, pixels, PREDICT_BATCH)
     shown = calibrator.apply(probabilities) if calibrator else probabilities
 
     results = []

@@ -117,7 +117,9 @@ def test_shards_split_the_rows_between_readers(dataset: PreparedDataset) -> None
 def test_the_pipeline_runs_on_the_threads_it_is_given(dataset: PreparedDataset) -> None:
     options = Pipeline(dataset, shuffle=True, parallel_reads=3).data.options()
     assert options.threading.private_threadpool_size == 3
-    assert options.autotune.cpu_budget == 3
+    # buffers and parallelism are set by the pipeline; the autotuner's thread held up freeing
+    # every epoch's iterator (benchmarks/input_pipeline.py)
+    assert options.autotune.enabled is False
 
 
 def test_labels_come_with_their_mask(dataset: PreparedDataset) -> None:

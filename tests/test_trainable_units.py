@@ -174,3 +174,19 @@ def test_optimizers_and_schedules_build(optimizer: str, schedule: str) -> None:
 def test_a_trial_config_refuses_numbers_that_are_not_finite(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"^trial config: {key} must be a finite number"):
         TrialConfig.from_dict({"dataset": "s3://b/p", key: value})
+
+
+def test_predict_gives_the_models_own_outputs_in_order_with_a_last_partial_batch() -> None:
+    import keras
+
+    from chestxpert.trainable.train import predict
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten()]
+        + [keras.layers.Dense(3, activation="sigmoid")]
+    )
+    images = np.random.default_rng(0).integers(0, 256, (11, 8, 8, 1), dtype=np.uint8)
+    got = predict(model, images, 4)  # batches of 4, 4 and 3
+    assert got.shape == (11, 3)
+    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(model(images)), rtol=1e-6)

@@ -319,9 +319,7 @@ def run_trial(
         def on_epoch_end(self, epoch, logs=None):
             nonlocal last
             epoch_seconds = time.monotonic() - self.epoch_started
-            probabilities = model.predict(
-                data.val_images, batch_size=max(32, config.batch_size), verbose=0
-            )
+            probabilities = predict(model, data.val_images, max(32, config.batch_size))
             targets = np.concatenate([data.val_labels, data.val_mask], axis=1)
             metrics = {
                 "epoch": float(epoch + 1),
@@ -380,6 +378,22 @@ def run_trial(
     if trained is not None:
         trained(model)
     return last
+
+
+def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """`model.predict` of in-memory images, through a tf.data pipeline with the reader's options:
+    given the array itself, Keras builds one with tf.data's autotuner on (`pipeline_options`)."""
+    import tensorflow as tf
+
+    from chestxpert.datasets.reader import PREFETCH_BATCHES, pipeline_options
+
+    batches = (
+        tf.data.Dataset.from_tensor_slices(images)
+        .batch(batch_size)
+        .prefetch(PREFETCH_BATCHES)
+        .with_options(pipeline_options(1))
+    )
+    return np.asarray(model.predict(batches, verbose=0))
 
 
 def weights_digest(model) -> str:
