@@ -214,8 +214,8 @@ def read_split(
 # CPUs need (64 MiB is about 1,300 images at 224 px, 256 at 512 px).
 SHUFFLE_ROWS = 2048
 SHUFFLE_BYTES = 64 << 20
-# Batches ready ahead of the consumer. Windows are read ahead of it in their own stage (the map
-# below), so this only smooths the hand-over from one window's batches to the next's.
+# Batches ready ahead of the consumer. The training pipeline reads its windows ahead in a stage
+# of their own, so this only smooths the hand-over from one window's batches to the next's.
 PREFETCH_BATCHES = 2
 
 
@@ -349,7 +349,7 @@ def make_tf_dataset(
     return data.with_options(pipeline_options(reads))
 
 
-def pipeline_options(threads: int):
+def pipeline_options(threads: int) -> Any:
     """The `tf.data.Options` of every pipeline a trial or the final job builds: `threads` threads
     (tf.data otherwise sizes its pool by the machine's cores), in a fixed order, and tf.data's
     autotuner off. The pipelines set their parallelism and buffers themselves, so it has nothing
@@ -367,9 +367,10 @@ def pipeline_options(threads: int):
 def _pooled_empty(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialised uint8 array in Arrow's memory pool. A window is tens of MB, which numpy
     takes from fresh pages of the OS each time (a page fault per 4 KiB, twelve per 224-px image)
-    where the pool reuses freed ones; and the pool's 64-byte alignment lets TensorFlow take the
-    array without a copy, where numpy's 16 makes it copy. Filling a window and handing it to
-    TensorFlow cost 11.7 us an image of 224 px this way against 26.6 with `np.empty` (1 CPU)."""
+    where the pool can reuse freed ones; and the pool's 64-byte alignment lets TensorFlow take
+    the array without a copy, where numpy's 16 makes it copy. Filling a window and handing it to
+    TensorFlow cost 11.7 us an image of 224 px this way against 26.6 with `np.empty` (1 CPU; the
+    two causes not measured apart)."""
     buffer = pa.allocate_buffer(math.prod(shape))
     return np.frombuffer(buffer, np.uint8).reshape(shape)
 

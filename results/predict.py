@@ -26,6 +26,7 @@ from chestxpert.datasets.images import (
 from chestxpert.results.calibrate import read_calibrator
 from chestxpert.results.evaluate import DEFAULT_THRESHOLD
 from chestxpert.trainable.checkpoint import STATE_FILE, CheckpointError, read_state
+from chestxpert.trainable.train import predict as predict_images
 
 DEFAULT_THRESHOLD_SOURCE = "default 0.5 (trial checkpoint has no thresholds; run chestxpert final)"
 CALIBRATED = "calibrated (per-label Platt scaling fitted on the validation split)"
@@ -92,10 +93,8 @@ def predict(
     sources = [read_source(path) for path in images]
     squares = [square_resize(gray, size) for gray in sources]
     pixels = np.stack([square for square, _ in squares])[..., np.newaxis]
-    from chestxpert.trainable.train import predict as predict_batches
-
     model = _load_model(model_dir, size, len(labels))
-    probabilities = predict_batches(model, pixels, PREDICT_BATCH)
+    probabilities = predict_images(model, pixels, PREDICT_BATCH)
     shown = calibrator.apply(probabilities) if calibrator else probabilities
 
     results = []

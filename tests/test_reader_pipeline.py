@@ -156,3 +156,14 @@ def test_a_trials_pipeline_runs_on_the_trials_cpus_and_resizes(
     images, targets = next(iter(pipeline))
     assert tuple(images.shape) == (16, 16, 16, 1) and images.dtype.name == "uint8"
     assert tuple(targets.shape) == (16, 2 * len(dataset.labels))  # labels, then their mask
+
+
+def test_batches_held_while_later_windows_are_read_keep_their_images(
+    dataset: PreparedDataset,
+) -> None:
+    # Windows are handed to TensorFlow without a copy (Arrow's pool): every batch of a pass is
+    # kept alive here while the later windows are allocated and filled, and none may change.
+    pipeline = Pipeline(dataset, shuffle=True, seed=3, shuffle_buffer=64, parallel_reads=2)
+    held = list(pipeline.data)
+    assert len(held) > 1
+    assert sorted(positions(dataset, held)) == list(range(dataset.count("train")))

@@ -179,7 +179,7 @@ def test_a_trial_config_refuses_numbers_that_are_not_finite(key: str, value: flo
 def test_predict_gives_the_models_own_outputs_in_order_with_a_last_partial_batch() -> None:
     import keras
 
-    from chestxpert.trainable.train import predict
+    from chestxpert.trainable.train import predict, predict_batches
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -190,3 +190,5 @@ def test_predict_gives_the_models_own_outputs_in_order_with_a_last_partial_batch
     got = predict(model, images, 4)  # batches of 4, 4 and 3
     assert got.shape == (11, 3)
     np.testing.assert_allclose(got, keras.ops.convert_to_numpy(model(images)), rtol=1e-6)
+    # through the reader's options, not Keras's own array pipeline with the autotuner on
+    assert predict_batches(images, 4).options().autotune.enabled is False

@@ -383,17 +383,21 @@ def run_trial(
 def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """`model.predict` of in-memory images, through a tf.data pipeline with the reader's options:
     given the array itself, Keras builds one with tf.data's autotuner on (`pipeline_options`)."""
+    return np.asarray(model.predict(predict_batches(images, batch_size), verbose=0))
+
+
+def predict_batches(images: np.ndarray, batch_size: int) -> Any:
+    """The `tf.data.Dataset` that `predict` feeds: `images` in order, in batches of `batch_size`."""
     import tensorflow as tf
 
     from chestxpert.datasets.reader import PREFETCH_BATCHES, pipeline_options
 
-    batches = (
+    return (
         tf.data.Dataset.from_tensor_slices(images)
         .batch(batch_size)
         .prefetch(PREFETCH_BATCHES)
         .with_options(pipeline_options(1))
     )
-    return np.asarray(model.predict(batches, verbose=0))
 
 
 def weights_digest(model) -> str:
